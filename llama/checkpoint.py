@@ -1,0 +1,155 @@
+"""Loading a checkpoint directory into a Transformer, and saving one back.
+
+Loading never holds two copies of the model: the Transformer is built on the meta device (shapes,
+no memory), every tensor's name and shape is checked against it before any data is read, and then
+tensors are read one at a time, each straight into its final dtype and device.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+import weights
+from weights import CheckpointError
+
+from .config import ConfigError, ModelConfig
+from .model import Transformer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.removeprefix("torch.")]
+    raise ValueError(f"unsupported dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+
+
+def config_from_checkpoint(ckpt) -> ModelConfig:
+    """The ModelConfig of an opened checkpoint, with errors naming its config file."""
+    shapes = ckpt.shapes()
+    try:
+        if ckpt.format == "meta":
+            vocab = shapes.get("tok_embeddings.weight", (None,))[0]
+            return ModelConfig.from_meta(ckpt.config, vocab_size=vocab)
+        return ModelConfig.from_hf(ckpt.config)
+    except ConfigError as e:
+        file = "params.json" if ckpt.format == "meta" else "config.json"
+        raise ConfigError(f"{ckpt.path / file}: {str(e).removeprefix(file + ': ')}") from None
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a checkpoint of this config must hold (tied models: no output.weight)."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}  # tied weights appear once
+    return shapes
+
+
+def check_tensors(ckpt, config: ModelConfig) -> list[str]:
+    """Names to load, after strict checks of names and shapes against the config."""
+    expected = expected_shapes(config)
+    found = ckpt.shapes()
+    if config.tie_word_embeddings and "output.weight" in found and "output.weight" not in expected:
+        # Some tied checkpoints also store the output matrix; like transformers, use the embedding.
+        found.pop("output.weight")
+    missing = [n for n in expected if n not in found]
+    unexpected = [n for n in found if n not in expected]
+    where = ckpt.path
+    if missing:
+        raise CheckpointError(f"{where}: missing tensors: {', '.join(missing[:6])}" + (" ..." if len(missing) > 6 else ""))
+    if unexpected:
+        raise CheckpointError(
+            f"{where}: unexpected tensors: {', '.join(unexpected[:6])}" + (" ..." if len(unexpected) > 6 else "")
+        )
+    for name, shape in expected.items():
+        if tuple(found[name]) != shape:
+            raise CheckpointError(
+                f"{ckpt.file_of(name)}: tensor {name!r} has shape {list(found[name])}, "
+                f"but the config expects {list(shape)}"
+            )
+    return list(expected)
+
+
+def load(
+    path: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool | None = None,
+) -> Transformer:
+    """Load a Meta or Hugging Face checkpoint directory; returns the model in eval mode.
+
+    dtype: float32, bfloat16 or float16 (default: the dtype the weights are stored in).
+    progress: show a progress bar (default: for checkpoints over 1 GB when stderr is a terminal).
+    """
+    dtype = parse_dtype(dtype)
+    device = torch.device(device)
+    ckpt = weights.open_checkpoint(path)
+    try:
+        config = config_from_checkpoint(ckpt)
+        names = check_tensors(ckpt, config)
+        dtype = dtype or ckpt.dtype("tok_embeddings.weight")
+        if dtype not in DTYPES.values():
+            raise CheckpointError(f"{ckpt.file_of('tok_embeddings.weight')}: unsupported weight dtype {dtype}")
+        shapes = ckpt.shapes()
+        total = sum(torch.Size(shapes[n]).numel() * dtype.itemsize for n in names)
+        if progress is None:
+            progress = total > 2**30 and sys.stderr.isatty()
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {Path(path).name}", file=sys.stderr)
+
+        with torch.device("meta"):
+            model = Transformer(config)
+        state = {}
+        for name in names:
+            tensor = ckpt.read(name, dtype)
+            state[name] = tensor.to(device) if device.type != "cpu" else tensor
+            if bar is not None:
+                bar.update(tensor.nbytes)
+        if bar is not None:
+            bar.close()
+    finally:
+        ckpt.close()
+
+    if config.tie_word_embeddings:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        model.output.weight = model.tok_embeddings.weight  # one Parameter again, as in __init__
+    model.rope_freqs = model.rope_freqs.to(device)
+    return model.eval()
+
+
+def save(model: Transformer, path: str | os.PathLike, *, format: str = "hf", n_shards: int = 1,
+         max_shard_bytes: int | None = None) -> list[Path]:
+    """Write a model as a Meta (params.json + consolidated.NN.pth) or HF (config.json + safetensors)
+    checkpoint directory. Returns the files written."""
+    state = {n: t.detach().cpu() for n, t in model.state_dict().items()}
+    return save_state_dict(model.config, state, path, format=format, n_shards=n_shards, max_shard_bytes=max_shard_bytes)
+
+
+def save_state_dict(config: ModelConfig, state: dict[str, torch.Tensor], path, *, format: str = "hf",
+                    n_shards: int = 1, max_shard_bytes: int | None = None) -> list[Path]:
+    if format == "meta":
+        state = dict(state)
+        if config.tie_word_embeddings:
+            # Meta's format has no tying: it stores the output matrix even when it is the embedding.
+            state["output.weight"] = state["tok_embeddings.weight"].clone()
+        return weights.save_meta(path, config.to_meta(), state, n_shards=n_shards)
+    if format == "hf":
+        if n_shards != 1:
+            raise ValueError("HF checkpoints are sharded by size: use max_shard_bytes, not n_shards")
+        state = {n: t for n, t in state.items() if not (config.tie_word_embeddings and n == "output.weight")}
+        dtypes = {t.dtype for t in state.values()}
+        dtype = str(dtypes.pop()).removeprefix("torch.") if len(dtypes) == 1 else "float32"
+        return weights.save_hf(path, config.to_hf(dtype), state, max_shard_bytes=max_shard_bytes)
+    raise ValueError(f"unknown checkpoint format {format!r}; expected 'hf' or 'meta'")

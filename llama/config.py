@@ -1,0 +1,368 @@
+"""The model's architecture as one frozen dataclass, read from Meta's params.json or HF's config.json.
+
+Both formats describe the same handful of numbers under different names, and each leaves some
+of them implicit (Meta derives the FFN width from `multiple_of`; old Meta files omit rope_theta;
+HF may or may not spell out head_dim). `ModelConfig.from_meta` and `ModelConfig.from_hf` turn
+either into the same explicit description; `to_meta` and `to_hf` write it back.
+
+`REGISTRY` holds the shapes of the released models, so that a randomly initialised model of
+any of them can be built by name: `ModelConfig.from_name("llama-3.2-1b")`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+
+class ConfigError(ValueError):
+    """A config is malformed: a key is missing, has the wrong type, or describes an impossible shape."""
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """How rotary frequencies are stretched for contexts longer than the model was trained on.
+
+    kind:
+      "linear"  - position interpolation: every frequency divided by `factor`.
+      "dynamic" - HF's dynamic NTK: rope_theta grows with the sequence length once it exceeds
+                  `original_max_seq_len`; shorter sequences are left untouched.
+      "llama3"  - Llama 3.1+: long wavelengths divided by `factor`, short ones kept, and a smooth
+                  blend between `low_freq_factor` and `high_freq_factor` (see model.rope_frequencies).
+    """
+
+    kind: str
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_seq_len: int = 8192
+
+    def __post_init__(self):
+        if self.kind not in ("linear", "dynamic", "llama3"):
+            raise ConfigError(f"unknown RoPE scaling type {self.kind!r}; expected linear, dynamic or llama3")
+        if not self.factor > 0:
+            raise ConfigError(f"RoPE scaling factor must be positive, got {self.factor}")
+        if self.kind == "llama3" and not self.high_freq_factor > self.low_freq_factor:
+            raise ConfigError(
+                f"llama3 RoPE scaling needs high_freq_factor > low_freq_factor, "
+                f"got {self.high_freq_factor} and {self.low_freq_factor}"
+            )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    dim: int  # width of the residual stream
+    n_layers: int
+    n_heads: int  # query heads
+    n_kv_heads: int  # key/value heads: n_heads for MHA, 1 for MQA, in between for GQA
+    vocab_size: int
+    ffn_dim: int  # hidden width of the SwiGLU feed-forward
+    head_dim: int = -1  # -1: dim // n_heads
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    tie_word_embeddings: bool = False
+    max_seq_len: int = 2048  # the longest context the cache is built for by default
+
+    def __post_init__(self):
+        if self.head_dim == -1:
+            if self.n_heads > 0 and self.dim % self.n_heads:
+                raise ConfigError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}; give head_dim")
+            object.__setattr__(self, "head_dim", self.dim // max(self.n_heads, 1))
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim", "head_dim", "max_seq_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if not self.norm_eps > 0 or not self.rope_theta > 0:
+            raise ConfigError(f"norm_eps and rope_theta must be positive, got {self.norm_eps} and {self.rope_theta}")
+
+    # ---- derived sizes -------------------------------------------------------------------------
+
+    @property
+    def n_rep(self) -> int:
+        """How many query heads share one key/value head."""
+        return self.n_heads // self.n_kv_heads
+
+    @property
+    def n_params(self) -> int:
+        attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
+        ffn = 3 * self.dim * self.ffn_dim
+        layer = attn + ffn + 2 * self.dim
+        out = 0 if self.tie_word_embeddings else self.vocab_size * self.dim
+        return self.vocab_size * self.dim + self.n_layers * layer + self.dim + out
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    # ---- Meta params.json ----------------------------------------------------------------------
+
+    @classmethod
+    def from_meta(cls, params: Mapping[str, Any], *, vocab_size: int | None = None) -> "ModelConfig":
+        """Build from a Meta params.json dict.
+
+        `vocab_size` fills in Llama 1/2's `"vocab_size": -1` (the caller reads it off the embedding).
+        """
+        get = _Getter(params, "params.json")
+        dim, n_heads = get.int("dim"), get.int("n_heads")
+        n_kv_heads = get.int("n_kv_heads", n_heads)
+        vocab = get.int("vocab_size", -1)
+        if vocab <= 0:
+            if vocab_size is None:
+                raise ConfigError("params.json has vocab_size -1 and no embedding was given to read it from")
+            vocab = vocab_size
+        ffn_dim = meta_ffn_dim(dim, get.int("multiple_of", 256), get.float("ffn_dim_multiplier", None))
+        n_layers = get.int("n_layers")
+
+        scaling = None
+        if get.bool("use_scaled_rope", False):
+            # Meta's code hard-codes factor 8, which is right for Llama 3.1 but not for the
+            # Llama 3.2 1B/3B checkpoints (trained with factor 32). Their params.json does not
+            # say so; their shapes identify them. An explicit key (newer llama-models) wins.
+            factor = 8.0
+            if (dim, n_layers) in ((2048, 16), (3072, 28)):
+                factor = 32.0
+            factor = get.float("rope_scaling_factor", factor)
+            scaling = RopeScaling("llama3", factor, 1.0, 4.0, 8192)
+        is_llama3 = vocab >= 128000
+        return cls(
+            dim=dim,
+            n_layers=n_layers,
+            n_heads=n_heads,
+            n_kv_heads=n_kv_heads,
+            vocab_size=vocab,
+            ffn_dim=ffn_dim,
+            norm_eps=get.float("norm_eps", 1e-5),
+            rope_theta=get.float("rope_theta", 10000.0),
+            rope_scaling=scaling,
+            # Meta files always carry output.weight; tied models (3.2 1B/3B) store a copy.
+            tie_word_embeddings=False,
+            max_seq_len=get.int("max_seq_len", 131072 if scaling else 8192 if is_llama3 else 4096),
+        )
+
+    def to_meta(self) -> dict[str, Any]:
+        """A params.json dict. Meta's format has no FFN width, so it is written through
+        `multiple_of` / `ffn_dim_multiplier` values that reproduce `ffn_dim` exactly."""
+        multiple_of, multiplier = _meta_ffn_params(self.dim, self.ffn_dim)
+        if self.head_dim != self.dim // self.n_heads:
+            raise ConfigError(f"Meta's format cannot express head_dim {self.head_dim} != dim / n_heads")
+        params: dict[str, Any] = {
+            "dim": self.dim,
+            "n_layers": self.n_layers,
+            "n_heads": self.n_heads,
+            "n_kv_heads": self.n_kv_heads,
+            "vocab_size": self.vocab_size,
+            "multiple_of": multiple_of,
+            "ffn_dim_multiplier": multiplier,
+            "norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta,
+        }
+        if self.rope_scaling is not None:
+            s = self.rope_scaling
+            if s.kind != "llama3" or (s.low_freq_factor, s.high_freq_factor, s.original_max_seq_len) != (1.0, 4.0, 8192):
+                raise ConfigError(f"Meta's format can only express llama3 RoPE scaling (1, 4, 8192), not {s}")
+            params["use_scaled_rope"] = True
+            params["rope_scaling_factor"] = s.factor
+        params["max_seq_len"] = self.max_seq_len
+        return params
+
+    # ---- Hugging Face config.json --------------------------------------------------------------
+
+    @classmethod
+    def from_hf(cls, config: Mapping[str, Any]) -> "ModelConfig":
+        """Build from a transformers LlamaConfig dict (config.json), transformers 4 or 5 style."""
+        get = _Getter(config, "config.json")
+        if get.bool("attention_bias", False) or get.bool("mlp_bias", False):
+            raise ConfigError("config.json sets attention_bias or mlp_bias; Llama models have no biases")
+        act = config.get("hidden_act", "silu")
+        if act != "silu":
+            raise ConfigError(f"config.json has hidden_act {act!r}; Llama uses silu")
+        dim, n_heads = get.int("hidden_size"), get.int("num_attention_heads")
+        head_dim = config.get("head_dim")
+        max_pos = get.int("max_position_embeddings", 2048)
+
+        # transformers 5 moved rope_theta and the scaling into one `rope_parameters` dict
+        # (which says rope_type "default" when there is no scaling); older files write
+        # `rope_theta` beside `rope_scaling`, whose type key is "rope_type" or, older still, "type".
+        rope = config.get("rope_parameters")
+        if rope is None:
+            rope = dict(config.get("rope_scaling") or {})
+            rope.setdefault("rope_theta", config.get("rope_theta", 10000.0))
+        elif not isinstance(rope, Mapping):
+            raise ConfigError(f"config.json: rope_parameters must be an object, got {rope!r}")
+        rope_get = _Getter(rope, "config.json rope parameters")
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        scaling = None
+        if kind not in ("default", None):
+            original = int(rope.get("original_max_position_embeddings") or max_pos)
+            if kind == "llama3":
+                scaling = RopeScaling(
+                    "llama3",
+                    rope_get.float("factor"),
+                    rope_get.float("low_freq_factor"),
+                    rope_get.float("high_freq_factor"),
+                    original,
+                )
+            elif kind == "linear":
+                scaling = RopeScaling("linear", rope_get.float("factor"))
+            elif kind == "dynamic":
+                # HF's dynamic NTK compares the sequence length with max_position_embeddings.
+                scaling = RopeScaling("dynamic", rope_get.float("factor"), original_max_seq_len=max_pos)
+            else:
+                raise ConfigError(f"config.json: unsupported RoPE scaling type {kind!r}")
+        return cls(
+            dim=dim,
+            n_layers=get.int("num_hidden_layers"),
+            n_heads=n_heads,
+            n_kv_heads=get.int("num_key_value_heads", n_heads),
+            vocab_size=get.int("vocab_size"),
+            ffn_dim=get.int("intermediate_size"),
+            head_dim=-1 if head_dim is None else get.int("head_dim"),
+            norm_eps=get.float("rms_norm_eps", 1e-6),
+            rope_theta=rope_get.float("rope_theta", 10000.0),
+            rope_scaling=scaling,
+            tie_word_embeddings=get.bool("tie_word_embeddings", False),
+            max_seq_len=max_pos,
+        )
+
+    def to_hf(self, dtype: str = "bfloat16") -> dict[str, Any]:
+        """A config.json dict that transformers' LlamaForCausalLM loads (4.45+ and 5.x)."""
+        rope_scaling = None
+        if self.rope_scaling is not None:
+            s = self.rope_scaling
+            rope_scaling = {"rope_type": s.kind, "factor": s.factor}
+            if s.kind == "llama3":
+                rope_scaling.update(
+                    low_freq_factor=s.low_freq_factor,
+                    high_freq_factor=s.high_freq_factor,
+                    original_max_position_embeddings=s.original_max_seq_len,
+                )
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": self.dim,
+            "intermediate_size": self.ffn_dim,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "head_dim": self.head_dim,
+            "vocab_size": self.vocab_size,
+            "rms_norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": rope_scaling,
+            "max_position_embeddings": self.max_seq_len,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "mlp_bias": False,
+            "torch_dtype": dtype,
+        }
+
+    # ---- the registry ----------------------------------------------------------------------------
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "ModelConfig":
+        """The exact shape of a released model, e.g. "llama-3.1-8b". Unknown names list the valid ones."""
+        if name not in REGISTRY:
+            raise KeyError(f"unknown model {name!r}; known models: {', '.join(REGISTRY)}")
+        return REGISTRY[name].replace(**overrides) if overrides else REGISTRY[name]
+
+
+def meta_ffn_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+    """Meta's FFN width: 2/3 of 4*dim (SwiGLU has three matrices instead of two), optionally
+    scaled, rounded up to a multiple of `multiple_of`."""
+    hidden = int(2 * 4 * dim / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * math.ceil(hidden / multiple_of)
+
+
+def _meta_ffn_params(dim: int, ffn_dim: int) -> tuple[int, float | None]:
+    """(multiple_of, ffn_dim_multiplier) for which meta_ffn_dim gives back ffn_dim."""
+    for multiple_of in (256, 1024, 4096, 128, 64, 32, 16, 8, 4, 2, 1):
+        if meta_ffn_dim(dim, multiple_of, None) == ffn_dim:
+            return multiple_of, None
+    base = int(2 * 4 * dim / 3)
+    for multiple_of in (256, 1024, 4096, 128, 64, 32, 16, 8, 4, 2, 1):
+        if ffn_dim % multiple_of:
+            continue
+        # Try the smallest multipliers that land in the right bucket.
+        for guess in (ffn_dim / base, (ffn_dim - multiple_of + 1) / base):
+            multiplier = round(guess, 6)
+            if meta_ffn_dim(dim, multiple_of, multiplier) == ffn_dim:
+                return multiple_of, multiplier
+    raise ConfigError(f"no multiple_of / ffn_dim_multiplier gives ffn_dim {ffn_dim} for dim {dim}")
+
+
+class _Getter:
+    """Typed reads from a JSON dict, with errors that name the file and key."""
+
+    def __init__(self, data: Mapping[str, Any], where: str):
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{where}: expected a JSON object, got {type(data).__name__}")
+        self.data, self.where = data, where
+
+    _MISSING = object()
+
+    def _get(self, key, default):
+        value = self.data.get(key, default if default is not self._MISSING else self._MISSING)
+        if value is self._MISSING:
+            raise ConfigError(f"{self.where}: missing key {key!r}")
+        return value
+
+    def int(self, key, default=_MISSING) -> int:
+        value = self._get(key, default)
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{self.where}: {key!r} must be an integer, got {value!r}")
+        return value
+
+    def float(self, key, default=_MISSING) -> float | None:
+        value = self._get(key, default)
+        if value is None and default is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{self.where}: {key!r} must be a number, got {value!r}")
+        return float(value)
+
+    def bool(self, key, default=_MISSING) -> bool:
+        value = self._get(key, default)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{self.where}: {key!r} must be true or false, got {value!r}")
+        return value
+
+
+def _llama3(dim, n_layers, n_heads, ffn_dim, *, tied=False, scaled=None, max_seq_len=131072):
+    scaling = RopeScaling("llama3", scaled, 1.0, 4.0, 8192) if scaled else None
+    return ModelConfig(
+        dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=8, vocab_size=128256, ffn_dim=ffn_dim,
+        rope_theta=500000.0, rope_scaling=scaling, tie_word_embeddings=tied,
+        max_seq_len=max_seq_len if scaled else 8192,
+    )  # fmt: skip
+
+
+def _llama2(dim, n_layers, n_heads, n_kv_heads, ffn_dim):
+    return ModelConfig(
+        dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=32000,
+        ffn_dim=ffn_dim, max_seq_len=4096,
+    )  # fmt: skip
+
+
+REGISTRY: dict[str, ModelConfig] = {
+    "llama-2-7b": _llama2(4096, 32, 32, 32, 11008),
+    "llama-2-13b": _llama2(5120, 40, 40, 40, 13824),
+    "llama-2-70b": _llama2(8192, 80, 64, 8, 28672),
+    "llama-3-8b": _llama3(4096, 32, 32, 14336),
+    "llama-3-70b": _llama3(8192, 80, 64, 28672),
+    "llama-3.1-8b": _llama3(4096, 32, 32, 14336, scaled=8.0),
+    "llama-3.1-70b": _llama3(8192, 80, 64, 28672, scaled=8.0),
+    "llama-3.1-405b": _llama3(16384, 126, 128, 53248, scaled=8.0),
+    "llama-3.2-1b": _llama3(2048, 16, 32, 8192, tied=True, scaled=32.0),
+    "llama-3.2-3b": _llama3(3072, 28, 24, 8192, tied=True, scaled=32.0),
+}

@@ -1,0 +1,67 @@
+"""Checkpoint formats: files <-> (raw config dict, tensors in Meta's names).
+
+This package knows file layouts, names and the HF rotary permutation, and nothing of the model:
+llama/ imports it, never the reverse.
+
+    ckpt = open_checkpoint(path)      # MetaCheckpoint or HFCheckpoint, opened lazily
+    ckpt.format, ckpt.config          # "meta" | "hf", the params.json / config.json dict
+    ckpt.shapes()                     # {meta name: shape}, before reading any tensor
+    ckpt.read(name, dtype)            # one tensor, in Meta's name and row order
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError
+from .hf import HFCheckpoint, save_hf
+from .meta import MetaCheckpoint, save_meta
+
+__all__ = [
+    "CheckpointError",
+    "HFCheckpoint",
+    "MetaCheckpoint",
+    "detect_format",
+    "load_state_dict",
+    "open_checkpoint",
+    "save_hf",
+    "save_meta",
+]
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """"meta" for params.json + consolidated.*.pth, "hf" for config.json + *.safetensors."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory; a checkpoint is a directory holding params.json "
+                              "+ consolidated.*.pth (Meta) or config.json + model.safetensors (Hugging Face)")
+    if (path / "params.json").exists() and any(path.glob("consolidated.*.pth")):
+        return "meta"
+    if (path / "config.json").exists() and any(path.glob("*.safetensors")):
+        return "hf"
+    if (path / "params.json").exists():
+        return "meta"  # opening it reports what is missing
+    if (path / "config.json").exists():
+        return "hf"
+    raise CheckpointError(
+        f"{path}: not a checkpoint: expected params.json + consolidated.00.pth (Meta) or "
+        "config.json + model.safetensors / model.safetensors.index.json (Hugging Face)"
+    )
+
+
+def open_checkpoint(path: str | os.PathLike) -> MetaCheckpoint | HFCheckpoint:
+    return MetaCheckpoint(path) if detect_format(path) == "meta" else HFCheckpoint(path)
+
+
+def load_state_dict(path: str | os.PathLike, dtype: torch.dtype | None = None) -> tuple[str, dict, dict[str, torch.Tensor]]:
+    """(format, raw config dict, whole state dict in Meta's names) of a checkpoint directory."""
+    ckpt = open_checkpoint(path)
+    try:
+        return ckpt.format, ckpt.config, {name: ckpt.read(name, dtype) for name in ckpt.shapes()}
+    finally:
+        ckpt.close()

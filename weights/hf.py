@@ -1,0 +1,249 @@
+"""Hugging Face's checkpoint format: config.json + model.safetensors (or shards + an index).
+
+Two things differ from Meta's format besides the file types:
+
+1. Names. One table maps them (HF_TO_META below); layer numbers carry over.
+2. The rotary layout. Meta's RoPE rotates interleaved pairs (x[2i], x[2i+1]) of each head; HF's
+   rotates halves (x[i], x[i + hd/2]). HF's converter makes its checkpoints work with its layout by
+   reordering the rows of wq and wk inside each head: Meta row 2i + j (pair i, member j) becomes
+   HF row j * hd/2 + i. Since the rows of wq produce the components of q, the permuted weights
+   produce permuted queries and keys, and the dot products attention takes are unchanged. This
+   module undoes the reordering on the way in and redoes it on the way out; wk uses the number of
+   key/value heads, not the number of query heads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError
+from .safetensors_io import SafetensorsFile, save_safetensors
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+# One table maps the names; {i} is the layer number.
+NAMES = [
+    ("model.embed_tokens.weight", "tok_embeddings.weight"),
+    ("model.norm.weight", "norm.weight"),
+    ("lm_head.weight", "output.weight"),
+    ("model.layers.{i}.input_layernorm.weight", "layers.{i}.attention_norm.weight"),
+    ("model.layers.{i}.post_attention_layernorm.weight", "layers.{i}.ffn_norm.weight"),
+    ("model.layers.{i}.self_attn.q_proj.weight", "layers.{i}.attention.wq.weight"),
+    ("model.layers.{i}.self_attn.k_proj.weight", "layers.{i}.attention.wk.weight"),
+    ("model.layers.{i}.self_attn.v_proj.weight", "layers.{i}.attention.wv.weight"),
+    ("model.layers.{i}.self_attn.o_proj.weight", "layers.{i}.attention.wo.weight"),
+    ("model.layers.{i}.mlp.gate_proj.weight", "layers.{i}.feed_forward.w1.weight"),
+    ("model.layers.{i}.mlp.up_proj.weight", "layers.{i}.feed_forward.w3.weight"),
+    ("model.layers.{i}.mlp.down_proj.weight", "layers.{i}.feed_forward.w2.weight"),
+]
+# HF files may carry these buffers; they are derived from the config, never loaded.
+IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq|model\.rotary_emb\.inv_freq")
+
+
+def _pattern(template: str) -> re.Pattern:
+    return re.compile(re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)"))
+
+
+_HF_TO_META = [(_pattern(hf), meta) for hf, meta in NAMES]
+_META_TO_HF = [(_pattern(meta), hf) for hf, meta in NAMES]
+
+
+def _rename(name: str, table) -> str | None:
+    for pattern, template in table:
+        match = pattern.fullmatch(name)
+        if match:
+            return template.format(**match.groupdict())
+    return None
+
+
+def hf_to_meta_name(name: str) -> str | None:
+    """The Meta name of an HF tensor name, or None if it is not part of a Llama model."""
+    return _rename(name, _HF_TO_META)
+
+
+def meta_to_hf_name(name: str) -> str:
+    renamed = _rename(name, _META_TO_HF)
+    if renamed is None:
+        raise CheckpointError(f"tensor {name!r} has no Hugging Face name")
+    return renamed
+
+
+def permute_to_meta(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """HF row order (halves) -> Meta row order (interleaved pairs), per head. w: (n * hd, dim)."""
+    rows, cols = w.shape
+    hd = rows // n_heads
+    return w.view(n_heads, 2, hd // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def permute_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Meta row order (interleaved pairs) -> HF row order (halves), per head. w: (n * hd, dim)."""
+    rows, cols = w.shape
+    hd = rows // n_heads
+    return w.view(n_heads, hd // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def read_config(directory: Path) -> dict:
+    path = directory / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: malformed JSON: {e}") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read: {e}") from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def _heads(config: dict, key: str, fallback: str | None = None) -> int:
+    value = config.get(key, config.get(fallback) if fallback else None)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise CheckpointError(f"config.json: missing or invalid {key!r}: {value!r}")
+    return value
+
+
+class HFCheckpoint:
+    """An HF checkpoint directory, opened lazily, presented in Meta's names and RoPE layout."""
+
+    format = "hf"
+
+    def __init__(self, directory: str | os.PathLike):
+        self.path = Path(directory)
+        self.config = read_config(self.path)
+        self.n_heads = _heads(self.config, "num_attention_heads")
+        self.n_kv_heads = _heads(self.config, "num_key_value_heads", "num_attention_heads")
+
+        index_path = self.path / INDEX
+        if index_path.exists():
+            try:
+                weight_map = json.loads(index_path.read_text())["weight_map"]
+                if not isinstance(weight_map, dict):
+                    raise TypeError("weight_map is not an object")
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index_path}: malformed index: {e}") from e
+            files = {}
+            for file in sorted(set(weight_map.values())):
+                if not (self.path / file).exists():
+                    raise CheckpointError(f"{index_path}: lists shard {file!r}, which does not exist")
+                files[file] = SafetensorsFile(self.path / file)
+            self.files = list(files.values())
+            # Every tensor the index names must be in the file it names, and nowhere else.
+            located: dict[str, SafetensorsFile] = {}
+            for hf_name, file in weight_map.items():
+                if hf_name not in files[file].entries:
+                    raise CheckpointError(f"{index_path}: says {hf_name!r} is in {file}, but that file has no such tensor")
+                located[hf_name] = files[file]
+            for file in self.files:
+                for hf_name in file.entries:
+                    if hf_name not in weight_map:
+                        raise CheckpointError(f"{file.path}: tensor {hf_name!r} is missing from {INDEX}")
+        else:
+            single = self.path / SINGLE
+            if not single.exists():
+                raise CheckpointError(f"{self.path}: no {SINGLE} or {INDEX} beside config.json")
+            self.files = [SafetensorsFile(single)]
+            located = {hf_name: self.files[0] for hf_name in self.files[0].entries}
+
+        self._where: dict[str, tuple[SafetensorsFile, str]] = {}
+        unknown = []
+        for hf_name, file in located.items():
+            if IGNORED.fullmatch(hf_name):
+                continue
+            name = hf_to_meta_name(hf_name)
+            if name is None:
+                unknown.append(f"{hf_name!r} (in {file.path.name})")
+                continue
+            self._where[name] = (file, hf_name)
+        if unknown:
+            raise CheckpointError(f"{self.path}: unexpected tensors {', '.join(unknown[:5])}")
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: file.shape(hf_name) for name, (file, hf_name) in self._where.items()}
+
+    def file_of(self, name: str) -> str:
+        file, hf_name = self._where[name]
+        return f"{file.path} ({hf_name})"
+
+    def dtype(self, name: str) -> torch.dtype:
+        file, hf_name = self._where[name]
+        return file.dtype(hf_name)
+
+    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor in `dtype` (default: as stored), in Meta's name and row order."""
+        file, hf_name = self._where[name]
+        tensor = file.read(hf_name)
+        if name.endswith("attention.wq.weight"):
+            tensor = permute_to_meta(tensor, self.n_heads)
+        elif name.endswith("attention.wk.weight"):
+            tensor = permute_to_meta(tensor, self.n_kv_heads)
+        if dtype is not None and tensor.dtype != dtype:
+            tensor = tensor.to(dtype)
+        return tensor
+
+    def close(self) -> None:
+        pass
+
+
+def save_hf(
+    directory: str | os.PathLike,
+    config: dict,
+    state_dict: dict[str, torch.Tensor],
+    *,
+    max_shard_bytes: int | None = None,
+) -> list[Path]:
+    """Write config.json and model.safetensors (or shards and an index) from a Meta-named state dict.
+
+    `config` is a transformers config.json dict; its head counts drive the q/k permutation, and with
+    tie_word_embeddings set, output.weight is not written. Returns the files written.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    n_heads = _heads(config, "num_attention_heads")
+    n_kv_heads = _heads(config, "num_key_value_heads", "num_attention_heads")
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in state_dict.items():
+        if name == "output.weight" and config.get("tie_word_embeddings"):
+            continue
+        if name.endswith("attention.wq.weight"):
+            tensor = permute_to_hf(tensor, n_heads)
+        elif name.endswith("attention.wk.weight"):
+            tensor = permute_to_hf(tensor, n_kv_heads)
+        tensors[meta_to_hf_name(name)] = tensor.contiguous()
+
+    # Greedy sharding in name order, each shard at most max_shard_bytes (one big tensor may exceed it).
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for hf_name, tensor in tensors.items():
+        if max_shard_bytes and shards[-1] and size + tensor.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][hf_name] = tensor
+        size += tensor.nbytes
+
+    dtypes = {t.dtype for t in tensors.values()}
+    config = dict(config)
+    if len(dtypes) == 1:
+        config["torch_dtype"] = str(dtypes.pop()).removeprefix("torch.")
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    written = [directory / "config.json"]
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        save_safetensors(directory / SINGLE, shards[0], metadata)
+        return [*written, directory / SINGLE]
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_safetensors(directory / file, shard, metadata)
+        written.append(directory / file)
+        weight_map.update({hf_name: file for hf_name in shard})
+    total = sum(t.nbytes for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return [*written, directory / INDEX]
+
