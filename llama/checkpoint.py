@@ -43,17 +43,16 @@ def config_from_checkpoint(ckpt) -> ModelConfig:
         raise ConfigError(f"{ckpt.path / file}: {str(e).removeprefix(file + ': ')}") from None
 
 
-def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor a checkpoint of this config must hold (tied models: no output.weight)."""
+def meta_model(config: ModelConfig) -> Transformer:
+    """The model with shapes but no memory (the meta device): a template to fill."""
     with torch.device("meta"):
-        model = Transformer(config)
-    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}  # tied weights appear once
-    return shapes
+        return Transformer(config)
 
 
-def check_tensors(ckpt, config: ModelConfig) -> list[str]:
-    """Names to load, after strict checks of names and shapes against the config."""
-    expected = expected_shapes(config)
+def check_tensors(ckpt, model: Transformer) -> list[str]:
+    """Names to load, after strict checks of names and shapes against the model."""
+    config = model.config
+    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}  # tied weights appear once
     found = ckpt.shapes()
     if config.tie_word_embeddings and "output.weight" in found and "output.weight" not in expected:
         # Some tied checkpoints also store the output matrix; like transformers, use the embedding.
@@ -93,7 +92,8 @@ def load(
     ckpt = weights.open_checkpoint(path)
     try:
         config = config_from_checkpoint(ckpt)
-        names = check_tensors(ckpt, config)
+        model = meta_model(config)
+        names = check_tensors(ckpt, model)
         dtype = dtype or ckpt.dtype("tok_embeddings.weight")
         if dtype not in DTYPES.values():
             raise CheckpointError(f"{ckpt.file_of('tok_embeddings.weight')}: unsupported weight dtype {dtype}")
@@ -107,8 +107,6 @@ def load(
 
             bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {Path(path).name}", file=sys.stderr)
 
-        with torch.device("meta"):
-            model = Transformer(config)
         state = {}
         for name in names:
             tensor = ckpt.read(name, dtype)
@@ -153,3 +151,42 @@ def save_state_dict(config: ModelConfig, state: dict[str, torch.Tensor], path, *
         dtype = str(dtypes.pop()).removeprefix("torch.") if len(dtypes) == 1 else "float32"
         return weights.save_hf(path, config.to_hf(dtype), state, max_shard_bytes=max_shard_bytes)
     raise ValueError(f"unknown checkpoint format {format!r}; expected 'hf' or 'meta'")
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, *, format: str, n_shards: int = 1,
+            max_shard_bytes: int | None = None, dtype: str | torch.dtype | None = None) -> list[Path]:
+    """Convert a checkpoint directory to `format` ("hf" or "meta"), losslessly unless `dtype` is given.
+
+    The source is checked completely (config, every tensor name and shape) before anything is
+    written, and the output is written to a temporary directory that is renamed into place only
+    when complete, so a failure leaves no partial checkpoint behind. `dst` must not exist yet.
+    """
+    import shutil
+    import tempfile
+
+    if format not in ("hf", "meta"):
+        raise ValueError(f"unknown checkpoint format {format!r}; expected 'hf' or 'meta'")
+    dst = Path(dst)
+    if dst.exists():
+        raise FileExistsError(f"{dst}: already exists; choose a new output directory")
+    dtype = parse_dtype(dtype)
+    ckpt = weights.open_checkpoint(src)
+    try:
+        config = config_from_checkpoint(ckpt)
+        names = check_tensors(ckpt, meta_model(config))
+        state = {name: ckpt.read(name, dtype) for name in names}
+    finally:
+        ckpt.close()
+    if format == "hf" and not config.tie_word_embeddings and torch.equal(state["output.weight"], state["tok_embeddings.weight"]):
+        # Meta's files store the tied output matrix of Llama 3.2 1B/3B as a copy; HF ties it.
+        config = config.replace(tie_word_embeddings=True)
+        del state["output.weight"]
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        written = save_state_dict(config, state, tmp, format=format, n_shards=n_shards, max_shard_bytes=max_shard_bytes)
+        tmp.rename(dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return [dst / f.name for f in written]

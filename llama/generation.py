@@ -1,0 +1,228 @@
+"""Text generation: prefill the prompt into the KV cache, then decode one token at a time.
+
+    tokens = generate(model, [prompt_ids], max_new_tokens=64, temperature=0)   # greedy
+
+Batching prompts of different lengths. The prompts are padded on the right to a common length T
+and prefilled together; row b's first new token comes from the logits at its own last prompt
+position, len_b - 1. From then on every row decodes at its own position (a (B,) start_pos tensor),
+so a row never sees another row's padding, and the padding slots in its own cache, which lie
+beyond its position, are masked until its own tokens overwrite them. Each row therefore computes
+what it would compute alone.
+
+Sampling turns one row of logits into a token, in the order transformers applies the same knobs:
+repetition penalty, then temperature, top-k, top-p (nucleus) and min-p; temperature 0 is greedy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Sequence
+
+import torch
+
+from .model import Transformer
+
+
+class GenerationError(ValueError):
+    """A generation request is invalid: bad sampling values, or a prompt that does not fit."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.6
+    top_p: float = 0.9
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self):
+        if not (self.temperature >= 0):
+            raise GenerationError(f"temperature must be >= 0, got {self.temperature}")
+        if not (0 < self.top_p <= 1):
+            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1):
+            raise GenerationError(f"top_k must be a positive integer, got {self.top_k}")
+        if self.min_p is not None and not (0 <= self.min_p <= 1):
+            raise GenerationError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not (self.repetition_penalty > 0):
+            raise GenerationError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's penalty (Keskar et al., 2019): make every token already in the sequence less likely,
+    dividing positive logits by `penalty` and multiplying negative ones. logits: (B, V); seen: (B, V) bool."""
+    if penalty == 1.0:
+        return logits
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p: filtered-out tokens get -inf. logits: (B, V) float32."""
+    logits = logits / params.temperature
+    if params.top_k is not None and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        # Keep the smallest set of most likely tokens whose probabilities sum to at least top_p.
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = cumulative - sorted_logits.softmax(-1) >= params.top_p  # mass before this token already enough
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    if params.min_p is not None and params.min_p > 0:
+        # Keep tokens at least min_p times as likely as the most likely one (Nguyen et al., 2024).
+        probs = logits.softmax(-1)
+        threshold = params.min_p * probs.max(dim=-1, keepdim=True).values
+        logits = logits.masked_fill(probs < threshold, float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row. logits: (B, V) float32 (after any penalty) -> (B,) int64."""
+    if params.temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = filter_logits(logits, params).softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@dataclass
+class Token:
+    """One generated token of one row, as the streaming iterator yields it."""
+
+    row: int
+    id: int
+    logprob: float  # log-probability under the model's own distribution (before sampling filters)
+
+
+def stream(
+    model: Transformer,
+    prompt_tokens: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.6,
+    top_p: float = 0.9,
+    top_k: int | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    seed: int | None = None,
+    stop_tokens: Iterable[int] | None = None,
+    stop_strings: Sequence[str] | None = None,
+    tokenizer=None,
+) -> Iterator[list[Token]]:
+    """Generate step by step: yields, after each forward pass, the new tokens of the rows still
+    running. A row stops at one of `stop_tokens` (not yielded), after `max_new_tokens`, or once its
+    text contains one of `stop_strings` (needs `tokenizer`; the completing token is yielded).
+
+    The KV cache is set up for this call and removed at the end.
+    """
+    params = SamplingParams(temperature, top_p, top_k, min_p, repetition_penalty)
+    prompts = [list(p) for p in prompt_tokens]
+    if not prompts:
+        return
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise GenerationError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+    vocab = model.config.vocab_size
+    for i, p in enumerate(prompts):
+        if not p:
+            raise GenerationError(f"prompt {i} is empty; it needs at least one token (e.g. BOS)")
+        bad = [t for t in p if not (isinstance(t, int) and 0 <= t < vocab)]
+        if bad:
+            raise GenerationError(f"prompt {i} holds token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+    longest = max(len(p) for p in prompts)
+    limit = model.config.max_seq_len
+    if longest + max_new_tokens > limit:
+        raise GenerationError(
+            f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the model's context of {limit} tokens"
+        )
+    if stop_strings and tokenizer is None:
+        raise GenerationError("stop_strings need a tokenizer to decode the output")
+    if stop_tokens is None:
+        stop_tokens = getattr(model, "stop_tokens", ())
+    stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long)
+    if max_new_tokens == 0:
+        return
+
+    device = model.tok_embeddings.weight.device
+    B = len(prompts)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    padded = torch.zeros(B, longest, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        padded[i, : len(p)] = torch.tensor(p)
+    seen = torch.zeros(B, vocab, dtype=torch.bool, device=device)
+    if params.repetition_penalty != 1.0:
+        for i, p in enumerate(prompts):
+            seen[i, torch.tensor(p, device=device)] = True
+    stop = stop.to(device)
+    texts = [[] for _ in range(B)] if stop_strings else None
+    running = torch.ones(B, dtype=torch.bool, device=device)
+
+    model.setup_cache(B, longest + max_new_tokens)
+    try:
+        with torch.inference_mode():
+            logits = model(padded, 0)  # (B, T, V)
+            logits = logits[torch.arange(B, device=device), lengths - 1]  # (B, V): each row's last prompt token
+            positions = lengths.clone()
+            for step in range(max_new_tokens):
+                logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+                token = sample(logits, params, generator)  # (B,)
+                logprob = torch.log_softmax(logits, dim=-1).gather(-1, token[:, None]).squeeze(-1)
+                is_stop = torch.isin(token, stop)
+                out = []
+                for row in running.nonzero().flatten().tolist():
+                    if is_stop[row]:
+                        running[row] = False
+                        continue
+                    out.append(Token(row, int(token[row]), float(logprob[row])))
+                    if texts is not None:
+                        texts[row].append(int(token[row]))
+                        text = tokenizer.decode(texts[row])
+                        if any(s in text for s in stop_strings):
+                            running[row] = False
+                if out:
+                    yield out
+                if step == max_new_tokens - 1 or not running.any():
+                    break
+                seen[torch.arange(B, device=device), token] = True
+                logits = model(token[:, None], positions)[:, -1]  # (B, V)
+                positions += 1
+    finally:
+        model.clear_cache()
+
+
+def generate(
+    model: Transformer,
+    prompt_tokens: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.6,
+    top_p: float = 0.9,
+    top_k: int | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    seed: int | None = None,
+    stop_tokens: Iterable[int] | None = None,
+    stop_strings: Sequence[str] | None = None,
+    tokenizer=None,
+    logprobs: bool = False,
+) -> list[list[int]] | tuple[list[list[int]], list[list[float]]]:
+    """New tokens for each prompt (a list of token-id lists), without the stop token.
+
+    temperature 0 is greedy. stop_tokens=None means the checkpoint's stop tokens (model.stop_tokens,
+    set by llama.load); [] disables stopping. With logprobs=True, also returns each token's
+    log-probability under the model.
+    """
+    tokens: list[list[int]] = [[] for _ in prompt_tokens]
+    probs: list[list[float]] = [[] for _ in prompt_tokens]
+    for step in stream(
+        model, prompt_tokens, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+        repetition_penalty=repetition_penalty, seed=seed, stop_tokens=stop_tokens, stop_strings=stop_strings,
+        tokenizer=tokenizer,
+    ):  # fmt: skip
+        for t in step:
+            tokens[t.row].append(t.id)
+            probs[t.row].append(t.logprob)
+    return (tokens, probs) if logprobs else tokens

@@ -1,0 +1,72 @@
+"""Convert a Llama checkpoint between Meta's layout and Hugging Face's, losslessly.
+
+    python scripts/convert.py path/to/Llama-3.2-1B path/to/Llama-3.2-1B-hf --to hf
+    python scripts/convert.py path/to/hf-model path/to/meta-model --to meta --shards 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import llama
+from llama.checkpoint import convert
+
+
+def parse_size(text: str) -> int:
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    upper = text.strip().upper()
+    for unit, scale in units.items():
+        if upper.endswith(unit):
+            number = upper[: -len(unit)].strip()
+            break
+    else:
+        number, scale = upper, 1
+    try:
+        value = float(number)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}; use e.g. 5GB or 500MB") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+    return int(value * scale)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("src", help="checkpoint directory to read (Meta or Hugging Face layout, detected from its files)")
+    parser.add_argument("dst", help="directory to write; must not exist yet")
+    parser.add_argument("--to", required=True, choices=["hf", "meta"], help="layout to write")
+    parser.add_argument("--shards", type=positive_int, default=1,
+                        help="Meta output: number of model-parallel consolidated.NN.pth files (default 1)")
+    parser.add_argument("--max-shard-size", type=parse_size, default=None,
+                        help="HF output: split model.safetensors into files of at most this size, e.g. 5GB")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="cast the weights (default: keep the stored dtype, bit for bit)")
+    args = parser.parse_args(argv)
+    if args.to == "hf" and args.shards != 1:
+        parser.error("--shards applies to --to meta; use --max-shard-size for HF output")
+    if args.to == "meta" and args.max_shard_size is not None:
+        parser.error("--max-shard-size applies to --to hf; use --shards for Meta output")
+    try:
+        written = convert(args.src, args.dst, format=args.to, n_shards=args.shards,
+                          max_shard_bytes=args.max_shard_size, dtype=args.dtype)
+    except (llama.CheckpointError, llama.ConfigError, FileExistsError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
