@@ -168,7 +168,8 @@ class ModelConfig:
                 raise ConfigError(f"Meta's format can only express llama3 RoPE scaling (1, 4, 8192), not {s}")
             params["use_scaled_rope"] = True
             params["rope_scaling_factor"] = s.factor
-        params["max_seq_len"] = self.max_seq_len
+        # No max_seq_len: Meta's loader calls ModelArgs(max_seq_len=..., **params), and a second
+        # max_seq_len in params.json makes that a TypeError. from_meta falls back to its defaults.
         return params
 
     # ---- Hugging Face config.json --------------------------------------------------------------
@@ -291,8 +292,9 @@ def _meta_ffn_params(dim: int, ffn_dim: int) -> tuple[int, float | None]:
     for multiple_of in (256, 1024, 4096, 128, 64, 32, 16, 8, 4, 2, 1):
         if ffn_dim % multiple_of:
             continue
-        # Try the smallest multipliers that land in the right bucket.
-        for guess in (ffn_dim / base, (ffn_dim - multiple_of + 1) / base):
+        # Try the smallest multipliers that land in the right bucket; the last aims mid-bucket
+        # (int() truncates), so rounding to 6 digits cannot drop it below (e.g. multiple_of 1).
+        for guess in (ffn_dim / base, (ffn_dim - multiple_of + 1) / base, (ffn_dim - multiple_of + 1.5) / base):
             multiplier = round(guess, 6)
             if meta_ffn_dim(dim, multiple_of, multiplier) == ffn_dim:
                 return multiple_of, multiplier

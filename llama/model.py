@@ -269,7 +269,10 @@ class Transformer(nn.Module):
         mask = key_positions[None, None, None, :] <= positions[:, None, :, None]  # (B, 1, T, S)
 
         freqs = self.rope_freqs
-        if self.config.rope_scaling is not None and self.config.rope_scaling.kind == "dynamic":
+        dynamic = self.config.rope_scaling is not None and self.config.rope_scaling.kind == "dynamic"
+        # model.to(torch.bfloat16) or .half() casts every floating buffer, rounding the frequencies
+        # (bf16: 2^-9 relative, radians of angle error by position 10^4): rebuild them in float32.
+        if dynamic or freqs.dtype != torch.float32:
             freqs = rope_frequencies(self.config.head_dim, self.config.rope_theta, self.config.rope_scaling, seq_len)
         angles = positions[:, :, None].float() * freqs.to(tokens.device)  # (B, T, hd/2)
         cos, sin = angles.cos(), angles.sin()

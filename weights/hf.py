@@ -101,10 +101,10 @@ def read_config(directory: Path) -> dict:
     return config
 
 
-def _heads(config: dict, key: str, fallback: str | None = None) -> int:
+def _heads(config: dict, key: str, fallback: str | None = None, where: str | Path = "config.json") -> int:
     value = config.get(key, config.get(fallback) if fallback else None)
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise CheckpointError(f"config.json: missing or invalid {key!r}: {value!r}")
+        raise CheckpointError(f"{where}: missing or invalid {key!r}: {value!r}")
     return value
 
 
@@ -116,15 +116,15 @@ class HFCheckpoint:
     def __init__(self, directory: str | os.PathLike):
         self.path = Path(directory)
         self.config = read_config(self.path)
-        self.n_heads = _heads(self.config, "num_attention_heads")
-        self.n_kv_heads = _heads(self.config, "num_key_value_heads", "num_attention_heads")
+        self.n_heads = _heads(self.config, "num_attention_heads", where=self.path / "config.json")
+        self.n_kv_heads = _heads(self.config, "num_key_value_heads", "num_attention_heads", self.path / "config.json")
 
         index_path = self.path / INDEX
         if index_path.exists():
             try:
                 weight_map = json.loads(index_path.read_text())["weight_map"]
-                if not isinstance(weight_map, dict):
-                    raise TypeError("weight_map is not an object")
+                if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                    raise TypeError("weight_map is not an object of tensor name -> file name")
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{index_path}: malformed index: {e}") from e
             files = {}

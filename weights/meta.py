@@ -95,7 +95,7 @@ class MetaCheckpoint:
                 missing = sorted(set(names0) - set(names))[:3]
                 extra = sorted(set(names) - set(names0))[:3]
                 raise CheckpointError(
-                    f"shards disagree: {file.name} lacks {missing} and/or has extra {extra} compared with {self.files[0].name}"
+                    f"{self.path}: shards disagree: {file.name} lacks {missing} and/or has extra {extra} compared with {self.files[0].name}"
                 )
 
         # The merged shape of every tensor, checked for consistency across shards.
@@ -106,13 +106,13 @@ class MetaCheckpoint:
             d = split_dim(name, shapes[0], dim) if len(shapes[0]) == 2 else None
             if d is None:
                 if any(s != shapes[0] for s in shapes):
-                    raise CheckpointError(f"shards disagree on replicated tensor {name!r}: shapes {shapes}")
+                    raise CheckpointError(f"{self.path}: shards disagree on replicated tensor {name!r}: shapes {shapes}")
                 merged = shapes[0]
             else:
                 other = [s[:d] + s[d + 1 :] for s in shapes]
                 if any(o != other[0] for o in other) or any(len(s) != 2 for s in shapes):
                     raise CheckpointError(
-                        f"shards disagree on tensor {name!r}: shapes {shapes} cannot be joined along dim {d}"
+                        f"{self.path}: shards disagree on tensor {name!r}: shapes {shapes} cannot be joined along dim {d}"
                     )
                 merged = shapes[0][:d] + (sum(s[d] for s in shapes),) + shapes[0][d + 1 :]
             self.split[name] = d if len(self.shards) > 1 else None
@@ -155,7 +155,10 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
         # weights_only refuses anything but tensors and plain containers: never run a file's code.
-        raise CheckpointError(f"{path}: refused to load: it holds objects other than tensors ({e})") from e
+        # torch's message is a paragraph; keep the line that names the refused object.
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = next((line for line in lines if "GLOBAL" in line or "global" in line), lines[0] if lines else "")
+        raise CheckpointError(f"{path}: refused to load: it holds objects other than tensors ({detail})") from e
     except (RuntimeError, OSError, EOFError, ValueError) as e:
         raise CheckpointError(f"{path}: corrupt or truncated PyTorch checkpoint: {e}") from e
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
