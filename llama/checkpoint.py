@@ -124,7 +124,19 @@ def load(
     if config.tie_word_embeddings:
         model.output.weight = model.tok_embeddings.weight  # one Parameter again, as in __init__
     model.rope_freqs = model.rope_freqs.to(device)
+    model.stop_tokens = checkpoint_stop_tokens(path)
     return model.eval()
+
+
+def checkpoint_stop_tokens(path: str | os.PathLike) -> frozenset[int]:
+    """The ids that end generation for this checkpoint: its tokenizer's stop tokens (Llama 3: end of
+    text, end of message, end of turn), plus the eos ids of its config files."""
+    from .tokenizer import TokenizerFormatError, TokenizerNotFoundError, eos_ids_from_configs, load_tokenizer
+
+    try:
+        return load_tokenizer(path).stop_tokens
+    except (TokenizerNotFoundError, TokenizerFormatError):
+        return frozenset(eos_ids_from_configs(Path(path)))
 
 
 def save(model: Transformer, path: str | os.PathLike, *, format: str = "hf", n_shards: int = 1,

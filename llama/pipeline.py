@@ -1,0 +1,85 @@
+"""`Llama`: a model and its tokenizer, loaded once, for generating and chatting many times.
+
+    llm = Llama.load("path/to/Llama-3.2-1B-Instruct", dtype="bfloat16")
+    print(llm.generate("The capital of France is", max_new_tokens=20, temperature=0))
+    print(llm.chat([{"role": "user", "content": "Hello!"}]))
+    for text in llm.stream("Once upon a time"):
+        print(text, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator, Sequence
+
+import torch
+
+from .checkpoint import load
+from .generation import stream
+from .model import Transformer
+from .tokenizer import Message, Tokenizer, load_tokenizer
+
+
+class Llama:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer):
+        if tokenizer.vocab_size > model.config.vocab_size:
+            raise ValueError(
+                f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}"
+            )
+        self.model, self.tokenizer = model, tokenizer
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, device="cpu",
+             tokenizer: str | os.PathLike | None = None) -> "Llama":
+        """Load the checkpoint at `path` and its tokenizer (from `tokenizer`, default: `path`)."""
+        return cls(load(path, dtype=dtype, device=device), load_tokenizer(tokenizer or path))
+
+    def stream_ids(self, prompt_ids: list[int], max_new_tokens: int = 256, *, stop: Sequence[str] = (), **sampling) -> Iterator[str]:
+        """Text pieces as they are generated from prompt ids; never half a character, never any part of
+        a stop string (the text ends before it)."""
+        decoder = self.tokenizer.stream_decoder()
+        stop = [stop] if isinstance(stop, str) else list(stop)
+        sampling.setdefault("stop_tokens", self.tokenizer.stop_tokens)
+        pending = ""  # text held back while it could be the start of a stop string
+        for step in stream(self.model, [prompt_ids], max_new_tokens, stop_strings=stop or None,
+                           tokenizer=self.tokenizer, **sampling):
+            pending += decoder.push(step[0].id)
+            text, pending, done = _split_at_stop(pending, stop)
+            if text:
+                yield text
+            if done:
+                return
+        pending += decoder.flush()
+        text, _, _ = _split_at_stop(pending, stop, final=True)
+        if text:
+            yield text
+
+    def stream(self, prompt: str, max_new_tokens: int = 256, **kwargs) -> Iterator[str]:
+        """Continue `prompt` (BOS is added), yielding text as it is generated."""
+        return self.stream_ids(self.tokenizer.encode(prompt, bos=True, eos=False), max_new_tokens, **kwargs)
+
+    def generate(self, prompt: str, max_new_tokens: int = 256, **kwargs) -> str:
+        """The continuation of `prompt`. Keyword arguments: temperature, top_p, top_k, min_p,
+        repetition_penalty, seed, stop (strings), stop_tokens."""
+        return "".join(self.stream(prompt, max_new_tokens, **kwargs))
+
+    def chat_stream(self, messages: Sequence[Message], max_new_tokens: int = 512, **kwargs) -> Iterator[str]:
+        return self.stream_ids(self.tokenizer.encode_dialog(messages), max_new_tokens, **kwargs)
+
+    def chat(self, messages: Sequence[Message], max_new_tokens: int = 512, **kwargs) -> str:
+        """The assistant's reply to a dialog of {"role", "content"} messages, in the model's chat format."""
+        return "".join(self.chat_stream(messages, max_new_tokens, **kwargs))
+
+
+def _split_at_stop(text: str, stop: Sequence[str], final: bool = False) -> tuple[str, str, bool]:
+    """(text safe to show, text to hold back, whether a stop string was reached)."""
+    if not stop:
+        return text, "", False
+    hits = [text.find(s) for s in stop if s in text]
+    if hits:
+        return text[: min(hits)], "", True
+    if final:
+        return text, "", False
+    # Hold back the longest tail that is a prefix of some stop string.
+    hold = max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    return text[: len(text) - hold], text[len(text) - hold :], False
