@@ -15,6 +15,7 @@ repetition penalty, then temperature, top-k, top-p (nucleus) and min-p; temperat
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
@@ -117,32 +118,48 @@ def stream(
     The KV cache is set up for this call and removed at the end.
     """
     params = SamplingParams(temperature, top_p, top_k, min_p, repetition_penalty)
-    prompts = [list(p) for p in prompt_tokens]
-    if not prompts:
-        return
+    prompts = [_token_ids(p, i, model.config.vocab_size) for i, p in enumerate(prompt_tokens)]
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise GenerationError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
-    vocab = model.config.vocab_size
-    for i, p in enumerate(prompts):
-        if not p:
-            raise GenerationError(f"prompt {i} is empty; it needs at least one token (e.g. BOS)")
-        bad = [t for t in p if not (isinstance(t, int) and 0 <= t < vocab)]
-        if bad:
-            raise GenerationError(f"prompt {i} holds token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
-    longest = max(len(p) for p in prompts)
+    longest = max((len(p) for p in prompts), default=0)
     limit = model.config.max_seq_len
     if longest + max_new_tokens > limit:
         raise GenerationError(
             f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the model's context of {limit} tokens"
         )
-    if stop_strings and tokenizer is None:
-        raise GenerationError("stop_strings need a tokenizer to decode the output")
+    if stop_strings:
+        if tokenizer is None:
+            raise GenerationError("stop_strings need a tokenizer to decode the output")
+        if not all(isinstance(s, str) and s for s in stop_strings):
+            raise GenerationError(f"stop strings must be non-empty strings, got {list(stop_strings)!r}")
     if stop_tokens is None:
         stop_tokens = getattr(model, "stop_tokens", ())
     stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long)
-    if max_new_tokens == 0:
-        return
+    # Checked now, run lazily: a bad request fails at the call, not at the first next().
+    return _decode_loop(model, prompts, max_new_tokens, params, seed, stop, stop_strings, tokenizer)
 
+
+def _token_ids(prompt, index: int, vocab: int) -> list[int]:
+    """A prompt as a list of Python ints in [0, vocab), or a GenerationError naming what is wrong."""
+    try:
+        ids = [operator.index(t) for t in prompt if not isinstance(t, bool)]
+    except TypeError:
+        raise GenerationError(f"prompt {index} must be a sequence of integer token ids") from None
+    if len(ids) != len(prompt):
+        raise GenerationError(f"prompt {index} holds booleans, not token ids")
+    if not ids:
+        raise GenerationError(f"prompt {index} is empty; it needs at least one token (e.g. BOS)")
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise GenerationError(f"prompt {index} holds token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+    return ids
+
+
+def _decode_loop(model, prompts, max_new_tokens, params, seed, stop, stop_strings, tokenizer) -> Iterator[list[Token]]:
+    if not prompts or max_new_tokens == 0:
+        return
+    longest = max(len(p) for p in prompts)
+    vocab = model.config.vocab_size
     device = model.tok_embeddings.weight.device
     B = len(prompts)
     generator = None
@@ -167,9 +184,10 @@ def stream(
             logits = logits[torch.arange(B, device=device), lengths - 1]  # (B, V): each row's last prompt token
             positions = lengths.clone()
             for step in range(max_new_tokens):
+                logprobs = torch.log_softmax(logits, dim=-1)  # the model's own, before the penalty
                 logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
                 token = sample(logits, params, generator)  # (B,)
-                logprob = torch.log_softmax(logits, dim=-1).gather(-1, token[:, None]).squeeze(-1)
+                logprob = logprobs.gather(-1, token[:, None]).squeeze(-1)
                 is_stop = torch.isin(token, stop)
                 out = []
                 for row in running.nonzero().flatten().tolist():

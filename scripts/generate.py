@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="treat the prompt as a user message and apply the model's chat format")
     p.add_argument("--system", help="system message for --chat and --interactive")
     p.add_argument("--interactive", action="store_true", help="multi-turn chat in the terminal, keeping the history (Ctrl-D to quit)")
-    p.add_argument("--max-new-tokens", type=_ranged(int, 1), default=256, help="most tokens to generate per answer (default 256)")
+    p.add_argument("--max-new-tokens", type=_ranged(int, 1), default=None,
+                   help="most tokens to generate per answer (default: 256, or what is left of the model's context)")
     p.add_argument("--temperature", type=_ranged(float, 0), default=0.6, help="sampling temperature; 0 is greedy (default 0.6)")
     p.add_argument("--top-p", type=_ranged(float, 0, 1, low_open=True), default=0.9, help="nucleus sampling: keep the most likely tokens up to this probability mass (default 0.9)")
     p.add_argument("--top-k", type=_ranged(int, 1), default=None, help="keep only the k most likely tokens (default: off)")
@@ -61,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
                    help="where to run; auto picks cuda, then mps, then cpu (default auto)")
     return p
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M" if n >= 1e6 else f"{n:,}"
 
 
 def pick_device(name: str) -> torch.device:
@@ -100,13 +105,22 @@ def peak_memory(device: torch.device) -> str:
     return f"{rss / 1e9:.2f} GB resident"
 
 
-def run_once(llm: llama.Llama, prompt_ids: list[int], args, seed, device) -> list[int]:
+def max_new_tokens(args, prompt_ids: list[int], llm: llama.Llama | None = None) -> int:
+    """--max-new-tokens, or by default 256 capped to the context the prompt leaves free."""
+    if args.max_new_tokens is not None:
+        return args.max_new_tokens
+    if llm is None:
+        return 1
+    return max(1, min(256, llm.model.config.max_seq_len - len(prompt_ids)))
+
+
+def run_once(llm: llama.Llama, prompt_ids: list[int], n_new: int, args, seed, device) -> list[int]:
     """Stream one answer to stdout and print its summary to stderr; returns the generated ids."""
     decoder = llm.tokenizer.stream_decoder()
     ids: list[int] = []
     start = time.perf_counter()
     first = None
-    for step in stream(llm.model, [prompt_ids], args.max_new_tokens, temperature=args.temperature,
+    for step in stream(llm.model, [prompt_ids], n_new, temperature=args.temperature,
                        top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                        repetition_penalty=args.repetition_penalty, seed=seed,
                        stop_tokens=llm.tokenizer.stop_tokens):
@@ -137,7 +151,8 @@ def interactive(llm: llama.Llama, args, device) -> None:
     print("Chatting; an empty line or Ctrl-D quits.", file=sys.stderr)
     while True:
         try:
-            line = input("> ")
+            print("> ", end="", file=sys.stderr, flush=True)  # stderr: stdout holds only the answers
+            line = input()
         except EOFError:
             print(file=sys.stderr)
             return
@@ -146,11 +161,16 @@ def interactive(llm: llama.Llama, args, device) -> None:
         history.append({"role": "user", "content": line})
         prompt_ids = llm.tokenizer.encode_dialog(history)
         # Forget the oldest exchanges once the conversation outgrows the context.
-        while len(prompt_ids) + args.max_new_tokens > llm.model.config.max_seq_len and len(history) > 2 - (not args.system):
+        while len(prompt_ids) + max_new_tokens(args, []) > llm.model.config.max_seq_len and len(history) > 2 - (not args.system):
             drop = 1 if args.system else 0
             del history[drop : drop + 2]
             prompt_ids = llm.tokenizer.encode_dialog(history)
-        ids = run_once(llm, prompt_ids, args, args.seed, device)
+        try:
+            ids = run_once(llm, prompt_ids, max_new_tokens(args, prompt_ids, llm), args, args.seed, device)
+        except GenerationError as e:  # e.g. one message longer than the context: say so, keep chatting
+            print(f"error: {e}", file=sys.stderr)
+            history.pop()
+            continue
         history.append({"role": "assistant", "content": llm.tokenizer.decode(ids)})
 
 
@@ -175,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         llm = llama.Llama.load(args.checkpoint, dtype=dtype, device=device)
         print(f"[loaded {args.checkpoint} in {time.perf_counter() - started:.1f} s: "
-              f"{llm.model.config.n_params / 1e9:.2f} B parameters, {str(dtype).removeprefix('torch.')}, {device}]",
+              f"{_count(llm.model.config.n_params)} parameters, {str(dtype).removeprefix('torch.')}, {device}]",
               file=sys.stderr)
         if args.interactive:
             interactive(llm, args, device)
@@ -186,15 +206,16 @@ def main(argv: list[str] | None = None) -> int:
         else:
             prompt_ids = llm.tokenizer.encode(prompt, bos=True, eos=False)
         context = llm.model.config.max_seq_len
-        if len(prompt_ids) + args.max_new_tokens > context:
-            raise GenerationError(f"the prompt ({len(prompt_ids)} tokens) plus --max-new-tokens "
-                                  f"{args.max_new_tokens} exceeds the model's context of {context} tokens")
+        n_new = max_new_tokens(args, prompt_ids, llm)
+        if len(prompt_ids) + n_new > context:
+            raise GenerationError(f"the prompt ({len(prompt_ids)} tokens) plus {n_new} new tokens "
+                                  f"exceeds the model's context of {context} tokens")
         if not args.chat:
             sys.stdout.write(prompt)
         for i in range(args.num_samples):
             if i and not args.chat:
                 sys.stdout.write(prompt)
-            run_once(llm, prompt_ids, args, None if args.seed is None else args.seed + i, device)
+            run_once(llm, prompt_ids, n_new, args, None if args.seed is None else args.seed + i, device)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
