@@ -72,6 +72,9 @@ def check_tensors(ckpt, model: Transformer) -> list[str]:
                 f"{ckpt.file_of(name)}: tensor {name!r} has shape {list(found[name])}, "
                 f"but the config expects {list(shape)}"
             )
+        if ckpt.dtype(name) not in DTYPES.values():
+            raise CheckpointError(f"{ckpt.file_of(name)}: unsupported weight dtype {ckpt.dtype(name)}; "
+                                  f"expected one of {', '.join(DTYPES)}")
     return list(expected)
 
 
@@ -95,8 +98,6 @@ def load(
         model = meta_model(config)
         names = check_tensors(ckpt, model)
         dtype = dtype or ckpt.dtype("tok_embeddings.weight")
-        if dtype not in DTYPES.values():
-            raise CheckpointError(f"{ckpt.file_of('tok_embeddings.weight')}: unsupported weight dtype {dtype}")
         shapes = ckpt.shapes()
         total = sum(torch.Size(shapes[n]).numel() * dtype.itemsize for n in names)
         if progress is None:

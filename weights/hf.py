@@ -129,6 +129,8 @@ class HFCheckpoint:
                 raise CheckpointError(f"{index_path}: malformed index: {e}") from e
             files = {}
             for file in sorted(set(weight_map.values())):
+                if Path(file).name != file:  # a bare file name: never a path out of the checkpoint
+                    raise CheckpointError(f"{index_path}: shard {file!r} is not a file name in {self.path}")
                 if not (self.path / file).exists():
                     raise CheckpointError(f"{index_path}: lists shard {file!r}, which does not exist")
                 files[file] = SafetensorsFile(self.path / file)
