@@ -133,17 +133,15 @@ class MetaCheckpoint:
         out = torch.empty(self._shapes[name], dtype=dtype or pieces[0].dtype)
         d = self.split[name]
         try:
-            if d is None:
-                out.copy_(pieces[0])
-            else:
-                offset = 0
-                for piece in pieces:
-                    out.narrow(d, offset, piece.shape[d]).copy_(piece)
-                    offset += piece.shape[d]
+            offset = 0
+            for piece in pieces:
+                target = out if d is None else out.narrow(d, offset, piece.shape[d])
+                _copy_releasing(target, piece)
+                if d is None:
+                    break  # replicated: shard 0's copy
+                offset += piece.shape[d]
         except RuntimeError as e:  # a truncated file surfaces as a bus error or read failure here
             raise CheckpointError(f"{self.file_of(name)}: cannot read tensor {name!r}: {e}") from e
-        for piece in pieces:
-            _release_pages(piece)
         return out
 
     def close(self) -> None:
@@ -176,6 +174,18 @@ except (OSError, AttributeError):  # not a POSIX libc (Windows): pages stay unti
 _MADV_DONTNEED = 4
 
 
+def _copy_releasing(dst: torch.Tensor, src: torch.Tensor, chunk_bytes: int = 64 << 20) -> None:
+    """dst.copy_(src) in slices of rows, releasing each slice's mapped pages once copied, so that a
+    large tensor (an embedding of 0.5 GB) never sits in memory twice."""
+    if src.dim() == 0:
+        dst.copy_(src)
+        return
+    rows = max(1, chunk_bytes // max(1, src[0].nbytes))
+    for start in range(0, src.shape[0], rows):
+        dst[start : start + rows].copy_(src[start : start + rows])
+        _release_pages(src[start : start + rows])
+
+
 def _release_pages(tensor: torch.Tensor) -> None:
     """Drop the memory-mapped pages under a tensor that has been copied out.
 
@@ -184,7 +194,7 @@ def _release_pages(tensor: torch.Tensor) -> None:
     keeps peak memory near one copy of the model. The mapping is private and unmodified, so this
     only ever discards clean pages the kernel could re-read from the file.
     """
-    if _madvise is None or tensor.numel() == 0:
+    if _madvise is None or tensor.numel() == 0 or not tensor.is_contiguous():
         return
     start = tensor.data_ptr()
     end = start + tensor.nbytes
