@@ -207,17 +207,17 @@ def test_config_that_is_not_an_object(ckpt, layout, file):
 @pytest.mark.parametrize(
     "text, reason",
     [
-        ('{"weight_map": {', "Expecting"),
-        ('{"metadata": {}}', "'weight_map'"),
-        ('{"weight_map": [1, 2]}', "weight_map is not an object"),
-        ('{"weight_map": {"model.norm.weight": 3}}', "weight_map is not an object"),
-        ("[1]", "list indices"),
+        ('{"weight_map": {', "malformed JSON: Expecting"),
+        ('{"metadata": {}}', "malformed index: 'weight_map' is not an object"),
+        ('{"weight_map": [1, 2]}', "malformed index: 'weight_map' is not an object"),
+        ('{"weight_map": {"model.norm.weight": 3}}', "malformed index: 'weight_map' is not an object"),
+        ("[1]", "expected a JSON object, got list"),
     ],
 )
 def test_malformed_index(ckpt, text, reason):
     d = ckpt("hf-sharded")
     (d / INDEX).write_text(text)
-    fails(d, CheckpointError, f"{d / INDEX}: malformed index", reason)
+    fails(d, CheckpointError, f"{d / INDEX}: {reason}")
 
 
 # ---- missing or invalid config keys ---------------------------------------------------------------------

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError
+from .jsonio import read_json_object
 from .safetensors_io import SafetensorsFile, save_safetensors
 
 INDEX = "model.safetensors.index.json"
@@ -89,16 +90,7 @@ def permute_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def read_config(directory: Path) -> dict:
-    path = directory / "config.json"
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: malformed JSON: {e}") from e
-    except (OSError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read: {e}") from e
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(config).__name__}")
-    return config
+    return read_json_object(directory / "config.json")
 
 
 def _heads(config: dict, key: str, fallback: str | None = None, where: str | Path = "config.json") -> int:
@@ -121,12 +113,9 @@ class HFCheckpoint:
 
         index_path = self.path / INDEX
         if index_path.exists():
-            try:
-                weight_map = json.loads(index_path.read_text())["weight_map"]
-                if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
-                    raise TypeError("weight_map is not an object of tensor name -> file name")
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index_path}: malformed index: {e}") from e
+            weight_map = read_json_object(index_path).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise CheckpointError(f"{index_path}: malformed index: 'weight_map' is not an object of tensor name -> file name")
             files = {}
             for file in sorted(set(weight_map.values())):
                 if Path(file).name != file:  # a bare file name: never a path out of the checkpoint

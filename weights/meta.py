@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError
+from .jsonio import read_json_object
 
 SHARD_PATTERN = "consolidated.*.pth"
 IGNORED = {"rope.freqs"}
@@ -41,16 +42,7 @@ def shard_files(directory: Path) -> list[Path]:
 
 
 def read_params(directory: Path) -> dict:
-    path = directory / "params.json"
-    try:
-        params = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: malformed JSON: {e}") from e
-    except (OSError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read: {e}") from e
-    if not isinstance(params, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(params).__name__}")
-    return params
+    return read_json_object(directory / "params.json")
 
 
 def split_dim(name: str, shard_shape: tuple[int, ...], model_dim: int) -> int | None:
