@@ -37,7 +37,7 @@ class Llama:
     def stream_ids(self, prompt_ids: list[int], max_new_tokens: int = 256, *, stop: Sequence[str] = (), **sampling) -> Iterator[str]:
         """Text pieces as they are generated from prompt ids; never half a character, never any part of
         a stop string (the text ends before it)."""
-        decoder = self.tokenizer.stream_decoder()
+        decoder = self.tokenizer.stream_decoder(prompt_ids)
         stop = [stop] if isinstance(stop, str) else list(stop)
         sampling.setdefault("stop_tokens", self.tokenizer.stop_tokens)
         pending = ""  # text held back while it could be the start of a stop string

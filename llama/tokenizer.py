@@ -60,9 +60,15 @@ class Tokenizer(ABC):
     def encode_dialog(self, messages: Sequence[Message]) -> list[int]:
         """Prompt ids for a chat, ending where the assistant's answer starts."""
 
-    def stream_decoder(self) -> StreamDecoder:
-        """A fresh decoder for one stream of generated ids (see StreamDecoder)."""
-        return StreamDecoder(self)
+    def stream_decoder(self, prompt: Sequence[int] = ()) -> StreamDecoder:
+        """A decoder for one stream of generated ids (see StreamDecoder). Given the `prompt` ids the
+        stream continues, it prints what the new ids add to the prompt's text: sentencepiece drops
+        the leading space of a text's first piece, so a continuation decoded on its own would lose
+        the space between the prompt and its first new word."""
+        decoder = StreamDecoder(self)
+        for token_id in prompt[-8:]:  # a few ids suffice: a character spans at most 4 bytes
+            decoder.push(token_id)
+        return decoder
 
     def _check_ids(self, ids: Sequence[int]) -> list[int]:
         ids = [int(i) for i in ids]

@@ -116,7 +116,7 @@ def max_new_tokens(args, prompt_ids: list[int], llm: llama.Llama | None = None) 
 
 def run_once(llm: llama.Llama, prompt_ids: list[int], n_new: int, args, seed, device) -> list[int]:
     """Stream one answer to stdout and print its summary to stderr; returns the generated ids."""
-    decoder = llm.tokenizer.stream_decoder()
+    decoder = llm.tokenizer.stream_decoder(prompt_ids)
     ids: list[int] = []
     start = time.perf_counter()
     first = None

@@ -341,3 +341,36 @@ def test_unreadable_tokenizer_file(tmp_path):
     (tmp_path / "tokenizer.model").write_text("IQ== 0\nIg== one\n")
     with pytest.raises(TokenizerFormatError, match=r"tokenizer\.model:2: expected 'base64-token rank'"):
         load_tokenizer(tmp_path)
+
+
+PROMPTS = ["And God said", "Hello, world.", "日本語のテキスト", "x = 1\n"]
+
+
+def _continuation_matches(tokenizer, prompt_text, ids):
+    prompt = tokenizer.encode(prompt_text, bos=True, eos=False)
+    decoder = tokenizer.stream_decoder(prompt)
+    pieces = [decoder.push(i) for i in ids] + [decoder.flush()]
+    whole, before = tokenizer.decode(prompt + ids), tokenizer.decode(prompt)
+    assert whole.startswith(before)
+    assert "".join(pieces) == whole[len(before) :]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(prompt=st.sampled_from(PROMPTS), ids=llama3_ids)
+def test_llama3_stream_after_a_prompt_prints_what_the_ids_add(llama3, prompt, ids):
+    _continuation_matches(llama3, prompt, ids)
+
+
+@needs_llama2
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(prompt=st.sampled_from(PROMPTS), ids=llama2_ids)
+def test_llama2_stream_after_a_prompt_prints_what_the_ids_add(llama2, prompt, ids):
+    _continuation_matches(llama2, prompt, ids)
+
+
+@needs_llama2
+def test_llama2_stream_keeps_the_space_after_the_prompt(llama2):
+    prompt = llama2.encode("And God said", bos=True, eos=False)
+    ids = llama2.encode("And God said unto them", bos=True, eos=False)[len(prompt) :]
+    decoder = llama2.stream_decoder(prompt)
+    assert "".join(decoder.push(i) for i in ids) + decoder.flush() == " unto them"
