@@ -1,0 +1,85 @@
+"""Perplexity of a text file under a checkpoint, with a sliding window.
+
+    python scripts/perplexity.py --checkpoint runs/kjv --text-file data/kjv/valid.txt --context-len 256 --stride 128
+    python scripts/perplexity.py --checkpoint path/to/Llama-2-7b --text-file wiki.test.raw \\
+        --documents file --window-bos --context-len 4096 --stride 512
+
+Tokens: the text is cut into documents (--documents: each line by default, as scripts/train.py cuts
+its data) and each is encoded as BOS + text + EOS, all in one stream; so on a model trained by
+scripts/train.py the perplexity at --context-len = its context is close to exp(its validation
+loss). Windows of --context-len tokens advance by --stride; each scores only the tokens the
+previous window did not score (see llama/evaluate.py). --window-bos also puts BOS in front of
+every window (the usual setting for a real Llama on a long document: --documents file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import llama
+from llama.evaluate import perplexity
+from llama.tokenizer import TokenizerFormatError, TokenizerNotFoundError
+from llama.training import DOCUMENT_SPLITS, encode_documents
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory (Meta or HF layout) with its tokenizer")
+    p.add_argument("--text-file", required=True, help="the text to score (UTF-8)")
+    p.add_argument("--context-len", type=int, help="tokens per window, BOS included (default: the model's max_seq_len)")
+    p.add_argument("--stride", type=int, help="how far each window advances (default: half the window)")
+    p.add_argument("--documents", choices=DOCUMENT_SPLITS, default="line",
+                   help="what one BOS ... EOS document is: each line (as scripts/train.py), each blank-line-separated paragraph, or the whole file (default line)")
+    p.add_argument("--window-bos", action="store_true", help="also start every window with BOS")
+    p.add_argument("--max-tokens", type=int, help="score only the first N tokens of the text")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="weight dtype (default float32)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available (default auto)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    try:
+        if args.threads is not None:
+            if args.threads < 1:
+                raise ValueError(f"--threads must be positive, got {args.threads}")
+            torch.set_num_threads(args.threads)
+        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                              "cpu" if args.device == "auto" else args.device)  # fmt: skip
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda requested, but no CUDA device is available")
+        text = Path(args.text_file).read_text(encoding="utf-8")
+        tokenizer = llama.load_tokenizer(args.checkpoint)
+        model = llama.load(args.checkpoint, dtype=args.dtype, device=device)
+        context_len = args.context_len or model.config.max_seq_len
+        stride = args.stride or max(1, context_len // 2)
+        tokens = encode_documents(tokenizer, [text], args.documents)
+        if args.max_tokens is not None:
+            if args.max_tokens < 2:
+                raise ValueError(f"--max-tokens must be at least 2, got {args.max_tokens}")
+            tokens = tokens[: args.max_tokens]
+        if len(tokens) == 0:
+            raise ValueError(f"{args.text_file}: no text to score")
+        start = time.perf_counter()
+        result = perplexity(model, tokens, context_len, stride, bos_id=tokenizer.bos_id if args.window_bos else None,
+                            progress=not args.no_progress)  # fmt: skip
+    except (llama.CheckpointError, llama.ConfigError, TokenizerNotFoundError, TokenizerFormatError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    seconds = time.perf_counter() - start
+    doc = {"line": "each line", "paragraph": "each paragraph", "file": "the whole file"}[args.documents]
+    print(f"perplexity {result.ppl:.4f} (mean NLL {result.nll_mean:.4f} nats/token = {result.nll_mean / math.log(2):.4f} "
+          f"bits/token) over {result.n_tokens:,} tokens of {args.text_file}")  # fmt: skip
+    print(f"  context {result.context_len} tokens per window, stride {result.stride}, {result.n_windows} windows; "
+          f"tokens: {doc} encoded as BOS + text + EOS; "
+          f"{'every window starts with an extra BOS' if result.bos else 'no BOS added to windows'}; "
+          f"{args.dtype} on {device.type}, {seconds:.1f} s")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""Pretrain a Llama from scratch on a text file or a folder of *.txt files.
+
+    python scripts/train.py --data data/kjv/train.txt --valid data/kjv/valid.txt \\
+        --tokenizer data/kjv/tokenizer.model --out runs/kjv \\
+        --dim 256 --n-layers 6 --n-heads 8 --n-kv-heads 4 --context 256 --max-steps 2000
+    python scripts/train.py ... --resume               # continue the run saved in --out
+
+Data: each line of the text is a document, tokenized as BOS + line + EOS, and all documents are
+packed into one token stream (--documents paragraph|file for other cuttings); a training example
+is a random window of --context + 1 tokens of it. Validation: --valid, or the last --valid-fraction
+of the stream.
+
+--out receives: config.json + model.safetensors + tokenizer.model (an ordinary HF-layout checkpoint
+that llama.load and scripts/generate.py read), train_summary.json, loss.png (with matplotlib), and
+train_state.pt (weights, optimiser, step: what --resume needs; not part of the checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import llama
+from llama.checkpoint import save_state_dict
+from llama.tokenizer import TokenizerFormatError, TokenizerNotFoundError
+from llama.training import (DOCUMENT_SPLITS, STATE_FILE, TrainConfig, autocast_dtype, default_ffn_dim, encode_documents,
+                            init_weights, plot_losses, text_files, train)  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=True, help="training text: a file, or a directory whose *.txt files are all read")
+    g.add_argument("--valid", help="validation text file (default: the last --valid-fraction of the data)")
+    g.add_argument("--valid-fraction", type=float, default=0.05, help="share of the token stream held out when --valid is not given; 0: no validation (default 0.05)")
+    g.add_argument("--documents", choices=DOCUMENT_SPLITS, default="line",
+                   help="what one BOS ... EOS document is: a line, a blank-line-separated paragraph, or a whole file (default line)")
+    g.add_argument("--tokenizer", required=True, help="tokenizer file (sentencepiece .model, e.g. from scripts/train_tokenizer.py)")
+
+    g = p.add_argument_group("model shape (a registry name, or the flags; flags override a registry shape)")
+    g.add_argument("--model", help=f"registry shape, with the tokenizer's vocabulary: {', '.join(llama.REGISTRY)}")
+    g.add_argument("--dim", type=int, help="model width")
+    g.add_argument("--n-layers", type=int, help="transformer blocks")
+    g.add_argument("--n-heads", type=int, help="query heads")
+    g.add_argument("--n-kv-heads", type=int, help="key/value heads (default: --n-heads)")
+    g.add_argument("--ffn-dim", type=int, help="SwiGLU hidden width (default: 8/3 * dim rounded up to a multiple of 16)")
+    g.add_argument("--rope-theta", type=float, help="RoPE base (default 10000, or the registry's)")
+    g.add_argument("--tie-embeddings", action="store_true", help="share the output matrix with the embedding")
+    g.add_argument("--context", type=int, default=256, help="tokens per training window; also the model's max_seq_len (default 256)")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--max-steps", type=int, default=1000, help="optimiser steps (default 1000)")
+    g.add_argument("--batch-size", type=int, default=16, help="windows per micro-batch (default 16)")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step (default 1)")
+    g.add_argument("--lr", type=float, default=6e-4, help="peak learning rate (default 6e-4)")
+    g.add_argument("--min-lr", type=float, help="learning rate at the end of the cosine decay (default --lr / 10)")
+    g.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default: --max-steps / 10, at most 100)")
+    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on matrices (default 0.1)")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this; 0: off (default 1.0)")
+    g.add_argument("--precision", choices=["auto", "float32", "bf16"], default="auto",
+                   help="bf16 autocast or plain float32; auto: bf16 where the hardware runs it natively (default auto)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the data order (default 0)")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--out", required=True, help="output directory (checkpoint, summary, loss curve, resumable state)")
+    g.add_argument("--resume", action="store_true", help="continue the run whose state is in --out")
+    g.add_argument("--eval-every", type=int, default=100, help="validation loss every N steps (default 100)")
+    g.add_argument("--eval-batches", type=int, default=10, help="batches per validation (default 10)")
+    g.add_argument("--save-every", type=int, default=100, help="save the resumable state every N steps (default 100)")
+    g.add_argument("--stop-at", type=int, help="pause after this step (state and checkpoint saved; finish later with --resume)")
+    g.add_argument("--time-limit", type=float, help="pause after the step that passes this many seconds")
+    g.add_argument("--save-dtype", choices=["bfloat16", "float32", "float16"], default="bfloat16", help="dtype of the exported checkpoint (default bfloat16)")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available (default auto)")
+    g.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    g.add_argument("--compile", action="store_true", help="run the forward pass through torch.compile")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def model_config(args, vocab_size: int) -> llama.ModelConfig:
+    shape = {k: v for k, v in dict(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
+                                    ffn_dim=args.ffn_dim, rope_theta=args.rope_theta).items() if v is not None}  # fmt: skip
+    if args.tie_embeddings:
+        shape["tie_word_embeddings"] = True
+    if args.model:
+        if "dim" in shape or "n_heads" in shape:
+            shape["head_dim"] = -1  # derive it again from the new dim / n_heads
+        return llama.ModelConfig.from_name(args.model, vocab_size=vocab_size, max_seq_len=args.context, **shape)
+    missing = [f"--{k.replace('_', '-')}" for k in ("dim", "n_layers", "n_heads") if k not in shape]
+    if missing:
+        raise llama.ConfigError(f"give --model NAME or the shape flags; missing {', '.join(missing)}")
+    shape.setdefault("n_kv_heads", shape["n_heads"])
+    shape.setdefault("ffn_dim", default_ffn_dim(shape["dim"]))
+    return llama.ModelConfig(vocab_size=vocab_size, max_seq_len=args.context, **shape)
+
+
+def load_data(args, tokenizer) -> tuple[np.ndarray, np.ndarray | None, list[Path]]:
+    files = text_files(args.data, exclude=[args.valid] if args.valid else [])
+    data = encode_documents(tokenizer, (f.read_text(encoding="utf-8") for f in files), args.documents)
+    if args.valid:
+        valid = encode_documents(tokenizer, [Path(args.valid).read_text(encoding="utf-8")], args.documents)
+    elif args.valid_fraction > 0:
+        n_valid = int(len(data) * args.valid_fraction)
+        data, valid = data[: len(data) - n_valid], data[len(data) - n_valid :]
+    else:
+        valid = None
+    return data, valid, files
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out = Path(args.out)
+    try:
+        if not 0 <= args.valid_fraction < 1:
+            raise ValueError(f"--valid-fraction must be in [0, 1), got {args.valid_fraction}")
+        if args.threads is not None:
+            if args.threads < 1:
+                raise ValueError(f"--threads must be positive, got {args.threads}")
+            torch.set_num_threads(args.threads)
+        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                              "cpu" if args.device == "auto" else args.device)  # fmt: skip
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda requested, but no CUDA device is available")
+        config = TrainConfig(
+            max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum, context=args.context,
+            lr=args.lr, min_lr=args.lr / 10 if args.min_lr is None else args.min_lr,
+            warmup_steps=min(100, args.max_steps // 10) if args.warmup_steps is None else args.warmup_steps,
+            weight_decay=args.weight_decay, grad_clip=args.grad_clip, eval_every=args.eval_every,
+            eval_batches=args.eval_batches, save_every=args.save_every, seed=args.seed, precision=args.precision,
+        )  # fmt: skip
+        if not Path(args.tokenizer).is_file():
+            raise FileNotFoundError(f"{args.tokenizer}: no such tokenizer file")
+        tokenizer = llama.load_tokenizer(args.tokenizer)
+        model_cfg = model_config(args, tokenizer.vocab_size)
+        if not args.resume and (out / STATE_FILE).exists():
+            raise FileExistsError(f"{out / STATE_FILE} exists: pass --resume to continue that run, or choose another --out")
+        if args.resume and not (out / STATE_FILE).is_file():
+            raise FileNotFoundError(f"nothing to resume: {out / STATE_FILE} does not exist")
+        t0 = time.perf_counter()
+        data, valid, files = load_data(args, tokenizer)
+        valid_text = f"{len(valid):,} validation tokens" if valid is not None else "no validation"
+        print(f"data: {len(data):,} training tokens from {len(files)} file(s), {valid_text} (each {args.documents} "
+              f"a BOS ... EOS document; tokenized in {time.perf_counter() - t0:.1f} s)", file=sys.stderr)  # fmt: skip
+
+        torch.manual_seed(args.seed)
+        model = init_weights(llama.Transformer(model_cfg), seed=args.seed).to(device)
+        precision = "bf16" if autocast_dtype(args.precision, device) else "float32"
+        print(f"model: {model_cfg.n_params / 1e6:.2f}M parameters (dim {model_cfg.dim}, {model_cfg.n_layers} layers, "
+              f"{model_cfg.n_heads} heads, {model_cfg.n_kv_heads} kv heads, ffn {model_cfg.ffn_dim}, vocab {model_cfg.vocab_size}); "
+              f"{device.type}, {precision}, {torch.get_num_threads()} threads", file=sys.stderr)  # fmt: skip
+        forward = torch.compile(model) if args.compile else model
+        result = train(model, data, valid, config, out_dir=out, resume=args.resume, stop_at=args.stop_at,
+                       time_limit=args.time_limit, progress=not args.no_progress, forward=forward)  # fmt: skip
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; the state saved last (every {args.save_every} steps) is in {out / STATE_FILE}: "
+              "continue with --resume", file=sys.stderr)  # fmt: skip
+        return 130
+    except (llama.ConfigError, TokenizerNotFoundError, TokenizerFormatError, OSError, ValueError, KeyError) as e:
+        print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
+        return 2
+
+    # The checkpoint: HF layout in --save-dtype, with the tokenizer beside it.
+    save_dtype = getattr(torch, args.save_dtype)
+    state = {name: t.detach().to("cpu", save_dtype) for name, t in model.state_dict().items()}
+    save_state_dict(model_cfg, state, out, format="hf")
+    shutil.copyfile(args.tokenizer, out / ("tokenizer.json" if args.tokenizer.endswith(".json") else "tokenizer.model"))
+
+    summary = {
+        "completed": result.completed,
+        "steps": result.step,
+        "max_steps": config.max_steps,
+        "tokens_seen": result.tokens_seen,
+        "wall_time_s": round(result.wall_time, 1),
+        "tokens_per_s": round(result.tokens_per_second, 1),
+        "final_train_loss": result.final_train_loss,  # mean of the last 10 steps
+        "final_valid_loss": result.final_valid_loss,
+        "valid_losses": {str(step): round(loss, 4) for step, loss in result.valid_losses},
+        "parameters": model_cfg.n_params,
+        "model": {k: getattr(model_cfg, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim",
+                                                     "vocab_size", "max_seq_len", "rope_theta", "tie_word_embeddings")},  # fmt: skip
+        "training": dataclasses.asdict(config),
+        "data": {"files": [str(f) for f in files], "valid": args.valid, "documents": args.documents,
+                 "train_tokens": len(data), "valid_tokens": None if valid is None else len(valid)},  # fmt: skip
+        "precision": result.precision,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "save_dtype": args.save_dtype,
+        "finished_at": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime()),
+    }
+    (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if plot_losses(result, out / "loss.png", title=f"{model_cfg.n_params / 1e6:.1f}M parameters, {result.tokens_seen:,} tokens"):
+        plotted = f", {out / 'loss.png'}"
+    else:
+        plotted = " (no loss.png: pip install matplotlib, or the project's [plot] extra)"
+    losses = [f"{name} loss {loss:.4f}" for name, loss in (("train", result.final_train_loss), ("valid", result.final_valid_loss))
+              if loss is not None]  # fmt: skip
+    status = "done" if result.completed else f"paused at step {result.step} of {config.max_steps} (continue with --resume)"
+    print(f"{status}: {', '.join(losses) or 'no steps run'}; {result.tokens_seen:,} tokens in "
+          f"{result.wall_time:.0f} s ({result.tokens_per_second:,.0f} tok/s)", file=sys.stderr)  # fmt: skip
+    print(f"wrote {out} (checkpoint), {out / 'train_summary.json'}{plotted}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
