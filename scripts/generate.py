@@ -1,5 +1,6 @@
 """Generate text, or chat, with a Llama checkpoint (Meta or Hugging Face layout).
 
+    python scripts/generate.py                      # the small bundled model (King James Bible style)
     python scripts/generate.py --checkpoint path/to/Llama-3.2-1B --prompt "The capital of France is"
     python scripts/generate.py --checkpoint path/to/Llama-3.2-1B-Instruct --chat --prompt "Hi!"
     python scripts/generate.py --checkpoint path/to/Llama-3.2-1B-Instruct --interactive
@@ -18,8 +19,10 @@ from pathlib import Path
 import torch
 
 import llama
+import weights
 from llama.generation import GenerationError, SamplingParams, stream
 from llama.tokenizer import ChatFormatError, TokenizerFormatError, TokenizerNotFoundError
+from llama.training import bf16_supported
 
 USER_ERRORS = (llama.CheckpointError, llama.ConfigError, GenerationError, ChatFormatError,
                TokenizerNotFoundError, TokenizerFormatError)
@@ -41,9 +44,11 @@ def _ranged(kind, low=None, high=None, low_open=False):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory (Meta or Hugging Face layout, with its tokenizer)")
+    p.add_argument("--checkpoint", default=None,
+                   help="checkpoint directory (Meta or Hugging Face layout, with its tokenizer); "
+                        "default: the small model bundled with the project (weights/kjv)")
     source = p.add_mutually_exclusive_group()
-    source.add_argument("--prompt", help="the prompt text (default: a short generic opening)")
+    source.add_argument("--prompt", help='the prompt text (default: "In the beginning")')
     source.add_argument("--prompt-file", help="read the prompt from this file ('-' for stdin)")
     p.add_argument("--chat", action="store_true", help="treat the prompt as a user message and apply the model's chat format")
     p.add_argument("--system", help="system message for --chat and --interactive")
@@ -78,15 +83,13 @@ def pick_device(name: str) -> torch.device:
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """--dtype auto: bf16 where the hardware runs it natively (CUDA from Ampere on; CPUs with AVX-512
+    BF16 or AMX, where it also halves the memory traffic), float16 on other GPUs, else float32."""
     if name != "auto":
         return getattr(torch, name)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "mps":
-        return torch.float16
-    # On CPUs with native bf16 (AVX-512 BF16, AMX), bf16 halves the memory traffic at no accuracy
-    # cost that matters for inference; elsewhere bf16 is emulated and slow.
-    return torch.bfloat16 if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+    if bf16_supported(device):
+        return torch.bfloat16
+    return torch.float16 if device.type in ("cuda", "mps") else torch.float32
 
 
 def weight_bytes(model: llama.Transformer) -> int:
@@ -189,12 +192,13 @@ def main(argv: list[str] | None = None) -> int:
             except (OSError, UnicodeDecodeError) as e:
                 raise GenerationError(f"cannot read --prompt-file {args.prompt_file}: {e}") from None
         else:
-            prompt = args.prompt if args.prompt is not None else "Once upon a time"
+            prompt = args.prompt if args.prompt is not None else "In the beginning"
         device = pick_device(args.device)
         dtype = pick_dtype(args.dtype, device)
         started = time.perf_counter()
-        llm = llama.Llama.load(args.checkpoint, dtype=dtype, device=device)
-        print(f"[loaded {args.checkpoint} in {time.perf_counter() - started:.1f} s: "
+        checkpoint = args.checkpoint or weights.BUNDLED_MODEL
+        llm = llama.Llama.load(checkpoint, dtype=dtype, device=device)
+        print(f"[loaded {checkpoint} in {time.perf_counter() - started:.1f} s: "
               f"{_count(llm.model.config.n_params)} parameters, {str(dtype).removeprefix('torch.')}, {device}]",
               file=sys.stderr)
         if args.interactive:

@@ -20,7 +20,11 @@ from .errors import CheckpointError
 from .hf import HFCheckpoint, save_hf
 from .meta import MetaCheckpoint, save_meta
 
+# The small model that ships with the project (trained on the King James Bible; see kjv/README.md).
+BUNDLED_MODEL = Path(__file__).parent / "kjv"
+
 __all__ = [
+    "BUNDLED_MODEL",
     "CheckpointError",
     "HFCheckpoint",
     "MetaCheckpoint",
