@@ -6,10 +6,13 @@
 
     llm = llama.Llama.load("path/to/checkpoint")                 # model + tokenizer
     print(llm.generate("The capital of France is", temperature=0))
+
+    model = llama.load("path/to/checkpoint", dtype="bfloat16", quantize="int8")   # or "int4"
 """
 
 from weights import CheckpointError
 
+from . import quantize
 from .checkpoint import load, save
 from .config import REGISTRY, ConfigError, ModelConfig, RopeScaling
 from .generation import GenerationError, generate, stream
@@ -29,6 +32,7 @@ __all__ = [
     "generate",
     "load",
     "load_tokenizer",
+    "quantize",
     "save",
     "stream",
 ]

@@ -84,20 +84,37 @@ def load(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device = "cpu",
     progress: bool | None = None,
+    quantize: str | None = None,
+    group_size: int = 128,
 ) -> Transformer:
     """Load a Meta or Hugging Face checkpoint directory; returns the model in eval mode.
 
     dtype: float32, bfloat16 or float16 (default: the dtype the weights are stored in).
     progress: show a progress bar (default: for checkpoints over 1 GB when stderr is a terminal).
+    quantize: None, "int8" or "int4" (groups of group_size): each linear of the blocks is quantized
+    as it is read (see llama/quantize.py). A checkpoint written by llama.quantize.save_quantized
+    loads already quantized, and then quantize must be None or its own mode.
     """
+    from . import quantize as q
+
     dtype = parse_dtype(dtype)
     device = torch.device(device)
+    if quantize is not None:
+        q.check_mode(quantize, group_size)
+    stored = q.read_quantization(path)
+    if stored is not None:
+        if quantize is not None and quantize != stored.get("mode"):
+            raise CheckpointError(f"{path} is already quantized as {stored.get('mode')!r}; cannot load it as {quantize!r}")
+        return q.load_quantized(path, dtype=dtype, device=device)
     ckpt = weights.open_checkpoint(path)
     try:
         config = config_from_checkpoint(ckpt)
         model = meta_model(config)
         names = check_tensors(ckpt, model)
         dtype = dtype or ckpt.dtype("tok_embeddings.weight")
+        # Quantized modules replace the linears on the meta device; each weight is quantized as it
+        # is read, so the float model never exists in memory as a whole.
+        quantized = set(q.swap_linears(model, quantize, group_size, dtype=dtype, fill=False) if quantize else [])
         shapes = ckpt.shapes()
         total = sum(torch.Size(shapes[n]).numel() * dtype.itemsize for n in names)
         if progress is None:
@@ -111,9 +128,15 @@ def load(
         state = {}
         for name in names:
             tensor = ckpt.read(name, dtype)
-            state[name] = tensor.to(device) if device.type != "cpu" else tensor
             if bar is not None:
                 bar.update(tensor.nbytes)
+            module = name.removesuffix(".weight")
+            if module in quantized:
+                layer = model.get_submodule(module)
+                layer.load_quantized(tensor.to(device))
+                state.update({f"{module}.{n}": b for n, b in layer.named_buffers()})
+                continue
+            state[name] = tensor.to(device) if device.type != "cpu" else tensor
         if bar is not None:
             bar.close()
     finally:
@@ -126,6 +149,9 @@ def load(
         model.output.weight = model.tok_embeddings.weight  # one Parameter again, as in __init__
     model.rope_freqs = model.rope_freqs.to(device)
     model.stop_tokens = checkpoint_stop_tokens(path)
+    if quantize:
+        model.quantization = {"mode": quantize, "group_size": group_size, "include_output": False}
+        q.prepare_kernels(model)
     return model.eval()
 
 

@@ -66,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight dtype; auto: bfloat16 where the device runs it well, else float32 (default auto)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
                    help="where to run; auto picks cuda, then mps, then cpu (default auto)")
+    p.add_argument("--quantize", choices=["none", "int8", "int4"], default="none",
+                   help="weight-only quantization of the transformer blocks' linears while loading: int8 per "
+                        "output channel, int4 in groups of --group-size (default none; see llama/quantize.py)")
+    p.add_argument("--group-size", type=int, default=128,
+                   help="int4 group size: 32, 64, 128 or 256; layers whose input width it does not divide stay "
+                        "unquantized (default 128)")
     return p
 
 
@@ -94,8 +100,9 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def weight_bytes(model: llama.Transformer) -> int:
     """Bytes of weights read to decode one token: all matrices, not the embedding table (one row of it
-    is read), unless the output layer shares it."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    is read), unless the output layer shares it. Counts quantized weights (buffers) at their size."""
+    tensors = {t.data_ptr(): t for t in model.state_dict().values()}  # a tied output is the embedding
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
     if not model.config.tie_word_embeddings:
         total -= model.tok_embeddings.weight.numel() * model.tok_embeddings.weight.element_size()
     return total
@@ -184,6 +191,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--interactive reads its prompts from the terminal; drop --prompt/--prompt-file")
     if args.system and not (args.chat or args.interactive):
         parser.error("--system needs --chat or --interactive")
+    if args.quantize != "none":
+        try:
+            llama.quantize.check_mode(args.quantize, args.group_size)
+        except ValueError as e:
+            parser.error(str(e))
     try:
         SamplingParams(args.temperature, args.top_p, args.top_k, args.min_p, args.repetition_penalty)
         if args.prompt_file is not None:
@@ -197,9 +209,13 @@ def main(argv: list[str] | None = None) -> int:
         dtype = pick_dtype(args.dtype, device)
         started = time.perf_counter()
         checkpoint = args.checkpoint or weights.BUNDLED_MODEL
-        llm = llama.Llama.load(checkpoint, dtype=dtype, device=device)
+        quantize = None if args.quantize == "none" else args.quantize
+        model = llama.load(checkpoint, dtype=dtype, device=device, quantize=quantize, group_size=args.group_size)
+        llm = llama.Llama(model, llama.load_tokenizer(checkpoint))
+        mode = getattr(model, "quantization", None)
         print(f"[loaded {checkpoint} in {time.perf_counter() - started:.1f} s: "
-              f"{_count(llm.model.config.n_params)} parameters, {str(dtype).removeprefix('torch.')}, {device}]",
+              f"{_count(llm.model.config.n_params)} parameters, {str(dtype).removeprefix('torch.')}, {device}"
+              f"{', ' + mode['mode'] + ' weights' if mode else ''}]",
               file=sys.stderr)
         if args.interactive:
             interactive(llm, args, device)

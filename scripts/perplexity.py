@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, help="score only the first N tokens of the text")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="weight dtype (default float32)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available (default auto)")
+    p.add_argument("--quantize", choices=["none", "int8", "int4"], default="none", help="weight-only quantization while loading (default none)")
+    p.add_argument("--group-size", type=int, default=128, help="int4 group size: 32, 64, 128 or 256 (default 128)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
@@ -54,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--device cuda requested, but no CUDA device is available")
         text = Path(args.text_file).read_text(encoding="utf-8")
         tokenizer = llama.load_tokenizer(args.checkpoint)
-        model = llama.load(args.checkpoint, dtype=args.dtype, device=device)
+        model = llama.load(args.checkpoint, dtype=args.dtype, device=device,
+                           quantize=None if args.quantize == "none" else args.quantize, group_size=args.group_size)
         context_len = args.context_len or model.config.max_seq_len
         stride = args.stride or max(1, context_len // 2)
         tokens = encode_documents(tokenizer, [text], args.documents)

@@ -1,0 +1,373 @@
+"""Weight-only quantization: int8 per output channel, int4 in groups.
+
+    model = llama.load(path, dtype="bfloat16", quantize="int8")      # quantize while loading
+    quantize_model(model, "int4", group_size=128)                    # or an already loaded model
+    save_quantized(model, "out/", tokenizer_from=path)               # quantize once ...
+    model = llama.load("out/")                                       # ... load the small file later
+
+Like gpt-fast, the model file never learns about this: quantize_model swaps the nn.Linear modules
+of the transformer blocks for Int8Linear / Int4Linear modules with the same forward signature.
+Activations stay in the model's dtype; only the weights are stored in fewer bits and widened (or
+consumed directly by a packed-weight kernel) at matmul time.
+
+Shapes: N = out_features, K = in_features, G = group_size, x: (..., K) -> (..., N).
+
+int8 (symmetric, per output channel):
+    scale[n] = max_k |W[n, k]| / 127,  q[n, k] = round(W[n, k] / scale[n]) in [-127, 127]
+    W ~ q * scale[:, None]
+int4 (asymmetric, per group of G consecutive inputs of one output row; the layout torch's
+_weight_int4pack_mm kernels expect, as in gpt-fast and torchao):
+    scale = (max - min) / 15,  zero = min + 8 * scale,  q = round((W - min) / scale) in [0, 15]
+    W ~ (q - 8) * scale + zero
+
+Fast paths (CPU): torch.ops.aten._weight_int8pack_mm and _weight_int4pack_mm_for_cpu. Measured on
+an x86 CPU (torch 2.13) they win only for bfloat16 activations with few rows (decoding): at 4 rows x
+2048 x 2048 about 4x (int8) and 16x (int4) faster than dequantize + matmul, but slower from ~64 rows
+(prefill) and 3-30x slower in float32 and float16. So `use_kernel = None` (the default) takes them
+for bfloat16 inputs of at most KERNEL_MAX_ROWS rows, True takes them whenever they exist (CPU,
+float32/bfloat16/float16), False never. Otherwise a pure-PyTorch fallback dequantizes the weight and
+calls F.linear. The two are tested against each other. CUDA runs the fallback (torch's CUDA int4
+kernel wants another packing; not wired up).
+
+Which layers: wq wk wv wo w1 w2 w3 of every block, plus `output` when asked (include_output) and not
+tied to the embedding (a tied output shares the embedding table, which stays in float; quantizing a
+copy would add memory rather than save it). The embedding and the norms always stay in float. For
+int4, a layer whose K is not a multiple of G stays unquantized.
+
+A quantized checkpoint is config.json (the HF config plus a "quantization" entry: mode, group_size,
+include_output) and model.safetensors holding the modules' state dicts in Meta's names and row order
+(e.g. layers.0.attention.wq.weight int8 + layers.0.attention.wq.scales). It is this project's own
+format: transformers cannot read it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from weights import CheckpointError
+from weights.safetensors_io import SafetensorsFile, save_safetensors
+
+MODES = ("int8", "int4")
+GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernels accept
+BLOCK_LINEARS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
+                 "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")  # fmt: skip
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the CPU kernels accept
+KERNEL_MAX_ROWS = 32  # above this, dequantize + float matmul is faster (see the module docstring)
+
+
+def _take_kernel(use_kernel: bool | None, x2: torch.Tensor) -> bool:
+    """Whether to call the packed CPU kernel for x2: (M, K); see the module docstring."""
+    if x2.device.type != "cpu" or x2.dtype not in KERNEL_DTYPES:
+        return False
+    if use_kernel is None:
+        return x2.dtype == torch.bfloat16 and x2.shape[0] <= KERNEL_MAX_ROWS
+    return use_kernel
+
+
+def check_mode(mode: str, group_size: int = 128) -> None:
+    """ValueError naming the valid choices when mode or group_size is not one of them."""
+    if mode not in MODES:
+        raise ValueError(f"unknown quantization mode {mode!r}; expected one of {', '.join(MODES)}")
+    if mode == "int4" and group_size not in GROUP_SIZES:
+        raise ValueError(f"int4 group_size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size!r}")
+
+
+# ---- int8 ----------------------------------------------------------------------------------------
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w: (N, K) float -> (q: (N, K) int8, scales: (N,) float32), w ~ q * scales[:, None]."""
+    w = w.float()
+    scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)  # an all-zero row gets q = 0
+    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scales
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (weight * scales[:, None]).T with weight: (N, K) int8 and scales: (N,)."""
+
+    def __init__(self, in_features: int, out_features: int, dtype=torch.float32, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.use_kernel: bool | None = None  # None: where faster; True: where available; False: never
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.ones(out_features, dtype=dtype, device=device))
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, dtype=None) -> "Int8Linear":
+        w = linear.weight.detach()
+        module = cls(linear.in_features, linear.out_features, dtype or w.dtype, w.device)
+        module.load_quantized(w)
+        return module
+
+    def load_quantized(self, w: torch.Tensor) -> None:
+        """Quantize w: (N, K) float into this module's buffers, on w's device."""
+        q, scales = quantize_int8(w)
+        self.weight, self.scales = q, scales.to(self.scales.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)  # (M, K): the kernel takes 2-D activations
+        if _take_kernel(self.use_kernel, x2):
+            y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight, self.scales.to(x.dtype))
+        else:
+            y = F.linear(x2, self.weight.to(x.dtype) * self.scales.to(x.dtype)[:, None])
+        return y.view(*shape[:-1], self.out_features)  # (..., N)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per channel"
+
+
+# ---- int4 ----------------------------------------------------------------------------------------
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """w: (N, K) float -> (q: (N, K) int32 in [0, 15], scales_and_zeros: (K/G, N, 2) float32)."""
+    N, K = w.shape
+    groups = w.float().view(N, K // group_size, group_size)  # (N, K/G, G)
+    lo, hi = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)  # (N, K/G, 1)
+    scales = ((hi - lo) / 15).clamp(min=1e-6)
+    zeros = lo + 8 * scales
+    q = torch.round((groups - lo) / scales).clamp(0, 15).to(torch.int32).view(N, K)
+    sz = torch.cat([scales, zeros], dim=-1).transpose(0, 1).contiguous()  # (K/G, N, 2)
+    return q, sz
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) values in [0, 15] -> (N, K/2) uint8, column 2j in the low nibble, 2j+1 in the high."""
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """(N, K/2) uint8 -> (N, K) int32, the inverse of pack_nibbles."""
+    return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(1).to(torch.int32)  # (N, K/2, 2) -> (N, K)
+
+
+class Int4Linear(nn.Module):
+    """Grouped asymmetric int4 weights. Buffers (the saved state): weight (N, K/2) uint8, two
+    values per byte (pack_nibbles; portable), scales_and_zeros (K/G, N, 2).
+
+    The CPU kernel wants its own, opaque packing; it is made from `weight` by prepare_kernels (at load
+    time) or on the first forward, and kept (not saved), so the fast path holds the 4-bit weights
+    twice (~1 byte per weight in all). It is rebuilt if `weight` is replaced or changed in place.
+    """
+
+    def __init__(self, in_features: int, out_features: int, group_size: int = 128, dtype=torch.float32, device=None):
+        super().__init__()
+        check_mode("int4", group_size)
+        if in_features % group_size:
+            raise ValueError(f"in_features {in_features} is not a multiple of group_size {group_size}")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.use_kernel: bool | None = None  # None: where faster; True: where available; False: never
+        self.register_buffer("weight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales_and_zeros",
+                             torch.zeros(in_features // group_size, out_features, 2, dtype=dtype, device=device))  # fmt: skip
+        self._packed: tuple | None = None  # (key, tensor) of the kernel's packing
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, group_size: int = 128, dtype=None) -> "Int4Linear":
+        w = linear.weight.detach()
+        module = cls(linear.in_features, linear.out_features, group_size, dtype or w.dtype, w.device)
+        module.load_quantized(w)
+        return module
+
+    def load_quantized(self, w: torch.Tensor) -> None:
+        """Quantize w: (N, K) float into this module's buffers, on w's device."""
+        q, sz = quantize_int4(w, self.group_size)
+        self.weight, self.scales_and_zeros = pack_nibbles(q), sz.to(self.scales_and_zeros.dtype)
+
+    def dequantize(self, dtype=None) -> torch.Tensor:
+        """The (N, K) weight the int4 values stand for."""
+        N, K, G = self.out_features, self.in_features, self.group_size
+        dtype = dtype or self.scales_and_zeros.dtype
+        q = unpack_nibbles(self.weight).view(N, K // G, G).to(dtype)  # (N, K/G, G)
+        sz = self.scales_and_zeros.to(dtype).transpose(0, 1)  # (N, K/G, 2)
+        return ((q - 8) * sz[..., :1] + sz[..., 1:]).view(N, K)
+
+    def _kernel_weight(self) -> torch.Tensor:
+        key = (id(self.weight), self.weight._version, self.weight.device)
+        if self._packed is None or self._packed[0] != key:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(self.weight), 1)
+            self._packed = (key, packed)
+        return self._packed[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        # The CPU kernel's packing needs N to be a multiple of 16.
+        if self.out_features % 16 == 0 and _take_kernel(self.use_kernel, x2):
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self._kernel_weight(), self.group_size,
+                                                           self.scales_and_zeros.to(x.dtype))  # fmt: skip
+        else:
+            y = F.linear(x2, self.dequantize(x.dtype))
+        return y.view(*shape[:-1], self.out_features)  # (..., N)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 group_size={self.group_size}"
+
+
+def prepare_kernels(model: nn.Module) -> None:
+    """Make the CPU kernel's int4 packing now (at load time) rather than on the first forward, for the
+    layers that will use it by default: bfloat16 scales, CPU, N a multiple of 16."""
+    for module in model.modules():
+        if (isinstance(module, Int4Linear) and module.use_kernel is not False and module.out_features % 16 == 0
+                and module.weight.device.type == "cpu" and module.scales_and_zeros.dtype == torch.bfloat16):  # fmt: skip
+            module._kernel_weight()
+
+
+# ---- swapping modules ----------------------------------------------------------------------------
+
+
+def target_names(model: nn.Module, include_output: bool = False) -> list[str]:
+    """Names of the nn.Linear modules quantize_model would replace."""
+    names = [f"layers.{i}.{n}" for i in range(len(model.layers)) for n in BLOCK_LINEARS]
+    if include_output and not model.config.tie_word_embeddings:
+        names.append("output")
+    return names
+
+
+def _empty_quantized(linear: nn.Linear, mode: str, group_size: int, dtype) -> nn.Module | None:
+    device = linear.weight.device
+    if mode == "int8":
+        return Int8Linear(linear.in_features, linear.out_features, dtype, device)
+    if linear.in_features % group_size:
+        return None  # stays in float
+    return Int4Linear(linear.in_features, linear.out_features, group_size, dtype, device)
+
+
+def swap_linears(model: nn.Module, mode: str, group_size: int = 128, include_output: bool = False,
+                 dtype=None, fill: bool = True) -> list[str]:
+    """Replace the target nn.Linear modules in place; returns the names replaced.
+
+    fill=True quantizes each module's current weight; fill=False leaves the new buffers empty (used
+    on the meta device, before a checkpoint fills them).
+    """
+    check_mode(mode, group_size)
+    swapped = []
+    for name in target_names(model, include_output):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        linear = getattr(parent, child)
+        if not isinstance(linear, nn.Linear):
+            continue  # already quantized
+        new = _empty_quantized(linear, mode, group_size, dtype or linear.weight.dtype)
+        if new is None:
+            continue
+        if fill:
+            new.load_quantized(linear.weight.detach())
+        setattr(parent, child, new)
+        swapped.append(name)
+    return swapped
+
+
+def quantize_model(model: nn.Module, mode: str = "int8", group_size: int = 128, *, include_output: bool = False) -> nn.Module:
+    """Quantize the block linears (and `output` with include_output, unless tied) in place.
+
+    mode: "int8" (per output channel) or "int4" (groups of group_size in 32, 64, 128, 256).
+    Scales keep the model's dtype. Returns the model.
+    """
+    layers = swap_linears(model, mode, group_size, include_output)
+    model.quantization = {"mode": mode, "group_size": group_size, "include_output": "output" in layers}
+    prepare_kernels(model)
+    return model
+
+
+# ---- quantized checkpoints -----------------------------------------------------------------------
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json")  # fmt: skip
+
+
+def save_quantized(model: nn.Module, path: str | os.PathLike, *, tokenizer_from: str | os.PathLike | None = None) -> list[Path]:
+    """Write a quantized model (quantize_model / load(quantize=...)) as config.json + model.safetensors.
+
+    tokenizer_from: a checkpoint directory whose tokenizer and generation config files are copied.
+    Returns the files written.
+    """
+    info = getattr(model, "quantization", None)
+    if info is None:
+        raise ValueError("the model is not quantized; call quantize_model() first or load with quantize=...")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {n: t.detach().cpu() for n, t in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("output.weight", None)
+    dtype = str(model.tok_embeddings.weight.dtype).removeprefix("torch.")
+    config = model.config.to_hf(dtype) | {"quantization": info}
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    save_safetensors(path / "model.safetensors", state, metadata={"format": "pt"})
+    written = [path / "config.json", path / "model.safetensors"]
+    if tokenizer_from is not None:
+        for name in TOKENIZER_FILES:
+            if (Path(tokenizer_from) / name).is_file():
+                shutil.copy(Path(tokenizer_from) / name, path / name)
+                written.append(path / name)
+    return written
+
+
+def read_quantization(path: str | os.PathLike) -> dict | None:
+    """The "quantization" entry of a checkpoint directory's config.json, or None."""
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        return None
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None  # the ordinary loader reports it
+    return config.get("quantization") if isinstance(config, dict) else None
+
+
+def load_quantized(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device="cpu"):
+    """A model from save_quantized's files, built on the meta device and filled tensor by tensor, so
+    memory stays near the quantized size. Float tensors (embedding, norms, scales) take `dtype`."""
+    from .checkpoint import checkpoint_stop_tokens, meta_model
+    from .config import ConfigError, ModelConfig
+
+    path = Path(path)
+    config_dict = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    info = config_dict["quantization"]
+    if not isinstance(info, dict) or "mode" not in info:
+        raise CheckpointError(f"{path / 'config.json'}: malformed 'quantization' entry: {info!r}")
+    try:
+        check_mode(info["mode"], info.get("group_size", 128))
+    except ValueError as e:
+        raise CheckpointError(f"{path / 'config.json'}: {e}") from None
+    try:
+        config = ModelConfig.from_hf(config_dict)
+    except ConfigError as e:
+        raise ConfigError(f"{path / 'config.json'}: {e}") from None
+    file = SafetensorsFile(path / "model.safetensors")
+    dtype = dtype or file.dtype("tok_embeddings.weight")
+    model = meta_model(config)
+    swap_linears(model, info["mode"], info.get("group_size", 128), info.get("include_output", False), dtype, fill=False)
+    expected = {n: t for n, t in model.state_dict().items() if not (config.tie_word_embeddings and n == "output.weight")}
+    found = set(file.names())
+    missing, unexpected = [n for n in expected if n not in found], [n for n in found if n not in expected]
+    if missing or unexpected:
+        raise CheckpointError(f"{file.path}: missing tensors: {missing[:6]}, unexpected tensors: {unexpected[:6]}")
+    state = {}
+    for name, template in expected.items():
+        if file.shape(name) != tuple(template.shape):
+            raise CheckpointError(f"{file.path}: tensor {name!r} has shape {list(file.shape(name))}, "
+                                  f"but the config expects {list(template.shape)}")  # fmt: skip
+        tensor = file.read(name)
+        tensor = tensor.to(dtype) if tensor.is_floating_point() else tensor
+        state[name] = tensor.to(device)
+    if config.tie_word_embeddings:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    model.rope_freqs = model.rope_freqs.to(device)
+    model.stop_tokens = checkpoint_stop_tokens(path)
+    model.quantization = info
+    prepare_kernels(model)
+    return model.eval()
