@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .device import bf16_supported
 from .model import Transformer
 from .tokenizer import Tokenizer
 
@@ -215,15 +216,6 @@ def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, max_steps: 
         return lr * (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
-
-
-def bf16_supported(device: torch.device) -> bool:
-    """Whether bf16 matrix multiplies run natively: CUDA GPUs from Ampere on, CPUs with AVX-512 BF16 or AMX."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return False
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

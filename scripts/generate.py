@@ -22,9 +22,9 @@ import llama
 import weights
 from llama.generation import GenerationError, SamplingParams, stream
 from llama.tokenizer import ChatFormatError, TokenizerFormatError, TokenizerNotFoundError
-from llama.training import bf16_supported
+from llama.device import DeviceError, bf16_supported, pick_device
 
-USER_ERRORS = (llama.CheckpointError, llama.ConfigError, GenerationError, ChatFormatError,
+USER_ERRORS = (llama.CheckpointError, llama.ConfigError, GenerationError, ChatFormatError, DeviceError,
                TokenizerNotFoundError, TokenizerFormatError)
 
 
@@ -77,15 +77,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _count(n: int) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M" if n >= 1e6 else f"{n:,}"
-
-
-def pick_device(name: str) -> torch.device:
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if name == "auto":
-        return torch.device(next(d for d in ("cuda", "mps", "cpu") if available[d]))
-    if not available[name]:
-        raise GenerationError(f"--device {name} requested, but no {name} device is available")
-    return torch.device(name)
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:

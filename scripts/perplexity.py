@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 import llama
+from llama.device import pick_device, set_threads
 from llama.evaluate import perplexity
 from llama.tokenizer import TokenizerFormatError, TokenizerNotFoundError
 from llama.training import DOCUMENT_SPLITS, encode_documents
@@ -39,21 +40,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window-bos", action="store_true", help="also start every window with BOS")
     p.add_argument("--max-tokens", type=int, help="score only the first N tokens of the text")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="weight dtype (default float32)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available (default auto)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="auto: cuda, then mps, then cpu (default auto)")
     p.add_argument("--quantize", choices=["none", "int8", "int4"], default="none", help="weight-only quantization while loading (default none)")
     p.add_argument("--group-size", type=int, default=128, help="int4 group size: 32, 64, 128 or 256 (default 128)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     try:
-        if args.threads is not None:
-            if args.threads < 1:
-                raise ValueError(f"--threads must be positive, got {args.threads}")
-            torch.set_num_threads(args.threads)
-        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                              "cpu" if args.device == "auto" else args.device)  # fmt: skip
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda requested, but no CUDA device is available")
+        set_threads(args.threads)
+        device = pick_device(args.device)
         text = Path(args.text_file).read_text(encoding="utf-8")
         tokenizer = llama.load_tokenizer(args.checkpoint)
         model = llama.load(args.checkpoint, dtype=args.dtype, device=device,

@@ -30,6 +30,7 @@ import torch
 
 import llama
 from llama.checkpoint import save_state_dict
+from llama.device import pick_device, set_threads
 from llama.tokenizer import TokenizerFormatError, TokenizerNotFoundError
 from llama.training import (DOCUMENT_SPLITS, STATE_FILE, TrainConfig, autocast_dtype, default_ffn_dim, encode_documents,
                             init_weights, plot_losses, text_files, train)  # fmt: skip
@@ -78,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop-at", type=int, help="pause after this step (state and checkpoint saved; finish later with --resume)")
     g.add_argument("--time-limit", type=float, help="pause after the step that passes this many seconds")
     g.add_argument("--save-dtype", choices=["bfloat16", "float32", "float16"], default="bfloat16", help="dtype of the exported checkpoint (default bfloat16)")
-    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available (default auto)")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="auto: cuda, then mps, then cpu (default auto)")
     g.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     g.add_argument("--compile", action="store_true", help="run the forward pass through torch.compile")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -121,14 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not 0 <= args.valid_fraction < 1:
             raise ValueError(f"--valid-fraction must be in [0, 1), got {args.valid_fraction}")
-        if args.threads is not None:
-            if args.threads < 1:
-                raise ValueError(f"--threads must be positive, got {args.threads}")
-            torch.set_num_threads(args.threads)
-        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                              "cpu" if args.device == "auto" else args.device)  # fmt: skip
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda requested, but no CUDA device is available")
+        set_threads(args.threads)
+        device = pick_device(args.device)
         config = TrainConfig(
             max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum, context=args.context,
             lr=args.lr, min_lr=args.lr / 10 if args.min_lr is None else args.min_lr,

@@ -1,0 +1,39 @@
+"""Where to run: the device and CPU threads that the scripts' --device and --threads ask for."""
+
+from __future__ import annotations
+
+import torch
+
+
+class DeviceError(ValueError):
+    """A requested device is not available, or a thread count is not positive."""
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """"auto" picks cuda, then mps, then cpu; a named device must be available."""
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if name == "auto":
+        return torch.device(next(d for d in ("cuda", "mps", "cpu") if available[d]))
+    if name not in available:
+        raise DeviceError(f"unknown device {name!r}; expected auto, {', '.join(available)}")
+    if not available[name]:
+        raise DeviceError(f"--device {name} requested, but no {name} device is available")
+    return torch.device(name)
+
+
+def set_threads(threads: int | None) -> None:
+    """Set torch's CPU threads (None: leave torch's choice)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise DeviceError(f"--threads must be positive, got {threads}")
+    torch.set_num_threads(threads)
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether bf16 matrix multiplies run natively: CUDA GPUs from Ampere on, CPUs with AVX-512 BF16 or AMX."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return False
