@@ -118,8 +118,9 @@ class FastAttention(nn.Module):
         self.wo = attention.wo
         self.cache = attention.cache
 
-    def forward(self, x, cos, sin, positions, mask) -> torch.Tensor:
-        """x: (B, T, D); cos, sin: (B, T, hd/2); positions: (B, T); mask: (B, 1, T, S) bool, True = attend."""
+    def forward(self, x, cos, sin, positions, mask, rows=None) -> torch.Tensor:
+        """x: (B, T, D); cos, sin: (B, T, hd/2); positions: (B, T); mask: (B, 1, T, S) bool, True = attend;
+        rows: (B,) cache rows, None for 0..B-1."""
         B, T, _ = x.shape
         if self.fused_qkv:
             q, k, v = self.wqkv(x).split(self.split_sizes, dim=-1)  # (B, T, H*hd), (B, T, Hkv*hd) x 2: views
@@ -132,8 +133,7 @@ class FastAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or Hkv, T, hd)
 
         if self.cache is not None:
-            k, v = self.cache.update(positions, k, v)  # (B, Hkv, S_max, hd)
-            k, v = k[:, :, : mask.shape[-1]], v[:, :, : mask.shape[-1]]  # (B, Hkv, S, hd)
+            k, v = self.cache.update(positions, k, v, mask.shape[-1], rows)  # (B, Hkv, S, hd)
 
         if self.sdpa:
             out = self._sdpa(q, k, v, mask)  # (B, H, T, hd)
@@ -188,6 +188,6 @@ class FusedNormBlock(nn.Module):
         self.attention_norm, self.attention = block.attention_norm, block.attention
         self.ffn_norm, self.feed_forward = block.ffn_norm, block.feed_forward
 
-    def forward(self, x, cos, sin, positions, mask) -> torch.Tensor:
-        h, normed = add_rms_norm(x, self.attention(self.attention_norm(x), cos, sin, positions, mask), self.ffn_norm)
+    def forward(self, x, cos, sin, positions, mask, rows=None) -> torch.Tensor:
+        h, normed = add_rms_norm(x, self.attention(self.attention_norm(x), cos, sin, positions, mask, rows), self.ffn_norm)
         return h + self.feed_forward(normed)

@@ -117,13 +117,21 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v: (B, Hkv, T, hd) at positions: (B, T); return the whole cache of these rows."""
-        B = k.shape[0]
-        index = positions[:, None, :, None].expand_as(k)  # (B, Hkv, T, hd)
-        self.k[:B].scatter_(2, index, k.to(self.k.dtype))
-        self.v[:B].scatter_(2, index, v.to(self.v.dtype))
-        return self.k[:B], self.v[:B]
+    def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int,
+               rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v: (B, Hkv, T, hd) at positions: (B, T) of cache rows `rows` (B,) (default: rows
+        0..B-1); return keys and values of positions 0..length-1 of those rows: (B, Hkv, length, hd)."""
+        if rows is None:
+            B = k.shape[0]
+            index = positions[:, None, :, None].expand_as(k)  # (B, Hkv, T, hd)
+            self.k[:B].scatter_(2, index, k.to(self.k.dtype))
+            self.v[:B].scatter_(2, index, v.to(self.v.dtype))
+            return self.k[:B, :, :length], self.v[:B, :, :length]  # views, no copy
+        # Rows picked out of a larger pool (a server's slots): index_put_ writes in place; reading
+        # them back gathers a copy, of just the positions attended to.
+        self.k[rows[:, None], :, positions] = k.transpose(1, 2).to(self.k.dtype)  # target (B, T, Hkv, hd)
+        self.v[rows[:, None], :, positions] = v.transpose(1, 2).to(self.v.dtype)
+        return self.k[rows, :, :length], self.v[rows, :, :length]
 
 
 class Attention(nn.Module):
@@ -142,8 +150,9 @@ class Attention(nn.Module):
         self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
         self.cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, positions, mask) -> torch.Tensor:
-        """x: (B, T, D); cos, sin: (B, T, hd/2); positions: (B, T); mask: (B, 1, T, S) bool, True = attend."""
+    def forward(self, x, cos, sin, positions, mask, rows=None) -> torch.Tensor:
+        """x: (B, T, D); cos, sin: (B, T, hd/2); positions: (B, T); mask: (B, 1, T, S) bool, True = attend;
+        rows: (B,) cache rows of the batch rows, None for rows 0..B-1."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, hd)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, hd)
@@ -152,8 +161,7 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or Hkv, T, hd)
 
         if self.cache is not None:
-            k, v = self.cache.update(positions, k, v)  # (B, Hkv, S_max, hd)
-            k, v = k[:, :, : mask.shape[-1]], v[:, :, : mask.shape[-1]]  # (B, Hkv, S, hd)
+            k, v = self.cache.update(positions, k, v, mask.shape[-1], rows)  # (B, Hkv, S, hd)
 
         n_rep = self.n_heads // self.n_kv_heads
         k = k.repeat_interleave(n_rep, dim=1)  # (B, H, S, hd): query head h reads kv head h // n_rep
@@ -188,8 +196,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.feed_forward = FeedForward(config.dim, config.ffn_dim)
 
-    def forward(self, x, cos, sin, positions, mask) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, positions, mask)
+    def forward(self, x, cos, sin, positions, mask, rows=None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, positions, mask, rows)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -236,28 +244,45 @@ class Transformer(nn.Module):
 
     # ---- the forward pass --------------------------------------------------------------------------
 
-    def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor = 0) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor = 0, *,
+                cache_rows: torch.Tensor | None = None, kv_len: int | None = None) -> torch.Tensor:
         """tokens: (B, T) int64 -> logits: (B, T, V) float32.
 
         Without a cache this is the plain causal forward over the T tokens (start_pos must be 0).
         With a cache (setup_cache), the tokens of row b sit at positions start_pos[b] .. + T - 1
         (start_pos: an int shared by all rows, or a (B,) tensor), and attend to everything the cache
-        holds before them.
+        holds before them. Two options for callers that drive the cache themselves:
+
+        cache_rows: (B,) int64, the cache row of each batch row (default: rows 0..B-1). A server
+            keeps one request per cache row and runs any subset of them.
+        kv_len: attend to cache positions 0..kv_len-1 instead of 0..max(position). The masked
+            result is the same; what changes is that no shape depends on the values in start_pos,
+            so torch.compile can capture the decode step as one graph (no check reads the
+            positions either: the caller keeps them below kv_len).
         """
         B, T = tokens.shape
         cache = self.cache_size
         starts = torch.as_tensor(start_pos, dtype=torch.long, device=tokens.device).expand(B)  # (B,)
         positions = starts[:, None] + torch.arange(T, device=tokens.device)  # (B, T)
         if cache is None:
+            if kv_len is not None or cache_rows is not None:
+                raise ValueError("kv_len and cache_rows need a KV cache; call setup_cache() first")
             if bool((starts != 0).any()):
                 raise ValueError(f"start_pos {start_pos} needs a KV cache; call setup_cache() first")
             seq_len = T
+        elif kv_len is not None:
+            if not 0 < kv_len <= cache[1]:
+                raise ValueError(f"kv_len {kv_len} is outside the KV cache's 1..{cache[1]} positions")
+            if self.config.rope_scaling is not None and self.config.rope_scaling.kind == "dynamic":
+                raise ValueError("kv_len cannot be used with dynamic NTK scaling, whose frequencies depend on the positions")
+            seq_len = kv_len
         else:
             seq_len = int(positions.max()) + 1
-            if B > cache[0] or seq_len > cache[1]:
+            rows = B if cache_rows is None else int(cache_rows.max()) + 1
+            if rows > cache[0] or seq_len > cache[1]:
                 raise ValueError(
-                    f"batch {B} with positions up to {seq_len} does not fit the KV cache of "
-                    f"{cache[0]} rows x {cache[1]} positions"
+                    f"{B} rows (cache rows up to {rows - 1}) at positions up to {seq_len - 1} do not fit "
+                    f"the KV cache of {cache[0]} rows x {cache[1]} positions"
                 )
 
         # The mask. Query row i of sequence b sits at position positions[b, i] and may attend to key
@@ -279,6 +304,6 @@ class Transformer(nn.Module):
 
         h = self.tok_embeddings(tokens)  # (B, T, D)
         for layer in self.layers:
-            h = layer(h, cos, sin, positions, mask)
+            h = layer(h, cos, sin, positions, mask, cache_rows)
         h = self.norm(h)
         return self.output(h).float()  # (B, T, V)

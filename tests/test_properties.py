@@ -7,6 +7,8 @@ heads, RMSNorm ignores scale, and rows of a batch never see each other.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -144,6 +146,37 @@ def test_ragged_rows_match_each_row_decoded_alone(config, seed, data):
             torch.testing.assert_close(out[b], alone[b][s : s + step_len], rtol=RTOL, atol=ATOL)
         starts = starts + step_len
     model.clear_cache()
+
+
+@PROPERTY
+@given(config=configs(), seed=st.integers(0, 2**16), data=st.data())
+@torch.no_grad()
+def test_cache_rows_and_kv_len_give_the_same_logits(config, seed, data):
+    """Sequences kept in arbitrary rows of a larger cache (a server's slots), prefilled one at a time
+    and decoded together, attending to a fixed kv_len (compiled decoding): the full forward's logits."""
+    model = random_model(config, seed)
+    B = data.draw(st.integers(1, 3), label="batch")
+    pool = data.draw(st.integers(B, 5), label="cache rows")
+    rows = torch.tensor(data.draw(st.permutations(range(pool)), label="row order")[:B])
+    T = data.draw(st.integers(2, 16), label="tokens")
+    prompt = data.draw(st.integers(1, T - 1), label="prompt length")
+    kv_len = data.draw(st.integers(T, 24), label="kv_len")
+    tokens = torch.randint(0, config.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+    full = model(tokens)  # (B, T, V)
+
+    model.setup_cache(pool, 24)
+    fill_all_with_garbage(model)
+    pieces = [torch.cat([model(tokens[b : b + 1, :prompt], 0, cache_rows=rows[b : b + 1]) for b in range(B)])]
+    for pos in range(prompt, T):
+        pieces.append(model(tokens[:, pos : pos + 1], torch.full((B,), pos), cache_rows=rows, kv_len=kv_len))
+    model.clear_cache()
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=RTOL, atol=ATOL)
+
+
+def fill_all_with_garbage(model: Transformer) -> None:
+    for layer in model.layers:
+        layer.attention.cache.k.normal_(0, 1e3)
+        layer.attention.cache.v.normal_(0, 1e3)
 
 
 def fill_with_garbage(model: Transformer, row: int, start: int) -> None:
@@ -340,3 +373,29 @@ def test_batch_rows_are_independent(config, seed, data):
     changed = torch.randint(0, config.vocab_size, (B, T), generator=gen)
     changed[i] = tokens[i]
     torch.testing.assert_close(model(changed)[i], batched[i], rtol=RTOL, atol=ATOL)
+
+
+# ---- misuse of the cache arguments --------------------------------------------------------------------
+
+
+def test_cache_arguments_are_checked():
+    import pytest
+
+    config = ModelConfig(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=17, ffn_dim=16, max_seq_len=64)
+    model = random_model(config, 0)
+    tokens = torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="start_pos 4 needs a KV cache"):
+        model(tokens, 4)
+    with pytest.raises(ValueError, match="kv_len and cache_rows need a KV cache"):
+        model(tokens, kv_len=8)
+    model.setup_cache(2, 8)
+    with pytest.raises(ValueError, match="kv_len 9 is outside the KV cache's 1..8 positions"):
+        model(tokens, kv_len=9)
+    with pytest.raises(ValueError, match=r"positions up to 8 do not fit the KV cache of 2 rows x 8 positions"):
+        model(tokens, 6)
+    with pytest.raises(ValueError, match=r"cache rows up to 2\)"):
+        model(tokens, 0, cache_rows=torch.tensor([0, 2]))
+    dynamic = random_model(dataclasses.replace(config, rope_scaling=RopeScaling("dynamic", 2.0, original_max_seq_len=32)), 0)
+    dynamic.setup_cache(1, 8)
+    with pytest.raises(ValueError, match="dynamic NTK"):
+        dynamic(tokens[:1], kv_len=8)
