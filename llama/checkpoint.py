@@ -86,13 +86,15 @@ def load(
     progress: bool | None = None,
     quantize: str | None = None,
     group_size: int = 128,
+    quantize_output: bool = True,
 ) -> Transformer:
     """Load a Meta or Hugging Face checkpoint directory; returns the model in eval mode.
 
     dtype: float32, bfloat16 or float16 (default: the dtype the weights are stored in).
     progress: show a progress bar (default: for checkpoints over 1 GB when stderr is a terminal).
     quantize: None, "int8" or "int4" (groups of group_size): each linear of the blocks is quantized
-    as it is read (see llama/quantize.py). A checkpoint written by llama.quantize.save_quantized
+    as it is read (see llama/quantize.py), and so is the output projection unless quantize_output is
+    False (a tied one as a quantized copy). A checkpoint written by llama.quantize.save_quantized
     loads already quantized, and then quantize must be None or its own mode.
     """
     from . import quantize as q
@@ -114,7 +116,11 @@ def load(
         dtype = dtype or ckpt.dtype("tok_embeddings.weight")
         # Quantized modules replace the linears on the meta device; each weight is quantized as it
         # is read, so the float model never exists in memory as a whole.
-        quantized = set(q.swap_linears(model, quantize, group_size, dtype=dtype, fill=False) if quantize else [])
+        quantized = set(q.swap_linears(model, quantize, group_size, quantize_output, dtype, fill=False) if quantize else [])
+        if config.tie_word_embeddings and "output" in quantized:
+            quantized_copies = {"tok_embeddings.weight": "output"}  # quantize the embedding table once more
+        else:
+            quantized_copies = {}
         shapes = ckpt.shapes()
         total = sum(torch.Size(shapes[n]).numel() * dtype.itemsize for n in names)
         if progress is None:
@@ -130,6 +136,10 @@ def load(
             tensor = ckpt.read(name, dtype)
             if bar is not None:
                 bar.update(tensor.nbytes)
+            if name in quantized_copies:
+                layer = model.get_submodule(quantized_copies[name])
+                layer.load_quantized(tensor.to(device))
+                state.update({f"{quantized_copies[name]}.{n}": b for n, b in layer.named_buffers()})
             module = name.removesuffix(".weight")
             if module in quantized:
                 layer = model.get_submodule(module)
@@ -142,15 +152,16 @@ def load(
     finally:
         ckpt.close()
 
-    if config.tie_word_embeddings:
+    tied = config.tie_word_embeddings and "output" not in quantized
+    if tied:
         state["output.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, strict=True, assign=True)
-    if config.tie_word_embeddings:
+    if tied:
         model.output.weight = model.tok_embeddings.weight  # one Parameter again, as in __init__
     model.rope_freqs = model.rope_freqs.to(device)
     model.stop_tokens = checkpoint_stop_tokens(path)
     if quantize:
-        model.quantization = {"mode": quantize, "group_size": group_size, "include_output": False}
+        model.quantization = {"mode": quantize, "group_size": group_size, "include_output": "output" in quantized}
         q.prepare_kernels(model)
     return model.eval()
 

@@ -100,3 +100,15 @@ def perplexity(
     if bar is not None:
         bar.close()
     return PerplexityResult(math.exp(nll_sum / count), nll_sum, count, context_len, stride, bos_id is not None, len(starts))
+
+
+def bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes of weights read to decode one token: every matrix once (quantized ones at their stored
+    size, scales included), not the embedding table, of which one row per token is read, unless the
+    output projection is that same table. Decoding speed x this = achieved memory bandwidth."""
+    tensors = {t.data_ptr(): t for t in model.state_dict().values()}  # a tied output is the embedding
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    embedding = model.tok_embeddings.weight
+    if getattr(model.output, "weight", None) is not embedding:
+        total -= embedding.numel() * embedding.element_size()
+    return total

@@ -110,12 +110,14 @@ def stream(
     stop_tokens: Iterable[int] | None = None,
     stop_strings: Sequence[str] | None = None,
     tokenizer=None,
+    compile: bool = False,
 ) -> Iterator[list[Token]]:
     """Generate step by step: yields, after each forward pass, the new tokens of the rows still
     running. A row stops at one of `stop_tokens` (not yielded), after `max_new_tokens`, or once its
     text contains one of `stop_strings` (needs `tokenizer`; the completing token is yielded).
 
-    The KV cache is set up for this call and removed at the end.
+    The KV cache is set up for this call and removed at the end. With compile=True the decode step
+    runs through torch.compile (see compiled_decode_step) and the cache is kept for the next call.
     """
     params = SamplingParams(temperature, top_p, top_k, min_p, repetition_penalty)
     prompts = [_token_ids(p, i, model.config.vocab_size) for i, p in enumerate(prompt_tokens)]
@@ -136,7 +138,9 @@ def stream(
         stop_tokens = getattr(model, "stop_tokens", ())
     stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long)
     # Checked now, run lazily: a bad request fails at the call, not at the first next().
-    return _decode_loop(model, prompts, max_new_tokens, params, seed, stop, stop_strings, tokenizer)
+    if compile and model.config.rope_scaling is not None and model.config.rope_scaling.kind == "dynamic":
+        raise GenerationError("compile=True does not support dynamic NTK RoPE scaling (its frequencies change with the length)")
+    return _decode_loop(model, prompts, max_new_tokens, params, seed, stop, stop_strings, tokenizer, compile)
 
 
 def _token_ids(prompt, index: int, vocab: int) -> list[int]:
@@ -155,7 +159,7 @@ def _token_ids(prompt, index: int, vocab: int) -> list[int]:
     return ids
 
 
-def _decode_loop(model, prompts, max_new_tokens, params, seed, stop, stop_strings, tokenizer) -> Iterator[list[Token]]:
+def _decode_loop(model, prompts, max_new_tokens, params, seed, stop, stop_strings, tokenizer, compile=False) -> Iterator[list[Token]]:
     if not prompts or max_new_tokens == 0:
         return
     longest = max(len(p) for p in prompts)
@@ -177,7 +181,11 @@ def _decode_loop(model, prompts, max_new_tokens, params, seed, stop, stop_string
     texts = [[] for _ in range(B)] if stop_strings else None
     running = torch.ones(B, dtype=torch.bool, device=device)
 
-    model.setup_cache(B, longest + max_new_tokens)
+    if compile:
+        kv_len = static_cache(model, B, longest + max_new_tokens)
+        step_fn = compiled_decode_step(model)
+    else:
+        model.setup_cache(B, longest + max_new_tokens)
     try:
         with torch.inference_mode():
             logits = model(padded, 0)  # (B, T, V)
@@ -205,10 +213,68 @@ def _decode_loop(model, prompts, max_new_tokens, params, seed, stop, stop_string
                 if step == max_new_tokens - 1 or not running.any():
                     break
                 seen[torch.arange(B, device=device), token] = True
-                logits = model(token[:, None], positions)[:, -1]  # (B, V)
+                if compile:
+                    logits = step_fn(model, token, positions, kv_len).clone()  # (B, V); see compiled_decode_step
+                else:
+                    logits = model(token[:, None], positions)[:, -1]  # (B, V)
                 positions += 1
     finally:
-        model.clear_cache()
+        if not compile:
+            model.clear_cache()
+
+
+# ---- the compiled decode step ---------------------------------------------------------------------
+#
+# Decoding one token runs the whole model for a (B, 1) input. In eager mode each of its few hundred
+# small ops costs Python and dispatch time; torch.compile traces the step once into one graph, fuses
+# the elementwise work (norms, RoPE, SwiGLU) and calls the matmuls directly. Two things make the step
+# traceable without graph breaks or recompiles:
+# - a static cache: preallocated once, at a length rounded up to CACHE_BUCKET positions, and kept
+#   between calls (a new cache would be a new module to guard on, so a new compilation);
+# - kv_len: the step attends to all kv_len cache positions, masked, instead of 0..max(position), so
+#   no shape depends on the positions' values.
+
+
+CACHE_BUCKET = 256
+
+
+def decode_step(model: Transformer, token: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """token: (B,) int64 at positions: (B,) -> next-token logits (B, V) float32."""
+    return model(token[:, None], positions, kv_len=kv_len)[:, -1]
+
+
+def compiled_decode_step(model: Transformer, **options):
+    """decode_step compiled with torch.compile(fullgraph=True) for this model, made once and kept on
+    the model. The first call compiles (tens of seconds for a 1B model on a CPU); a call with another
+    batch size or kv_len compiles once more, then dynamo treats the changed sizes as symbolic. options go to torch.compile (e.g. mode="reduce-overhead" for CUDA graphs, whose
+    outputs are overwritten by the next call: callers clone what they keep)."""
+    fn = getattr(model, "_compiled_decode_step", None)
+    if fn is None:
+        fn = torch.compile(decode_step, fullgraph=True, **options)
+        model._compiled_decode_step = fn
+    return fn
+
+
+def static_cache(model: Transformer, batch_size: int, length: int) -> int:
+    """Make sure the model has a KV cache of batch_size rows and at least `length` positions, reusing
+    the present one if its shape fits; returns its length (the kv_len to decode with)."""
+    length = min(-(-length // CACHE_BUCKET) * CACHE_BUCKET, model.config.max_seq_len)
+    if model.cache_size is None or model.cache_size[0] != batch_size or model.cache_size[1] < length:
+        model.setup_cache(batch_size, length)
+    return model.cache_size[1]
+
+
+def warm_up(model: Transformer, batch_size: int, length: int) -> None:
+    """Compile the decode step for this batch size and cache length now (by running it once), so that
+    the first generated tokens do not pay for it. Writes only cache slots a prefill overwrites."""
+    kv_len = static_cache(model, batch_size, length)
+    device = model.tok_embeddings.weight.device
+    # Inputs made as _decode_loop makes them (inference tensors, not aliased): anything else is a
+    # different guard, so a second compilation.
+    with torch.inference_mode():
+        token = torch.zeros(batch_size, dtype=torch.long, device=device)
+        positions = torch.zeros(batch_size, dtype=torch.long, device=device)
+        compiled_decode_step(model)(model, token, positions, kv_len)
 
 
 def generate(
@@ -226,6 +292,7 @@ def generate(
     stop_strings: Sequence[str] | None = None,
     tokenizer=None,
     logprobs: bool = False,
+    compile: bool = False,
 ) -> list[list[int]] | tuple[list[list[int]], list[list[float]]]:
     """New tokens for each prompt (a list of token-id lists), without the stop token.
 
@@ -238,7 +305,7 @@ def generate(
     for step in stream(
         model, prompt_tokens, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
         repetition_penalty=repetition_penalty, seed=seed, stop_tokens=stop_tokens, stop_strings=stop_strings,
-        tokenizer=tokenizer,
+        tokenizer=tokenizer, compile=compile,
     ):  # fmt: skip
         for t in step:
             tokens[t.row].append(t.id)

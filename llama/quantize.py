@@ -29,10 +29,14 @@ float32/bfloat16/float16), False never. Otherwise a pure-PyTorch fallback dequan
 calls F.linear. The two are tested against each other. CUDA runs the fallback (torch's CUDA int4
 kernel wants another packing; not wired up).
 
-Which layers: wq wk wv wo w1 w2 w3 of every block, plus `output` when asked (include_output) and not
-tied to the embedding (a tied output shares the embedding table, which stays in float; quantizing a
-copy would add memory rather than save it). The embedding and the norms always stay in float. For
-int4, a layer whose K is not a multiple of G stays unquantized.
+Which layers: wq wk wv wo w1 w2 w3 of every block, and the `output` projection unless
+include_output=False (gpt-fast and llama.cpp quantize it too). It is the largest single matrix of a
+small model (Llama 3.2 1B: 128256 x 2048, a fifth of all weights) and is read in full for every
+token. When it is tied to the embedding (Llama 3.2), quantizing it makes a quantized copy: the
+embedding keeps the float table for its lookups (one row per token), so memory grows by the copy
+(int8: +0.26 GB for the 1B model) while each decoded token reads 2x (int8) or ~4x (int4) fewer bytes
+of it. The embedding and the norms always stay in float. For int4, a layer whose K is not a
+multiple of G stays unquantized.
 
 A quantized checkpoint is config.json (the HF config plus a "quantization" entry: mode, group_size,
 include_output) and model.safetensors holding the modules' state dicts in Meta's names and row order
@@ -193,6 +197,8 @@ class Int4Linear(nn.Module):
         return ((q - 8) * sz[..., :1] + sz[..., 1:]).view(N, K)
 
     def _kernel_weight(self) -> torch.Tensor:
+        if self._packed is not None and torch.compiler.is_compiling():
+            return self._packed[1]  # the key below reads tensor metadata a graph cannot guard on
         key = (id(self.weight), self.weight._version, self.weight.device)
         if self._packed is None or self._packed[0] != key:
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(self.weight), 1)
@@ -226,10 +232,10 @@ def prepare_kernels(model: nn.Module) -> None:
 # ---- swapping modules ----------------------------------------------------------------------------
 
 
-def target_names(model: nn.Module, include_output: bool = False) -> list[str]:
+def target_names(model: nn.Module, include_output: bool = True) -> list[str]:
     """Names of the nn.Linear modules quantize_model would replace."""
     names = [f"layers.{i}.{n}" for i in range(len(model.layers)) for n in BLOCK_LINEARS]
-    if include_output and not model.config.tie_word_embeddings:
+    if include_output:
         names.append("output")
     return names
 
@@ -243,7 +249,7 @@ def _empty_quantized(linear: nn.Linear, mode: str, group_size: int, dtype) -> nn
     return Int4Linear(linear.in_features, linear.out_features, group_size, dtype, device)
 
 
-def swap_linears(model: nn.Module, mode: str, group_size: int = 128, include_output: bool = False,
+def swap_linears(model: nn.Module, mode: str, group_size: int = 128, include_output: bool = True,
                  dtype=None, fill: bool = True) -> list[str]:
     """Replace the target nn.Linear modules in place; returns the names replaced.
 
@@ -268,8 +274,9 @@ def swap_linears(model: nn.Module, mode: str, group_size: int = 128, include_out
     return swapped
 
 
-def quantize_model(model: nn.Module, mode: str = "int8", group_size: int = 128, *, include_output: bool = False) -> nn.Module:
-    """Quantize the block linears (and `output` with include_output, unless tied) in place.
+def quantize_model(model: nn.Module, mode: str = "int8", group_size: int = 128, *, include_output: bool = True) -> nn.Module:
+    """Quantize the block linears and, with include_output, the output projection in place (a tied
+    one gets its own quantized copy; see the module docstring).
 
     mode: "int8" (per output channel) or "int4" (groups of group_size in 32, 64, 128, 256).
     Scales keep the model's dtype. Returns the model.
@@ -298,8 +305,8 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, *, tokenizer_from:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {n: t.detach().cpu() for n, t in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        state.pop("output.weight", None)
+    if model.config.tie_word_embeddings and not info.get("include_output"):
+        state.pop("output.weight", None)  # the embedding itself
     dtype = str(model.tok_embeddings.weight.dtype).removeprefix("torch.")
     config = model.config.to_hf(dtype) | {"quantization": info}
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
@@ -347,8 +354,9 @@ def load_quantized(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
     file = SafetensorsFile(path / "model.safetensors")
     dtype = dtype or file.dtype("tok_embeddings.weight")
     model = meta_model(config)
+    tied = config.tie_word_embeddings and not info.get("include_output", False)  # output still the embedding
     swap_linears(model, info["mode"], info.get("group_size", 128), info.get("include_output", False), dtype, fill=False)
-    expected = {n: t for n, t in model.state_dict().items() if not (config.tie_word_embeddings and n == "output.weight")}
+    expected = {n: t for n, t in model.state_dict().items() if not (tied and n == "output.weight")}
     found = set(file.names())
     missing, unexpected = [n for n in expected if n not in found], [n for n in found if n not in expected]
     if missing or unexpected:
@@ -361,10 +369,10 @@ def load_quantized(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
         tensor = file.read(name)
         tensor = tensor.to(dtype) if tensor.is_floating_point() else tensor
         state[name] = tensor.to(device)
-    if config.tie_word_embeddings:
+    if tied:
         state["output.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, strict=True, assign=True)
-    if config.tie_word_embeddings:
+    if tied:
         model.output.weight = model.tok_embeddings.weight
     model.rope_freqs = model.rope_freqs.to(device)
     model.stop_tokens = checkpoint_stop_tokens(path)

@@ -18,9 +18,11 @@ from pathlib import Path
 
 import torch
 
+import kernels
 import llama
 import weights
-from llama.generation import GenerationError, SamplingParams, stream
+from llama.evaluate import bytes_per_token
+from llama.generation import GenerationError, SamplingParams, stream, warm_up
 from llama.tokenizer import ChatFormatError, TokenizerFormatError, TokenizerNotFoundError
 from llama.device import DeviceError, bf16_supported, pick_device
 
@@ -72,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=128,
                    help="int4 group size: 32, 64, 128 or 256; layers whose input width it does not divide stay "
                         "unquantized (default 128)")
+    p.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True,
+                   help="swap in the fused modules and native matrix-vector kernels of kernels/ "
+                        "(--no-kernels runs the plain reference model of llama/model.py; default on)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decode step with torch.compile (static KV cache; the first compilation "
+                        "takes tens of seconds to minutes and is reported; default off)")
     return p
 
 
@@ -87,16 +95,6 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if bf16_supported(device):
         return torch.bfloat16
     return torch.float16 if device.type in ("cuda", "mps") else torch.float32
-
-
-def weight_bytes(model: llama.Transformer) -> int:
-    """Bytes of weights read to decode one token: all matrices, not the embedding table (one row of it
-    is read), unless the output layer shares it. Counts quantized weights (buffers) at their size."""
-    tensors = {t.data_ptr(): t for t in model.state_dict().values()}  # a tied output is the embedding
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    if not model.config.tie_word_embeddings:
-        total -= model.tok_embeddings.weight.numel() * model.tok_embeddings.weight.element_size()
-    return total
 
 
 def peak_memory(device: torch.device) -> str:
@@ -124,7 +122,7 @@ def run_once(llm: llama.Llama, prompt_ids: list[int], n_new: int, args, seed, de
     for step in stream(llm.model, [prompt_ids], n_new, temperature=args.temperature,
                        top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                        repetition_penalty=args.repetition_penalty, seed=seed,
-                       stop_tokens=llm.tokenizer.stop_tokens):
+                       stop_tokens=llm.tokenizer.stop_tokens, compile=args.compile):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if first is None:
@@ -141,10 +139,17 @@ def run_once(llm: llama.Llama, prompt_ids: list[int], n_new: int, args, seed, de
     print(
         f"[{len(prompt_ids)} prompt tokens, {len(ids)} generated | time to first token {ttft:.2f} s | "
         f"prefill {len(prompt_ids) / ttft:.1f} tok/s | decode {decode_rate:.2f} tok/s | "
-        f"weights {weight_bytes(llm.model) * decode_rate / 1e9:.1f} GB/s | peak memory {peak_memory(device)}]",
+        f"weights {bytes_per_token(llm.model) * decode_rate / 1e9:.1f} GB/s | peak memory {peak_memory(device)}]",
         file=sys.stderr,
     )
     return ids
+
+
+def compile_now(model: llama.Transformer, length: int) -> None:
+    """Compile the decode step for a cache of `length` positions before generating, and say how long it took."""
+    started = time.perf_counter()
+    warm_up(model, 1, length)
+    print(f"[compiled the decode step in {time.perf_counter() - started:.1f} s]", file=sys.stderr)
 
 
 def interactive(llm: llama.Llama, args, device) -> None:
@@ -208,7 +213,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{_count(llm.model.config.n_params)} parameters, {str(dtype).removeprefix('torch.')}, {device}"
               f"{', ' + mode['mode'] + ' weights' if mode else ''}]",
               file=sys.stderr)
+        if args.kernels:
+            quantized = mode is not None  # fusing stacks nn.Linear weights; quantized layers keep theirs
+            kernels.optimize(model, fuse_qkv=not quantized, fuse_gate_up=not quantized)
         if args.interactive:
+            if args.compile:
+                compile_now(model, 1)
             interactive(llm, args, device)
             return 0
         if args.chat:
@@ -221,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         if len(prompt_ids) + n_new > context:
             raise GenerationError(f"the prompt ({len(prompt_ids)} tokens) plus {n_new} new tokens "
                                   f"exceeds the model's context of {context} tokens")
+        if args.compile:
+            compile_now(model, len(prompt_ids) + n_new)
         if not args.chat:
             sys.stdout.write(prompt)
         for i in range(args.num_samples):

@@ -188,7 +188,8 @@ def test_load_quantize_matches_quantize_model_and_float(checkpoint, mode, bound)
     assert rel_err(out, ref) < bound
     kind = Int8Linear if mode == "int8" else Int4Linear
     assert all(isinstance(layer.feed_forward.w2, kind) and isinstance(layer.attention.wq, kind) for layer in loaded.layers)
-    assert isinstance(loaded.output, nn.Linear) and isinstance(loaded.tok_embeddings, nn.Embedding)
+    assert isinstance(loaded.output, kind) and isinstance(loaded.tok_embeddings, nn.Embedding)
+    assert loaded.quantization["include_output"]
 
 
 def test_int4_leaves_layers_that_do_not_fit_the_group_size(checkpoint):
@@ -201,10 +202,17 @@ def test_int4_leaves_layers_that_do_not_fit_the_group_size(checkpoint):
 
 def test_include_output_and_tied_output():
     torch.manual_seed(0)
-    model = quantize_model(Transformer(CONFIG), "int8", include_output=True)
+    model = quantize_model(Transformer(CONFIG), "int8")
     assert isinstance(model.output, Int8Linear)
-    tied = quantize_model(Transformer(CONFIG.replace(tie_word_embeddings=True)), "int8", include_output=True)
-    assert tied.output.weight is tied.tok_embeddings.weight  # a tied output stays with the embedding
+    assert isinstance(quantize_model(Transformer(CONFIG), "int8", include_output=False).output, nn.Linear)
+    tied = Transformer(CONFIG.replace(tie_word_embeddings=True))
+    embedding = tied.tok_embeddings.weight.detach().clone()
+    quantize_model(tied, "int8")
+    # A quantized copy of the shared table; the embedding keeps the float one for its lookups.
+    assert isinstance(tied.output, Int8Linear) and torch.equal(tied.tok_embeddings.weight, embedding)
+    assert rel_err(tied.output.weight.float() * tied.output.scales[:, None], embedding) < 0.01
+    kept = quantize_model(Transformer(CONFIG.replace(tie_word_embeddings=True)), "int8", include_output=False)
+    assert kept.output.weight is kept.tok_embeddings.weight
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
@@ -221,18 +229,32 @@ def test_save_load_round_trip_gives_identical_logits(checkpoint, tmp_path, mode,
     if mode == "int4" and dtype == "bfloat16":  # the kernel's packing is made while loading
         assert all(m._packed is not None for m in again.modules() if isinstance(m, Int4Linear))
     int_bytes = sum(t.nbytes for t in again.buffers() if not t.is_floating_point())
-    n_weights = sum(p.numel() for n, p in Transformer(CONFIG).named_parameters() if "attention.w" in n or "forward.w" in n)
+    n_weights = sum(p.numel() for n, p in Transformer(CONFIG).named_parameters() if "attention.w" in n or "forward.w" in n or n == "output.weight")
     assert int_bytes == n_weights // (1 if mode == "int8" else 2)  # one byte, or half a byte, per weight
 
 
-def test_tied_checkpoint_round_trip(tmp_path):
+@pytest.mark.parametrize("include_output", [True, False])
+def test_tied_checkpoint_round_trip(tmp_path, include_output):
     torch.manual_seed(0)
-    model = quantize_model(Transformer(CONFIG.replace(tie_word_embeddings=True)), "int8")
+    model = quantize_model(Transformer(CONFIG.replace(tie_word_embeddings=True)), "int8", include_output=include_output)
     save_quantized(model.eval(), tmp_path)
     again = llama.load(tmp_path)
-    assert again.output.weight is again.tok_embeddings.weight
+    assert (again.output.weight is again.tok_embeddings.weight) == (not include_output)
     with torch.no_grad():
         assert torch.equal(again(tokens()), model(tokens()))
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_tied_checkpoint_quantized_while_loading(tmp_path, mode):
+    torch.manual_seed(0)
+    model = Transformer(CONFIG.replace(tie_word_embeddings=True))
+    llama.save(model, tmp_path)
+    loaded = llama.load(tmp_path, dtype="float32", quantize=mode, group_size=32)
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens()), quantize_model(model, mode, group_size=32)(tokens()))
+    assert loaded.quantization["include_output"] and not isinstance(loaded.output, nn.Linear)
+    plain = llama.load(tmp_path, dtype="float32", quantize=mode, group_size=32, quantize_output=False)
+    assert plain.output.weight is plain.tok_embeddings.weight
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
