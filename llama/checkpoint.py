@@ -7,6 +7,7 @@ tensors are read one at a time, each straight into its final dtype and device.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 from pathlib import Path
@@ -145,6 +146,8 @@ def load(
                 layer = model.get_submodule(module)
                 layer.load_quantized(tensor.to(device))
                 state.update({f"{module}.{n}": b for n, b in layer.named_buffers()})
+                del tensor
+                release_freed_memory()
                 continue
             state[name] = tensor.to(device) if device.type != "cpu" else tensor
         if bar is not None:
@@ -164,6 +167,28 @@ def load(
         model.quantization = {"mode": quantize, "group_size": group_size, "include_output": "output" in quantized}
         q.prepare_kernels(model)
     return model.eval()
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by the C allocator back to the OS (glibc's malloc_trim; elsewhere nothing).
+
+    Quantizing while loading frees each float weight right after quantizing it, but glibc keeps
+    freed blocks of a few MB in its heap for reuse, and the mix of sizes (float weights, int8/int4
+    results, temporaries) fragments it: without this, loading the 1B model as int8 peaked at 3.2 GB
+    resident for 1.8 GB of weights; with it, at about 1.2x the quantized size.
+    """
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL("libc.so.6")
+            _libc.malloc_trim  # noqa: B018 (raises AttributeError if absent)
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc:
+        _libc.malloc_trim(0)
+
+
+_libc = None
 
 
 def checkpoint_stop_tokens(path: str | os.PathLike) -> frozenset[int]:

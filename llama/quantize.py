@@ -86,11 +86,23 @@ def check_mode(mode: str, group_size: int = 128) -> None:
 # ---- int8 ----------------------------------------------------------------------------------------
 
 
+CHUNK = 1 << 22  # weights quantized at a time: float32 temporaries stay ~16 MB each, not 4 bytes x N x K
+
+
+def _row_chunks(w: torch.Tensor):
+    """Slices of whole rows of w: (N, K) holding about CHUNK elements each."""
+    rows = max(1, CHUNK // max(1, w.shape[1]))
+    return [slice(i, i + rows) for i in range(0, w.shape[0], rows)]
+
+
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w: (N, K) float -> (q: (N, K) int8, scales: (N,) float32), w ~ q * scales[:, None]."""
-    w = w.float()
-    scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)  # an all-zero row gets q = 0
-    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scales = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    for rows in _row_chunks(w):
+        chunk = w[rows].float()
+        scales[rows] = (chunk.abs().amax(dim=1) / 127).clamp(min=1e-12)  # an all-zero row gets q = 0
+        q[rows] = torch.round(chunk / scales[rows, None]).clamp(-127, 127).to(torch.int8)
     return q, scales
 
 
@@ -133,15 +145,17 @@ class Int8Linear(nn.Module):
 
 
 def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """w: (N, K) float -> (q: (N, K) int32 in [0, 15], scales_and_zeros: (K/G, N, 2) float32)."""
+    """w: (N, K) float -> (q: (N, K) uint8 in [0, 15], scales_and_zeros: (K/G, N, 2) float32)."""
     N, K = w.shape
-    groups = w.float().view(N, K // group_size, group_size)  # (N, K/G, G)
-    lo, hi = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)  # (N, K/G, 1)
-    scales = ((hi - lo) / 15).clamp(min=1e-6)
-    zeros = lo + 8 * scales
-    q = torch.round((groups - lo) / scales).clamp(0, 15).to(torch.int32).view(N, K)
-    sz = torch.cat([scales, zeros], dim=-1).transpose(0, 1).contiguous()  # (K/G, N, 2)
-    return q, sz
+    q = torch.empty(N, K, dtype=torch.uint8, device=w.device)
+    sz = torch.empty(N, K // group_size, 2, dtype=torch.float32, device=w.device)
+    for rows in _row_chunks(w):
+        groups = w[rows].float().view(-1, K // group_size, group_size)  # (n, K/G, G)
+        lo, hi = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)  # (n, K/G, 1)
+        scales = ((hi - lo) / 15).clamp(min=1e-6)
+        q[rows] = torch.round((groups - lo) / scales).clamp(0, 15).to(torch.uint8).view(-1, K)
+        sz[rows] = torch.cat([scales, lo + 8 * scales], dim=-1)  # zero = lo + 8 * scale
+    return q, sz.transpose(0, 1).contiguous()  # (K/G, N, 2)
 
 
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
