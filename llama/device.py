@@ -37,3 +37,14 @@ def bf16_supported(device: torch.device) -> bool:
     if device.type == "cpu":
         return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     return False
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """A --dtype flag: "auto" is bfloat16 where the hardware runs it natively (CUDA from Ampere on;
+    CPUs with AVX-512 BF16 or AMX, where it also halves the memory traffic), float16 on other GPUs,
+    else float32; any other name is that torch dtype."""
+    if name != "auto":
+        return getattr(torch, name)
+    if bf16_supported(device):
+        return torch.bfloat16
+    return torch.float16 if device.type in ("cuda", "mps") else torch.float32

@@ -24,7 +24,7 @@ import weights
 from llama.evaluate import bytes_per_token
 from llama.generation import GenerationError, SamplingParams, stream, warm_up
 from llama.tokenizer import ChatFormatError, TokenizerFormatError, TokenizerNotFoundError
-from llama.device import DeviceError, bf16_supported, pick_device
+from llama.device import DeviceError, pick_device, pick_dtype
 
 USER_ERRORS = (llama.CheckpointError, llama.ConfigError, GenerationError, ChatFormatError, DeviceError,
                TokenizerNotFoundError, TokenizerFormatError)
@@ -85,16 +85,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _count(n: int) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M" if n >= 1e6 else f"{n:,}"
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """--dtype auto: bf16 where the hardware runs it natively (CUDA from Ampere on; CPUs with AVX-512
-    BF16 or AMX, where it also halves the memory traffic), float16 on other GPUs, else float32."""
-    if name != "auto":
-        return getattr(torch, name)
-    if bf16_supported(device):
-        return torch.bfloat16
-    return torch.float16 if device.type in ("cuda", "mps") else torch.float32
 
 
 def peak_memory(device: torch.device) -> str:

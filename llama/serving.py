@@ -1,0 +1,533 @@
+"""Continuous batching: one model and one KV-cache pool serve many generation requests at once.
+
+    engine = Engine(model, tokenizer, max_batch_size=8, max_seq_len=2048)
+    engine.start()
+    ticket = engine.submit([Request(prompt_ids, max_tokens=64, sampling=SamplingParams(0.8))], sink)
+    # sink(index, delta) is called from the engine thread each time request `index` has new text;
+    # the last Delta of a request carries its finish_reason and Stats.
+    ticket.cancel()   # a client went away: its slot is freed at the next step
+    engine.stop()
+
+The KV cache is set up once, as a pool of `max_batch_size` rows ("slots") of `max_seq_len`
+positions: that is all the memory keys and values will ever take. A running sequence owns one slot.
+One engine thread loops:
+
+  1. admit: give waiting sequences free slots and prefill their prompts, several of similar length
+     together, right-padded to the longest, in one forward (model(prompts, 0, cache_rows=slots));
+     each samples its first token from its own last prompt position. The padding writes junk beyond
+     a row's prompt, which the model never attends to (it lies past the row's position) and
+     generation overwrites;
+  2. decode: one forward for all running sequences: row b feeds its last token at its own position
+     into its own slot (start_pos and cache_rows are (B,) tensors); each row is sampled with its own
+     parameters and its own random generator;
+  3. retire: a sequence that produced a stop token, completed a stop string, reached max_tokens or
+     was cancelled frees its slot for the next admit. Its stale keys and values need no clearing: the
+     model never attends past a row's current position, and the next prefill overwrites them.
+
+A request that arrives while others decode joins at the next step instead of waiting for the batch to
+drain, and leaves as soon as it is done (iteration-level scheduling, Yu et al., 2022, "Orca"). A step
+costs about the same for 1 or 16 rows while decoding is bound by reading the weights, so throughput
+grows with the number of rows. Sequences beyond max_batch_size wait in a FIFO queue (their queue
+time is reported); beyond max_queue more, submit() refuses them with EngineFullError.
+
+Exactness. Prefilled alone and decoded alone, a sequence computes exactly what llama.generate
+computes for it (same forward calls, same sampling, the same seeded generator). In a busy batch each
+row still attends only to its own slot, so the logits differ only by floating-point rounding: a
+matmul over B rows may sum in another order than over 1, and attention runs over the batch's longest
+row with the extra positions masked (float32: about 1e-6 relative). Greedy tokens are therefore the
+same unless two logits tie to that precision.
+
+Prefill policy. Prefilling together pays where a forward is bound by reading the weights (a
+prompt of 10 tokens costs about one decode step, so 16 short prompts alone cost 16 steps and
+together about one). Where it is bound by compute (long prompts, CPUs), padding tokens cost as much
+as real ones, so prompts are grouped by length: a group's real tokens are at least 2/3 of its padded
+size. Each step admits waiting sequences in arrival order up to max_prefill_tokens prompt tokens
+(at least one sequence), which also bounds the (B, T, V) logits a prefill returns. Prefills run
+before the next decode step, so a burst of long prompts delays the tokens of running sequences.
+
+Text. Each sequence has its own tokenizer.stream_decoder, so text never splits a UTF-8 character,
+and text that might be the start of a stop string is held back until it is known not to be one.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from .generation import GenerationError, SamplingParams, apply_repetition_penalty, sample
+from .pipeline import _split_at_stop
+
+logger = logging.getLogger(__name__)
+
+
+class EngineFullError(RuntimeError):
+    """Every slot is busy and the waiting queue is full: try again later (HTTP 429)."""
+
+
+class EngineStoppedError(RuntimeError):
+    """The engine is not running (not started, stopped, or its thread died)."""
+
+
+class ContextLengthError(GenerationError):
+    """A prompt plus its max_tokens does not fit a slot of the KV-cache pool."""
+
+    def __init__(self, prompt_tokens: int, max_tokens: int, context: int):
+        self.prompt_tokens, self.max_tokens, self.context = prompt_tokens, max_tokens, context
+        super().__init__(
+            f"this model's maximum context length is {context} tokens, but {prompt_tokens + max_tokens} were "
+            f"requested ({prompt_tokens} in the prompt, {max_tokens} for the completion)"
+        )
+
+
+@dataclass(frozen=True)
+class Request:
+    """One sequence to generate.
+
+    prompt: token ids (with BOS, or the chat format's ids). stop: strings that end the text (the text
+    stops before them). stop_tokens: ids that end it (None: the engine's, i.e. the checkpoint's; ()
+    disables them). logprobs: None, or k >= 0 to report each token's log-probability under the model
+    (before temperature and filtering, as llama.generate reports it) and the k most likely tokens.
+    """
+
+    prompt: Sequence[int]
+    max_tokens: int
+    sampling: SamplingParams = SamplingParams(temperature=0)
+    seed: int | None = None
+    stop: Sequence[str] = ()
+    stop_tokens: frozenset[int] | None = None
+    logprobs: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token, its log-probability, the `top` k (id, logprob) alternatives, and `offset`:
+    how many characters of the completion's text precede it."""
+
+    id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+    offset: int
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Times in seconds from submit(): queue_time until the prefill started, time_to_first_token until
+    the first token was sampled, latency until the sequence finished."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    queue_time: float
+    time_to_first_token: float
+    latency: float
+
+
+@dataclass(frozen=True)
+class Delta:
+    """What one sequence produced since its previous Delta: `text` (whole characters only), the `tokens`
+    behind it (and their `logprobs` if requested). The last Delta has finish_reason "stop" (a stop
+    token or string) or "length" (max_tokens), or "error" with an `error` message, and `stats`."""
+
+    text: str
+    tokens: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    finish_reason: str | None = None
+    stats: Stats | None = None
+    error: str | None = None
+
+
+Sink = Callable[[int, Delta], None]
+
+
+class Ticket:
+    """The handle of one submit() call: cancel() drops its sequences (waiting ones at once, running
+    ones at the next step) without further Deltas."""
+
+    def __init__(self, engine: "Engine"):
+        self._engine = engine
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self._engine._cancel(self)
+
+
+class _Sequence:
+    """The engine's state of one Request while it waits or runs."""
+
+    def __init__(self, request: Request, index: int, ticket: Ticket, sink: Sink, engine: "Engine"):
+        self.request, self.index, self.ticket, self.sink = request, index, ticket, sink
+        self.prompt = list(request.prompt)
+        self.stop_tokens = engine.stop_tokens if request.stop_tokens is None else frozenset(request.stop_tokens)
+        self.stop = list(request.stop)
+        seed = request.seed if request.seed is not None else random.randrange(2**63)
+        self.generator = torch.Generator(device=engine.device).manual_seed(seed)
+        self.seen = None  # (1, V) bool: tokens present so far, for the repetition penalty
+        if request.sampling.repetition_penalty != 1.0:
+            self.seen = torch.zeros(1, engine.vocab_size, dtype=torch.bool, device=engine.device)
+            self.seen[0, torch.tensor(self.prompt, device=engine.device)] = True
+        self.decoder = engine.tokenizer.stream_decoder(self.prompt)
+        self.tokens: list[int] = []  # generated so far, without a stop token
+        self.slot = -1
+        self.position = 0  # where the next token fed to the model goes in the slot
+        self.held = ""  # decoded text held back: it may be the start of a stop string
+        self.chars = 0  # characters decoded so far
+        self.unsent_tokens: list[int] = []
+        self.unsent_logprobs: list[TokenLogprob] = []
+        self.submitted = time.perf_counter()
+        self.started = self.first_token = None
+
+
+class Engine:
+    """Runs `model` for many requests at once with continuous batching (see the module docstring).
+
+    `model` is a llama.Transformer, or anything with its `config`, `tok_embeddings` (for the device),
+    `setup_cache(rows, positions)` and `model(tokens, start_pos, cache_rows=rows) -> logits`. The
+    engine owns the model's KV cache (setup_cache is called here): do not run llama.generate on the
+    same model object while the engine lives. max_seq_len (default: the model's) bounds prompt +
+    max_tokens of every request, and with max_batch_size the pool's memory. stop_tokens default to
+    the model's (set by llama.load), else the tokenizer's.
+    """
+
+    def __init__(self, model, tokenizer, *, max_batch_size: int = 8, max_seq_len: int | None = None,
+                 max_queue: int = 64, max_prefill_tokens: int = 512, stop_tokens: Sequence[int] | None = None):  # fmt: skip
+        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
+        if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
+            raise ValueError(f"max_queue must be a non-negative integer, got {max_queue!r}")
+        if max_seq_len is not None and (not isinstance(max_seq_len, int) or max_seq_len < 2):
+            raise ValueError(f"max_seq_len must be an integer >= 2, got {max_seq_len!r}")
+        if isinstance(max_prefill_tokens, bool) or not isinstance(max_prefill_tokens, int) or max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens must be a positive integer, got {max_prefill_tokens!r}")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch_size, self.max_queue, self.max_prefill_tokens = max_batch_size, max_queue, max_prefill_tokens
+        self.context_len = min(model.config.max_seq_len, max_seq_len or model.config.max_seq_len)
+        self.vocab_size = model.config.vocab_size
+        if stop_tokens is None:
+            stop_tokens = getattr(model, "stop_tokens", None) or tokenizer.stop_tokens
+        self.stop_tokens = frozenset(stop_tokens)
+        self.device = model.tok_embeddings.weight.device
+        model.setup_cache(max_batch_size, self.context_len)
+
+        self._free = list(range(max_batch_size - 1, -1, -1))  # free slots; pop() gives the lowest
+        self._waiting: deque[_Sequence] = deque()
+        self._running: list[_Sequence] = []  # touched by the engine thread only
+        self._in_flight = 0  # waiting + running sequences
+        self._wake = threading.Condition()  # guards _waiting, _in_flight, _stopping
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None  # what killed the engine thread, if anything
+        # prefills: sequences prefilled, in prefill_batches forwards; decode_rows: rows over all decode steps
+        self.counters = dict(prefills=0, prefill_batches=0, prefill_tokens=0, decode_steps=0, decode_rows=0,
+                             generated_tokens=0, finished=0, cancelled=0, rejected=0, errors=0)  # fmt: skip
+
+    # ---- the caller's side (any thread) ------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="llama-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float | None = 30) -> None:
+        """End the engine thread; sequences still waiting or running get a final "error" Delta."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    def submit(self, requests: Sequence[Request], sink: Sink) -> Ticket:
+        """Queue `requests` (all or none); sink(i, delta) then receives the Deltas of requests[i],
+        called from the engine thread (keep it short: hand the delta to another thread)."""
+        for i, r in enumerate(requests):
+            self._check(r, i)
+        ticket = Ticket(self)
+        sequences = [_Sequence(r, i, ticket, sink, self) for i, r in enumerate(requests)]
+        with self._wake:
+            if not self.alive:
+                raise EngineStoppedError("the engine is not running" + (f": {self.error}" if self.error else ""))
+            capacity = self.max_batch_size + self.max_queue
+            if self._in_flight + len(sequences) > capacity:
+                self.counters["rejected"] += 1
+                raise EngineFullError(
+                    f"the server is at capacity ({self._in_flight} sequences running or waiting, at most "
+                    f"{capacity}); {len(sequences)} more do not fit, retry later"
+                )
+            self._waiting.extend(sequences)
+            self._in_flight += len(sequences)
+            self._wake.notify()
+        return ticket
+
+    def stats(self) -> dict:
+        with self._wake:
+            waiting, in_flight = len(self._waiting), self._in_flight
+        steps = self.counters["decode_steps"]
+        return dict(
+            alive=self.alive, max_batch_size=self.max_batch_size, max_queue=self.max_queue,
+            context_len=self.context_len, running=in_flight - waiting, waiting=waiting, **self.counters,
+            mean_batch=round(self.counters["decode_rows"] / steps, 2) if steps else 0.0,
+        )  # fmt: skip
+
+    def _check(self, r: Request, index: int) -> None:
+        if not isinstance(r.sampling, SamplingParams):
+            raise GenerationError(f"request {index}: sampling must be a SamplingParams, got {type(r.sampling).__name__}")
+        if isinstance(r.max_tokens, bool) or not isinstance(r.max_tokens, int) or r.max_tokens < 1:
+            raise GenerationError(f"request {index}: max_tokens must be a positive integer, got {r.max_tokens!r}")
+        if not r.prompt:
+            raise GenerationError(f"request {index}: the prompt is empty; it needs at least one token (e.g. BOS)")
+        bad = [t for t in r.prompt if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise GenerationError(f"request {index}: prompt token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+        if len(r.prompt) + r.max_tokens > self.context_len:
+            raise ContextLengthError(len(r.prompt), r.max_tokens, self.context_len)
+        if not all(isinstance(s, str) and s for s in r.stop):
+            raise GenerationError(f"request {index}: stop strings must be non-empty strings, got {list(r.stop)!r}")
+        if r.logprobs is not None and (isinstance(r.logprobs, bool) or not isinstance(r.logprobs, int) or r.logprobs < 0):
+            raise GenerationError(f"request {index}: logprobs must be None or an integer >= 0, got {r.logprobs!r}")
+
+    def _cancel(self, ticket: Ticket) -> None:
+        with self._wake:
+            if ticket.cancelled:
+                return
+            ticket.cancelled = True
+            dropped = [s for s in self._waiting if s.ticket is ticket]
+            for s in dropped:
+                self._waiting.remove(s)
+            self._in_flight -= len(dropped)
+            self.counters["cancelled"] += len(dropped)
+            self._wake.notify()  # running ones are retired by the engine thread
+
+    # ---- the engine thread -------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            with torch.inference_mode():
+                while (admitted := self._next_admissions()) is not None:
+                    for group in self._prefill_groups(admitted):
+                        self._prefill(group)
+                    self._retire_cancelled()
+                    if self._running:
+                        self._decode()
+        except BaseException as e:  # a bug or a dead device: fail everyone rather than hang them
+            logger.exception("engine thread failed")
+            self.error = e
+        finally:
+            with self._wake:
+                self._stopping = True
+                left = self._running + list(self._waiting)
+                self._waiting.clear()
+            for seq in left:
+                self._fail(seq, f"the engine stopped: {self.error or 'server shutting down'}")
+
+    def _next_admissions(self) -> list[_Sequence] | None:
+        """Sleep until there is work; the waiting sequences to prefill now, in arrival order, as many
+        as there are free slots and max_prefill_tokens allows (at least one). None: stop."""
+        with self._wake:
+            while not self._stopping and not self._running and not self._waiting:
+                self._wake.wait()
+            if self._stopping:
+                return None
+            admitted, tokens = [], 0
+            while self._waiting and len(admitted) < len(self._free):
+                tokens += len(self._waiting[0].prompt)
+                if admitted and tokens > self.max_prefill_tokens:
+                    break
+                admitted.append(self._waiting.popleft())
+            return admitted
+
+    def _prefill_groups(self, seqs: list[_Sequence]) -> list[list[_Sequence]]:
+        """`seqs` in groups of similar prompt length: real tokens >= 2/3 of each group's padded size."""
+        groups: list[list[_Sequence]] = []
+        for seq in sorted(seqs, key=lambda s: len(s.prompt)):
+            group = groups[-1] if groups else None
+            if group and 3 * (sum(len(s.prompt) for s in group) + len(seq.prompt)) >= 2 * (len(group) + 1) * len(seq.prompt):
+                group.append(seq)
+            else:
+                groups.append([seq])
+        return groups
+
+    def _prefill(self, seqs: list[_Sequence]) -> None:
+        for seq in [s for s in seqs if s.ticket.cancelled]:  # cancelled between the queue and here
+            self._release(seq, cancelled=True)
+        seqs = [s for s in seqs if not s.ticket.cancelled]
+        if not seqs:
+            return
+        now = time.perf_counter()
+        for seq in seqs:
+            seq.slot, seq.started = self._free.pop(), now
+            self._running.append(seq)
+        lengths = torch.tensor([len(s.prompt) for s in seqs], device=self.device)  # (B,)
+        ids = torch.zeros(len(seqs), int(lengths.max()), dtype=torch.long, device=self.device)  # (B, T)
+        for b, seq in enumerate(seqs):
+            ids[b, : len(seq.prompt)] = torch.tensor(seq.prompt, device=self.device)
+        rows = torch.tensor([s.slot for s in seqs], device=self.device)  # (B,)
+        try:
+            logits = self.model(ids, 0, cache_rows=rows)  # (B, T, V)
+        except Exception as e:  # e.g. out of memory for long prompts: these requests fail, others go on
+            logger.exception("prefill failed")
+            for seq in seqs:
+                self._fail(seq, f"prefill failed: {e}")
+            return
+        logits = logits[torch.arange(len(seqs), device=self.device), lengths - 1]  # (B, V): each last prompt token
+        self.counters["prefills"] += len(seqs)
+        self.counters["prefill_batches"] += 1
+        self.counters["prefill_tokens"] += int(lengths.sum())
+        for seq in seqs:
+            seq.position = len(seq.prompt)
+        self._advance(seqs, logits)
+
+    def _decode(self) -> None:
+        seqs = list(self._running)
+        tokens = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)  # (B, 1)
+        positions = torch.tensor([s.position for s in seqs], device=self.device)  # (B,)
+        rows = torch.tensor([s.slot for s in seqs], device=self.device)  # (B,)
+        try:
+            logits = self.model(tokens, positions, cache_rows=rows)[:, -1]  # (B, V)
+        except Exception as e:
+            logger.exception("decode step failed")
+            for s in seqs:
+                self._fail(s, f"decode failed: {e}")
+            return
+        self.counters["decode_steps"] += 1
+        self.counters["decode_rows"] += len(seqs)
+        for s in seqs:
+            s.position += 1
+        self._advance(seqs, logits)
+
+    def _advance(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
+        """Sample one token for each of `seqs` from its row of logits: (B, V) float32, and act on it."""
+        if self.tokenizer.vocab_size < logits.shape[-1]:  # ids the tokenizer could not decode
+            logits[:, self.tokenizer.vocab_size :] = float("-inf")
+        greedy = logits.argmax(dim=-1).tolist()  # (B,)
+        for b, seq in enumerate(seqs):
+            params, k = seq.request.sampling, seq.request.logprobs
+            row = logits[b : b + 1]  # (1, V)
+            logprobs = torch.log_softmax(row[0], dim=-1) if k is not None else None  # (V,), the model's own
+            if seq.seen is not None:
+                row = apply_repetition_penalty(row, seq.seen, params.repetition_penalty)
+            if params.temperature == 0:
+                token = greedy[b] if seq.seen is None else int(row.argmax(dim=-1))
+            else:
+                token = int(sample(row, params, seq.generator))
+            if seq.seen is not None:
+                seq.seen[0, token] = True
+            info = None
+            if logprobs is not None:
+                top = torch.topk(logprobs, k) if k else None
+                alternatives = tuple(zip(top.indices.tolist(), top.values.tolist())) if top is not None else ()
+                info = TokenLogprob(token, float(logprobs[token]), alternatives, seq.chars)
+            try:
+                self._accept(seq, token, info)
+            except Exception as e:  # a tokenizer that cannot decode the id, a broken sink
+                logger.exception("handling a token failed")
+                self._fail(seq, f"handling token {token} failed: {e}")
+
+    def _accept(self, seq: _Sequence, token: int, info: TokenLogprob | None) -> None:
+        if seq.first_token is None:
+            seq.first_token = time.perf_counter()
+        if token in seq.stop_tokens:
+            self._finish(seq, "stop", "")
+            return
+        self.counters["generated_tokens"] += 1
+        seq.tokens.append(token)
+        seq.unsent_tokens.append(token)
+        if info is not None:
+            seq.unsent_logprobs.append(info)
+        new = seq.decoder.push(token)
+        seq.chars += len(new)
+        text, seq.held, hit = _split_at_stop(seq.held + new, seq.stop)
+        if hit:
+            self._finish(seq, "stop", text, flush=False)
+        elif len(seq.tokens) >= seq.request.max_tokens:
+            self._finish(seq, "length", text)
+        elif text:
+            self._emit(seq, self._delta(seq, text))
+
+    def _delta(self, seq: _Sequence, text: str, **final) -> Delta:
+        logprobs = tuple(seq.unsent_logprobs) if seq.request.logprobs is not None else None
+        delta = Delta(text, tuple(seq.unsent_tokens), logprobs, **final)
+        seq.unsent_tokens, seq.unsent_logprobs = [], []
+        return delta
+
+    def _finish(self, seq: _Sequence, reason: str, text: str, flush: bool = True) -> None:
+        if flush:  # the end of the text: release what was held back (an unfinished character, a stop-string prefix)
+            more, _, hit = _split_at_stop(seq.held + seq.decoder.flush(), seq.stop, final=True)
+            text += more
+            reason = "stop" if hit else reason
+        now = time.perf_counter()
+        stats = Stats(len(seq.prompt), len(seq.tokens), seq.started - seq.submitted,
+                      (seq.first_token or now) - seq.submitted, now - seq.submitted)  # fmt: skip
+        self._release(seq)
+        self.counters["finished"] += 1
+        self._emit(seq, self._delta(seq, text, finish_reason=reason, stats=stats))
+
+    def _fail(self, seq: _Sequence, message: str) -> None:
+        self.counters["errors"] += 1
+        if seq.slot >= 0 or seq in self._running:
+            self._release(seq)
+        else:
+            with self._wake:
+                self._in_flight -= 1
+        now = time.perf_counter()
+        stats = Stats(len(seq.prompt), len(seq.tokens), (seq.started or now) - seq.submitted,
+                      (seq.first_token or now) - seq.submitted, now - seq.submitted)  # fmt: skip
+        self._emit(seq, self._delta(seq, "", finish_reason="error", stats=stats, error=message))
+
+    def _release(self, seq: _Sequence, cancelled: bool = False) -> None:
+        """Take `seq` out of the running set and give its slot back."""
+        if seq in self._running:
+            self._running.remove(seq)
+        if seq.slot >= 0:
+            self._free.append(seq.slot)
+            self._free.sort(reverse=True)
+            seq.slot = -1
+        with self._wake:
+            self._in_flight -= 1
+            if cancelled:
+                self.counters["cancelled"] += 1
+
+    def _retire_cancelled(self) -> None:
+        for seq in [s for s in self._running if s.ticket.cancelled]:
+            self._release(seq, cancelled=True)
+
+    def _emit(self, seq: _Sequence, delta: Delta) -> None:
+        if seq.ticket.cancelled:
+            return
+        try:
+            seq.sink(seq.index, delta)
+        except Exception:  # the receiver is gone (e.g. its event loop closed): stop generating for it
+            logger.exception("a sink failed; cancelling its request")
+            seq.ticket.cancelled = True
+
+
+def token_bytes(tokenizer, token_id: int) -> bytes:
+    """The bytes one token stands for (Llama 3: its BPE bytes, possibly part of a character;
+    sentencepiece: its piece, with `<0xNN>` byte pieces as that byte and '▁' as a space)."""
+    model = getattr(tokenizer, "_model", None)
+    if hasattr(model, "decode_single_token_bytes"):  # tiktoken
+        return model.decode_single_token_bytes(token_id)
+    if hasattr(model, "id_to_piece"):  # sentencepiece
+        piece = model.id_to_piece(token_id)
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace("\u2581", " ").encode("utf-8")
+    return tokenizer.decode([token_id]).encode("utf-8")
+
+
+def token_text(tokenizer, token_id: int) -> str:
+    """A token as text for logprobs: its characters, or `bytes:\\xNN...` when its bytes are not whole
+    UTF-8 characters (OpenAI's convention)."""
+    raw = token_bytes(tokenizer, token_id)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)

@@ -1,0 +1,129 @@
+"""Serve a Llama checkpoint over an OpenAI-compatible HTTP API, with continuous batching.
+
+    pip install -e ".[serve]"
+    python scripts/serve.py                                   # the bundled model on 127.0.0.1:8000
+    python scripts/serve.py --checkpoint path/to/Llama-3.2-1B-Instruct --max-batch-size 16 --api-key KEY
+    curl http://127.0.0.1:8000/v1/completions -H "Content-Type: application/json" \\
+        -d '{"prompt": "And God said", "max_tokens": 20, "temperature": 0}'
+
+Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions, GET /health.
+See llama/server.py for the fields and errors, llama/serving.py for the batching.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import kernels
+import llama
+import weights
+from llama.device import DeviceError, pick_device, pick_dtype, set_threads
+from llama.serving import Engine
+from llama.tokenizer import TokenizerFormatError, TokenizerNotFoundError
+
+USER_ERRORS = (llama.CheckpointError, llama.ConfigError, DeviceError, TokenizerNotFoundError, TokenizerFormatError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=None,
+                   help="checkpoint directory (Meta or Hugging Face layout, with its tokenizer); "
+                        "default: the small model bundled with the project (weights/kjv)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it to the network)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model name clients send and /v1/models lists (default: the checkpoint directory's name)")
+    p.add_argument("--max-batch-size", type=int, default=8,
+                   help="sequences decoded together, = rows of the KV-cache pool (default 8)")
+    p.add_argument("--max-seq-len", type=int, default=2048,
+                   help="positions per KV-cache row: the most prompt + completion tokens of one request; "
+                        "capped at the model's context (default 2048)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="sequences that may wait for a free row; beyond that requests get 429 (default 64)")
+    p.add_argument("--max-prefill-tokens", type=int, default=512,
+                   help="prompt tokens admitted per step, prefilled in groups of similar length; a longer "
+                        "prompt is admitted alone (default 512)")
+    p.add_argument("--api-key", default=os.environ.get("LLAMA_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on every request (default: the LLAMA_API_KEY "
+                        "environment variable, which keeps the key out of the process list; unset: no key)")
+    p.add_argument("--max-body-size", type=int, default=4 * 2**20,
+                   help="largest request body in bytes; larger ones get 413 (default 4 MiB)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="weight dtype; auto: bfloat16 where the device runs it well, else float32 (default auto)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
+                   help="where to run; auto picks cuda, then mps, then cpu (default auto)")
+    p.add_argument("--quantize", choices=["none", "int8", "int4"], default="none",
+                   help="weight-only quantization of the transformer blocks' linears while loading (default none)")
+    p.add_argument("--group-size", type=int, default=128, help="int4 group size: 32, 64, 128 or 256 (default 128)")
+    p.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True,
+                   help="swap in the faster modules of kernels/ (fused projections, SDPA, native matrix-vector "
+                        "kernels); --no-kernels serves the plain model of llama/model.py (default on)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info",
+                   help="logging level; info logs one line per request (default info)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for flag, value, low in (("--port", args.port, 0), ("--max-batch-size", args.max_batch_size, 1),
+                             ("--max-seq-len", args.max_seq_len, 2), ("--max-queue", args.max_queue, 0),
+                             ("--max-body-size", args.max_body_size, 1),
+                             ("--max-prefill-tokens", args.max_prefill_tokens, 1)):  # fmt: skip
+        if value < low:
+            parser.error(f"{flag} must be at least {low}, got {value}")
+    if args.quantize != "none":
+        try:
+            llama.quantize.check_mode(args.quantize, args.group_size)
+        except ValueError as e:
+            parser.error(str(e))
+    try:
+        import uvicorn
+
+        from llama.server import create_app
+    except ImportError as e:
+        print(f"error: the server needs FastAPI and uvicorn: pip install -e '.[serve]' ({e})", file=sys.stderr)
+        return 2
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        set_threads(args.threads)
+        device = pick_device(args.device)
+        dtype = pick_dtype(args.dtype, device)
+        checkpoint = args.checkpoint or weights.BUNDLED_MODEL
+        started = time.perf_counter()
+        quantize = None if args.quantize == "none" else args.quantize
+        model = llama.load(checkpoint, dtype=dtype, device=device, quantize=quantize, group_size=args.group_size)
+        if args.kernels:
+            kernels.optimize(model, fuse_qkv=quantize is None, fuse_gate_up=quantize is None)
+        tokenizer = llama.load_tokenizer(checkpoint)
+        engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
+                        max_queue=args.max_queue, max_prefill_tokens=args.max_prefill_tokens)  # fmt: skip
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    name = args.served_model_name or Path(checkpoint).resolve().name
+    logging.getLogger("llama.server").info(
+        "loaded %s in %.1f s: %s parameters, %s, %s; %d slots x %d positions; serving as %r on http://%s:%d%s",
+        checkpoint, time.perf_counter() - started, f"{model.config.n_params / 1e6:.1f} M",
+        str(dtype).removeprefix("torch."), device, engine.max_batch_size, engine.context_len, name, args.host,
+        args.port, " (API key required)" if args.api_key else "",
+    )  # fmt: skip
+    app = create_app(engine, model_name=name, api_key=args.api_key, max_body_bytes=args.max_body_size)
+    # access_log off: the app logs its own line per request, with tokens and latency.
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
+                timeout_graceful_shutdown=5)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
