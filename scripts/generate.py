@@ -23,6 +23,7 @@ import llama
 import weights
 from llama.evaluate import bytes_per_token
 from llama.generation import GenerationError, SamplingParams, stream, warm_up
+from llama.speculative import SpeculativeStats, speculative_stream
 from llama.tokenizer import ChatFormatError, TokenizerFormatError, TokenizerNotFoundError
 from llama.device import DeviceError, pick_device, pick_dtype
 
@@ -77,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True,
                    help="swap in the fused modules and native matrix-vector kernels of kernels/ "
                         "(--no-kernels runs the plain reference model of llama/model.py; default on)")
+    p.add_argument("--draft", metavar="CHECKPOINT",
+                   help="speculative decoding with this smaller draft model (same tokenizer): the target checks "
+                        "--draft-tokens guesses per forward pass; greedy output is unchanged in float32 (bf16 may "
+                        "differ where two logits tie within rounding) (default off)")
+    p.add_argument("--draft-tokens", type=_ranged(int, 1), default=2,
+                   help="tokens the draft proposes per round (default 2)")
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step with torch.compile (static KV cache; the first compilation "
                         "takes tens of seconds to minutes and is reported; default off)")
@@ -103,22 +110,29 @@ def max_new_tokens(args, prompt_ids: list[int], llm: llama.Llama | None = None) 
     return max(1, min(256, llm.model.config.max_seq_len - len(prompt_ids)))
 
 
-def run_once(llm: llama.Llama, prompt_ids: list[int], n_new: int, args, seed, device) -> list[int]:
+def run_once(llm: llama.Llama, prompt_ids: list[int], n_new: int, args, seed, device, draft=None) -> list[int]:
     """Stream one answer to stdout and print its summary to stderr; returns the generated ids."""
     decoder = llm.tokenizer.stream_decoder(prompt_ids)
     ids: list[int] = []
     start = time.perf_counter()
     first = None
-    for step in stream(llm.model, [prompt_ids], n_new, temperature=args.temperature,
-                       top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-                       repetition_penalty=args.repetition_penalty, seed=seed,
-                       stop_tokens=llm.tokenizer.stop_tokens, compile=args.compile):
+    sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                    seed=seed, stop_tokens=llm.tokenizer.stop_tokens)
+    stats = SpeculativeStats()
+    if draft is not None:
+        steps = speculative_stream(llm.model, draft, prompt_ids, n_new, draft_tokens=args.draft_tokens,
+                                   stats=stats, **sampling)  # fmt: skip
+    else:
+        steps = stream(llm.model, [prompt_ids], n_new, repetition_penalty=args.repetition_penalty,
+                       compile=args.compile, **sampling)  # fmt: skip
+    for step in steps:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if first is None:
             first = time.perf_counter()
-        ids.append(step[0].id)
-        sys.stdout.write(decoder.push(step[0].id))
+        for token in step:
+            ids.append(token.id)
+            sys.stdout.write(decoder.push(token.id))
         sys.stdout.flush()
     sys.stdout.write(decoder.flush() + "\n")
     sys.stdout.flush()
@@ -129,7 +143,9 @@ def run_once(llm: llama.Llama, prompt_ids: list[int], n_new: int, args, seed, de
     print(
         f"[{len(prompt_ids)} prompt tokens, {len(ids)} generated | time to first token {ttft:.2f} s | "
         f"prefill {len(prompt_ids) / ttft:.1f} tok/s | decode {decode_rate:.2f} tok/s | "
-        f"weights {bytes_per_token(llm.model) * decode_rate / 1e9:.1f} GB/s | peak memory {peak_memory(device)}]",
+        f"weights {bytes_per_token(llm.model) * decode_rate / 1e9:.1f} GB/s | peak memory {peak_memory(device)}"
+        + (f" | draft acceptance {stats.acceptance_rate:.2f}, {stats.tokens_per_target_forward:.2f} tokens per "
+           f"target forward" if draft is not None and stats.proposed else "") + "]",
         file=sys.stderr,
     )
     return ids
@@ -177,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--interactive reads its prompts from the terminal; drop --prompt/--prompt-file")
     if args.system and not (args.chat or args.interactive):
         parser.error("--system needs --chat or --interactive")
+    if args.draft and (args.compile or args.repetition_penalty != 1.0 or args.interactive):
+        parser.error("--draft does not combine with --compile, --repetition-penalty or --interactive")
     if args.quantize != "none":
         try:
             llama.quantize.check_mode(args.quantize, args.group_size)
@@ -203,9 +221,17 @@ def main(argv: list[str] | None = None) -> int:
               f"{_count(llm.model.config.n_params)} parameters, {str(dtype).removeprefix('torch.')}, {device}"
               f"{', ' + mode['mode'] + ' weights' if mode else ''}]",
               file=sys.stderr)
+        draft = None
+        if args.draft:
+            started = time.perf_counter()
+            draft = llama.load(args.draft, dtype=dtype, device=device)
+            print(f"[loaded the draft {args.draft} in {time.perf_counter() - started:.1f} s: "
+                  f"{_count(draft.config.n_params)} parameters]", file=sys.stderr)  # fmt: skip
         if args.kernels:
             quantized = mode is not None  # fusing stacks nn.Linear weights; quantized layers keep theirs
             kernels.optimize(model, fuse_qkv=not quantized, fuse_gate_up=not quantized)
+            if draft is not None:
+                kernels.optimize(draft)
         if args.interactive:
             if args.compile:
                 compile_now(model, 1)
@@ -228,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(args.num_samples):
             if i and not args.chat:
                 sys.stdout.write(prompt)
-            run_once(llm, prompt_ids, n_new, args, None if args.seed is None else args.seed + i, device)
+            run_once(llm, prompt_ids, n_new, args, None if args.seed is None else args.seed + i, device, draft)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -94,6 +94,15 @@ def test_greedy_prompt_prints_prompt_then_the_libraries_output(checkpoint, ref):
         assert part in result.stderr
 
 
+def test_speculative_with_a_draft_prints_the_same_greedy_text(checkpoint, ref):
+    prompt = "The capital of France is"
+    result = ok(run("--prompt", prompt, "--temperature", 0, "--max-new-tokens", 12, "--draft", checkpoint,
+                    "--draft-tokens", 3, *BASE, checkpoint=checkpoint))  # fmt: skip
+    ids = expected_ids(ref, ref.tokenizer.encode(prompt, bos=True, eos=False), 12)
+    assert result.stdout == prompt + ref.tokenizer.decode(ids) + "\n"
+    assert "draft acceptance 1.00" in result.stderr  # the checkpoint is its own draft
+
+
 def test_chat_with_system_message(checkpoint, ref):
     result = ok(run("--chat", "--system", "Answer in French.", "--prompt", "Hello!", "--temperature", 0,
                     "--max-new-tokens", 10, *BASE, checkpoint=checkpoint))  # fmt: skip
@@ -190,6 +199,8 @@ def error_cases(checkpoint: Path, tmp: Path) -> dict[str, tuple[list, str | None
         "system-without-chat": ([*good, "--system", "Hi", *BASE], None, "--system"),
         "prompt-file-missing": ([*good, "--prompt-file", tmp / "absent.txt", *BASE], None, "absent.txt"),
         "interactive-with-prompt": ([*good, "--interactive", "--prompt", "Hi", *BASE], None, "--interactive"),
+        "draft-with-compile": ([*good, "--draft", checkpoint, "--compile", *BASE], None, "--draft does not combine"),
+        "draft-missing": ([*good, "--draft", tmp / "no-draft", *n, *BASE], None, "no-draft"),
     }
 
 
@@ -197,7 +208,7 @@ ERROR_NAMES = [  # the keys of error_cases, to name the tests before the fixture
     "missing-path", "not-a-checkpoint", "no-tokenizer", "temperature-negative", "top-p-zero", "top-p-above-one",
     "top-k-zero", "min-p-above-one", "max-new-tokens-zero", "repetition-penalty-zero",
     "dtype-unknown", "device-unknown", "cuda-missing", "prompt-too-long", "system-without-chat",
-    "prompt-file-missing", "interactive-with-prompt",
+    "prompt-file-missing", "interactive-with-prompt", "draft-with-compile", "draft-missing",
 ]  # fmt: skip
 
 
