@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=128,
                    help="int4 group size: 32, 64, 128 or 256; layers whose input width it does not divide stay "
                         "unquantized (default 128)")
+    p.add_argument("--quantize-output", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --quantize, quantize the output projection too (a tied one as a copy); "
+                        "--no-quantize-output keeps it in float: better quality, more bytes read per token (default on)")
     p.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True,
                    help="swap in the fused modules and native matrix-vector kernels of kernels/ "
                         "(--no-kernels runs the plain reference model of llama/model.py; default on)")
@@ -214,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         checkpoint = args.checkpoint or weights.BUNDLED_MODEL
         quantize = None if args.quantize == "none" else args.quantize
-        model = llama.load(checkpoint, dtype=dtype, device=device, quantize=quantize, group_size=args.group_size)
+        model = llama.load(checkpoint, dtype=dtype, device=device, quantize=quantize, group_size=args.group_size,
+                           quantize_output=args.quantize_output)
         llm = llama.Llama(model, llama.load_tokenizer(checkpoint))
         mode = getattr(model, "quantization", None)
         print(f"[loaded {checkpoint} in {time.perf_counter() - started:.1f} s: "

@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="auto: cuda, then mps, then cpu (default auto)")
     p.add_argument("--quantize", choices=["none", "int8", "int4"], default="none", help="weight-only quantization while loading (default none)")
     p.add_argument("--group-size", type=int, default=128, help="int4 group size: 32, 64, 128 or 256 (default 128)")
+    p.add_argument("--quantize-output", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --quantize, quantize the output projection too (a tied one as a copy); "
+                        "--no-quantize-output keeps it in float: better quality, more bytes read per token (default on)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
@@ -52,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         text = Path(args.text_file).read_text(encoding="utf-8")
         tokenizer = llama.load_tokenizer(args.checkpoint)
         model = llama.load(args.checkpoint, dtype=args.dtype, device=device,
-                           quantize=None if args.quantize == "none" else args.quantize, group_size=args.group_size)
+                           quantize=None if args.quantize == "none" else args.quantize, group_size=args.group_size,
+                           quantize_output=args.quantize_output)
         context_len = args.context_len or model.config.max_seq_len
         stride = args.stride or max(1, context_len // 2)
         tokens = encode_documents(tokenizer, [text], args.documents)
