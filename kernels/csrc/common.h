@@ -1,0 +1,167 @@
+// Shared pieces of the matrix-vector kernels (gemv_bf16.cpp, gemv_int8.cpp, gemv_int4.cpp).
+//
+// All three compute y = x @ W.T for a few activation rows: x (M, K) bfloat16, W (N, K) in some
+// storage format, y (M, N) bfloat16, with float32 accumulation. Decoding reads every weight once
+// per token, so the kernels are written to stream W from memory once, at the memory's speed:
+//   - threads split the N output rows into contiguous ranges (at::parallel_for, torch's intra-op
+//     threads), so each thread reads its part of W front to back;
+//   - a thread works on a block of weight rows at a time and uses each piece of W it loads for all
+//     M rows of x; when M is more than one pass takes, the block is read again from L1/L2, not memory.
+//
+// Three builds of each kernel, chosen when compiling (-march=native) and, for AMX, at run time:
+//   - AVX-512 with the bfloat16 dot-product instruction (vdpbf16ps: 32 bf16 x bf16 products summed
+//     pairwise into 16 float32 lanes), used for one row of x;
+//   - AMX tiles (below) for 2 rows and more, where vdpbf16ps would redo the weights' arithmetic
+//     (the widening of int8 / int4 values included) once per row of x;
+//   - generic plain loops for any other CPU (the compiler vectorises what it can).
+//
+// bfloat16 values travel as their raw 16 bits (uint16_t): the top half of a float32.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include <ATen/Parallel.h>
+
+// LLAMA_KERNELS_GENERIC forces the generic build (the tests compare the two on an AVX-512 machine).
+#if !defined(LLAMA_KERNELS_GENERIC) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
+    defined(__AVX512BF16__) && defined(__AVX512VBMI__)
+#define LLAMA_KERNELS_AVX512 1
+#include <immintrin.h>
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
+#define LLAMA_KERNELS_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+#endif
+
+// The operators' namespace, torch.ops.<LLAMA_KERNELS_NS>; a second build loaded into the same process
+// (the generic one, in the tests) needs its own.
+#ifndef LLAMA_KERNELS_NS
+#define LLAMA_KERNELS_NS llama_kernels
+#endif
+
+namespace llama_kernels {
+
+using bf16 = uint16_t;
+
+// x.float() for one bf16 value: the 16 bits become the top half of a float32.
+inline float bf16_to_float(bf16 h) {
+  uint32_t u = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// y.to(torch.bfloat16) for one value: round to nearest, ties to even (c10::BFloat16's rounding).
+inline bf16 float_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return bf16(u >> 16);
+}
+
+#ifdef LLAMA_KERNELS_AMX
+// AMX (Advanced Matrix Extensions): eight "tile" registers of up to 16 rows x 64 bytes, and
+// tdpbf16ps, which multiplies a tile A (rows x 32 bf16) by a tile B (16 rows of bf16 pairs) into a
+// float32 tile C, for whole blocks at once:
+//     C[i][j] += A[i][2p] * B[p][2j] + A[i][2p+1] * B[p][2j+1]   for p < 16
+// i.e. C = A @ B' where B' (32 x cols) is B with each row's pairs unfolded into two rows ("VNNI"
+// layout: B[p] holds rows 2p and 2p+1 of B', interleaved). One tdpbf16ps does the work of 16
+// vdpbf16ps, so with several activation rows the weights' arithmetic no longer costs M times over.
+// The tile shapes are set per thread by ldtilecfg (TileConfig) and released after each call, so
+// that oneDNN, which checks the loaded configuration before using tiles, is not confused.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};  // bytes per row of tile t
+  uint8_t rows[16] = {};
+  void set(int t, int n_rows, int bytes_per_row) { rows[t] = uint8_t(n_rows), colsb[t] = uint16_t(bytes_per_row); }
+};
+static_assert(sizeof(TileConfig) == 64, "ldtilecfg reads 64 bytes");
+
+// Linux hands out the (8 KiB) tile state only on request, once per process; false if refused.
+inline bool amx_usable() {
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+  return ok;
+}
+
+// Loads a tile configuration for the current thread and releases the tiles on scope exit.
+struct TileScope {
+  explicit TileScope(const TileConfig& config) { _tile_loadconfig(&config); }
+  ~TileScope() { _tile_release(); }
+};
+
+// x as B tiles for the bf16 and int8 AMX kernels, 16 rows of x and 32 values of k per tile, in
+// VNNI pairs (one 32-bit word each):
+//     xv[m / 16][k / 32][p][m % 16] = (x[m, k + 2p], x[m, k + 2p + 1])     p < 16
+// zeros for the rows past M in the last group of 16. x rows are ldx values apart; K a multiple of 32.
+// The tiles for rows 16c.. start at xv + c * K * 8.
+inline std::vector<uint32_t> pack_pairs(const bf16* x, int64_t M, int64_t K, int64_t ldx) {
+  std::vector<uint32_t> xv((M + 15) / 16 * K * 8, 0);
+  for (int64_t m = 0; m < M; m++) {
+    uint32_t* tiles = xv.data() + (m / 16) * K * 8 + m % 16;
+    for (int64_t j = 0; j < K / 2; j++) std::memcpy(tiles + (j / 16) * 256 + (j % 16) * 16, x + m * ldx + 2 * j, 4);
+  }
+  return xv;
+}
+
+// The epilogue of the bf16 and int8 AMX kernels, whose C tiles hold weight rows down and x rows
+// across (c[t][i][m], 16 x 16 float32, summed over the n_tiles tiles):
+//     y[m, i] = bf16(scale[i] * sum_t c[t][i][m])   for m < M, i < rows
+// One gather per x row reads a column of C as y's row.
+inline void store_transposed(float (*c)[16][16], int n_tiles, __m512 scale, int64_t M, int64_t rows, bf16* y,
+                             int64_t ldy) {
+  for (int i = 0; i < 16; i++) {
+    __m512 sum = _mm512_load_ps(c[0][i]);
+    for (int t = 1; t < n_tiles; t++) sum = _mm512_add_ps(sum, _mm512_load_ps(c[t][i]));
+    _mm512_store_ps(c[0][i], sum);
+  }
+  const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                            _mm512_set1_epi32(16));  // offsets of c[0][i][0], i = 0..15
+  const __mmask16 valid = rows >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << rows) - 1);
+  for (int64_t m = 0; m < M; m++) {
+    const __m512 v = _mm512_mul_ps(_mm512_i32gather_ps(_mm512_add_epi32(column, _mm512_set1_epi32(int(m))), c[0], 4),
+                                   scale);
+    _mm256_mask_storeu_epi16(y + m * ldy, valid, (__m256i)_mm512_cvtneps_pbh(v));
+  }
+}
+
+// Activation rows from which the AMX kernels are used: for one row a tile is mostly padding and
+// the vdpbf16ps kernels do less work. More than 16 rows are taken 16 at a time, each weight block
+// once from memory for all of them.
+constexpr int64_t AMX_MIN_ROWS = 2;
+#endif
+
+// Minimum number of work items per thread for parallel_for: about 64 KiB of weights, so that
+// tiny layers (tests) do not pay for waking a thread and big ones always split across all threads.
+inline int64_t grain_for(int64_t bytes_per_item) {
+  int64_t g = (64 * 1024) / (bytes_per_item > 0 ? bytes_per_item : 1);
+  return g > 0 ? g : 1;
+}
+
+// The kernels, on raw pointers; ops.cpp checks the tensors and calls them.
+// x: (M, K) row-major; y: (M, N) row-major; W rows are ldw elements apart.
+void gemv_bf16(const bf16* x, int64_t M, int64_t K, const bf16* w, int64_t ldw, int64_t N, bf16* y);
+// scales: (N,) float32 (scales_bf16 false) or bfloat16 (true).
+void gemv_int8(const bf16* x, int64_t M, int64_t K, const int8_t* w, int64_t ldw, int64_t N, const void* scales,
+               bool scales_bf16, bf16* y);
+// Int4Linear's buffers -> this file's blocked layout (see gemv_int4.cpp), and the kernel on it.
+int64_t int4_packed_bytes(int64_t N, int64_t K, int64_t group_size);
+void pack_int4(const uint8_t* weight, const bf16* scales_and_zeros, int64_t N, int64_t K, int64_t group_size,
+               uint8_t* packed);
+void gemv_int4(const bf16* x, int64_t M, int64_t K, const uint8_t* packed, int64_t N, int64_t group_size, bf16* y);
+
+inline const char* isa() {
+#if defined(LLAMA_KERNELS_AMX)
+  return amx_usable() ? "avx512_bf16+amx" : "avx512_bf16";
+#elif defined(LLAMA_KERNELS_AVX512)
+  return "avx512_bf16";
+#else
+  return "generic";
+#endif
+}
+
+}  // namespace llama_kernels

@@ -1,0 +1,170 @@
+// y = x @ w.T with bfloat16 x (M, K), w (N, K), float32 accumulation, bfloat16 y (M, N).
+//
+// PyTorch it mirrors:   y = F.linear(x, w)          (torch's bf16 GEMM also sums in float32)
+//
+// Each output y[m, n] is a dot product of two contiguous rows, x[m, :] and w[n, :] (the layout of
+// nn.Linear's weight, used as it is: no copy). The AVX-512 kernel walks K in chunks of 32 values
+// (one 64-byte register of each row); vdpbf16ps multiplies the 32 pairs and adds neighbours into
+// 16 float32 partial sums, which are summed across lanes once at the end of the row.
+// A tile of NR weight rows x MR activation rows is computed together: each w chunk is loaded
+// once for MR rows of x, each x chunk once for NR rows of w. For 2 rows of x and more, AMX tiles
+// do the multiplications (amx_block).
+#include <vector>
+
+#include "common.h"
+
+namespace llama_kernels {
+
+#ifdef LLAMA_KERNELS_AVX512
+
+namespace {
+
+constexpr int NR = 4;  // weight rows per tile: 4 sequential streams per thread for the prefetcher
+
+// The 32 bf16 values at p[0..n) (n <= 32), zeros after: the row's last, partial chunk.
+inline __m512bh load_bf16(const bf16* p, int64_t n) {
+  if (n >= 32) return (__m512bh)_mm512_loadu_si512(p);
+  return (__m512bh)_mm512_maskz_loadu_epi16(__mmask32((1ull << n) - 1), p);
+}
+
+// y[m, r] for m < MR, r < NR_ (rows of x and of w in the tile):  y[m, r] = sum_k x[m, k] * w[r, k]
+template <int MR, int NR_>
+void tile(const bf16* x, int64_t K, const bf16* w, int64_t ldw, bf16* y, int64_t ldy) {
+  __m512 acc[MR][NR_];
+  for (int m = 0; m < MR; m++)
+    for (int r = 0; r < NR_; r++) acc[m][r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {
+    const int64_t n = K - k;
+    __m512bh wv[NR_];
+    for (int r = 0; r < NR_; r++) wv[r] = load_bf16(w + r * ldw + k, n);
+    for (int m = 0; m < MR; m++) {
+      const __m512bh xv = load_bf16(x + m * K + k, n);
+      for (int r = 0; r < NR_; r++) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv, wv[r]);  // += x*w, pairwise
+    }
+  }
+  for (int m = 0; m < MR; m++)
+    for (int r = 0; r < NR_; r++) y[m * ldy + r] = float_to_bf16(_mm512_reduce_add_ps(acc[m][r]));
+}
+
+// All M rows of x against NR_ rows of w, MR <= 4 activation rows at a time.
+template <int NR_>
+void rows(const bf16* x, int64_t M, int64_t K, const bf16* w, int64_t ldw, bf16* y, int64_t ldy) {
+  for (int64_t m = 0; m < M; m += 4) {
+    const bf16* xm = x + m * K;
+    bf16* ym = y + m * ldy;
+    switch (M - m >= 4 ? 4 : M - m) {
+      case 1: tile<1, NR_>(xm, K, w, ldw, ym, ldy); break;
+      case 2: tile<2, NR_>(xm, K, w, ldw, ym, ldy); break;
+      case 3: tile<3, NR_>(xm, K, w, ldw, ym, ldy); break;
+      default: tile<4, NR_>(xm, K, w, ldw, ym, ldy); break;
+    }
+  }
+}
+
+#ifdef LLAMA_KERNELS_AMX
+// AMX version for 2..16 rows of x and K a multiple of 32. The 16 weight rows of a block are tile A
+// as they lie in memory (16 rows x 32 values, the next 64 bytes of each row); x, repacked once per
+// call into VNNI pairs (xv below), is tile B; C (16 weight rows x M) collects the dot products:
+//     C[i][m] = sum_k w[n0 + i, k] * x[m, k]    i.e. y[:, n0 : n0+16].T
+// tdpbf16ps takes long to finish, so consecutive K chunks go to four C tiles, added at the end.
+void amx_block(const uint32_t* xv, int64_t M, int64_t K, const bf16* w, int64_t ldw, bf16* y, int64_t N) {
+  // (the tile intrinsics are macros around asm statements: tile numbers must be literals)
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  int64_t k = 0;
+  for (; k + 128 <= K; k += 128) {  // A: tiles 4, 6; B: tiles 5, 7; C: tiles 0-3
+    _tile_loadd(4, w + k, ldw * 2);
+    _tile_loadd(5, xv + k * 8, 64);
+    _tile_dpbf16ps(0, 4, 5);
+    _tile_loadd(6, w + k + 32, ldw * 2);
+    _tile_loadd(7, xv + (k + 32) * 8, 64);
+    _tile_dpbf16ps(1, 6, 7);
+    _tile_loadd(4, w + k + 64, ldw * 2);
+    _tile_loadd(5, xv + (k + 64) * 8, 64);
+    _tile_dpbf16ps(2, 4, 5);
+    _tile_loadd(6, w + k + 96, ldw * 2);
+    _tile_loadd(7, xv + (k + 96) * 8, 64);
+    _tile_dpbf16ps(3, 6, 7);
+  }
+  for (; k < K; k += 32) {
+    _tile_loadd(4, w + k, ldw * 2);
+    _tile_loadd(5, xv + k * 8, 64);
+    _tile_dpbf16ps(0, 4, 5);
+  }
+  alignas(64) float c[4][16][16];  // C as (weight row, x row)
+  _tile_stored(0, c[0], 64);
+  _tile_stored(1, c[1], 64);
+  _tile_stored(2, c[2], 64);
+  _tile_stored(3, c[3], 64);
+  store_transposed(c, 4, _mm512_set1_ps(1.f), M, 16, y, N);
+}
+
+// y = x @ w.T for K % 32 == 0: AMX for whole blocks of 16 weight rows (and 16 rows of x at a
+// time), the vdpbf16ps tiles for the weight rows left at the end of N.
+void amx_gemv(const bf16* x, int64_t M, int64_t K, const bf16* w, int64_t ldw, int64_t N, bf16* y) {
+  const std::vector<uint32_t> xv = pack_pairs(x, M, K, K);
+  TileConfig config;
+  for (int t = 0; t < 8; t++) config.set(t, 16, 64);
+  const int64_t n_blocks = N / 16;
+  at::parallel_for(0, n_blocks, grain_for(16 * K * 2), [&](int64_t begin, int64_t end) {
+    TileScope tiles(config);
+    for (int64_t b = begin; b < end; b++)
+      for (int64_t m = 0; m < M; m += 16)  // the block's weights come from the cache after the first
+        amx_block(xv.data() + m * K / 2, M - m < 16 ? M - m : 16, K, w + b * 16 * ldw, ldw, y + m * N + b * 16, N);
+  });
+  for (int64_t n = n_blocks * 16; n < N; n++) rows<1>(x, M, K, w + n * ldw, ldw, y + n, N);
+}
+#endif
+
+}  // namespace
+
+void gemv_bf16(const bf16* x, int64_t M, int64_t K, const bf16* w, int64_t ldw, int64_t N, bf16* y) {
+#ifdef LLAMA_KERNELS_AMX
+  if (M >= AMX_MIN_ROWS && K % 32 == 0 && amx_usable()) {
+    amx_gemv(x, M, K, w, ldw, N, y);
+    return;
+  }
+#endif
+  const int64_t n_tiles = (N + NR - 1) / NR;
+  at::parallel_for(0, n_tiles, grain_for(NR * K * 2), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; t++) {
+      const int64_t n = t * NR;
+      const bf16* wn = w + n * ldw;
+      switch (N - n >= NR ? NR : N - n) {  // the last tile may have fewer rows
+        case 1: rows<1>(x, M, K, wn, ldw, y + n, N); break;
+        case 2: rows<2>(x, M, K, wn, ldw, y + n, N); break;
+        case 3: rows<3>(x, M, K, wn, ldw, y + n, N); break;
+        default: rows<NR>(x, M, K, wn, ldw, y + n, N); break;
+      }
+    }
+  });
+}
+
+#else  // generic: plain loops
+
+void gemv_bf16(const bf16* x, int64_t M, int64_t K, const bf16* w, int64_t ldw, int64_t N, bf16* y) {
+  std::vector<float> xf(M * K);  // x.float()
+  for (int64_t i = 0; i < M * K; i++) xf[i] = bf16_to_float(x[i]);
+  at::parallel_for(0, N, grain_for(K * 2), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; n++) {
+      for (int64_t m = 0; m < M; m++) {
+        // y[m, n] = sum_k x[m, k] * w[n, k], in 16 partial sums: float addition is not associative,
+        // so the compiler vectorises only sums that are written as separate lanes.
+        float part[16] = {};
+        int64_t k = 0;
+        for (; k + 16 <= K; k += 16)
+          for (int j = 0; j < 16; j++) part[j] += xf[m * K + k + j] * bf16_to_float(w[n * ldw + k + j]);
+        float acc = 0.f;
+        for (int j = 0; j < 16; j++) acc += part[j];
+        for (; k < K; k++) acc += xf[m * K + k] * bf16_to_float(w[n * ldw + k]);
+        y[m * N + n] = float_to_bf16(acc);
+      }
+    }
+  });
+}
+
+#endif
+
+}  // namespace llama_kernels

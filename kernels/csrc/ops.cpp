@@ -1,0 +1,115 @@
+// The kernels as PyTorch operators, torch.ops.llama_kernels.* (LLAMA_KERNELS_NS in common.h):
+// checks the tensors, allocates the output and calls the raw-pointer kernels of gemv_*.cpp. Shapes
+// and formats are documented in kernels/native.py, which also registers the operators' fake
+// (shape-only) versions for torch.compile.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "common.h"
+
+namespace llama_kernels {
+namespace {
+
+const bf16* bf16_ptr(const at::Tensor& t) { return reinterpret_cast<const bf16*>(t.data_ptr<at::BFloat16>()); }
+
+// x: (M, K) bfloat16 on the CPU, made contiguous.
+at::Tensor check_x(const at::Tensor& x, int64_t K, const char* op) {
+  TORCH_CHECK_VALUE(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.dim() == 2,
+              op, ": x must be a 2-D bfloat16 CPU tensor, got ", x.scalar_type(), " ", x.sizes(), " on ", x.device());
+  TORCH_CHECK_VALUE(x.size(1) == K, op, ": x has ", x.size(1), " columns, the weight expects ", K);
+  return x.contiguous();
+}
+
+// Rows of w must be contiguous; a row stride larger than K (a slice of a bigger matrix) is fine.
+at::Tensor check_w(const at::Tensor& w, at::ScalarType dtype, const char* op) {
+  TORCH_CHECK_VALUE(w.device().is_cpu() && w.scalar_type() == dtype && w.dim() == 2,
+              op, ": weight must be a 2-D ", dtype, " CPU tensor, got ", w.scalar_type(), " ", w.sizes());
+  return w.stride(1) == 1 && w.stride(0) >= w.size(1) ? w : w.contiguous();
+}
+
+at::Tensor gemv_bf16_op(const at::Tensor& x_, const at::Tensor& w_) {
+  const at::Tensor w = check_w(w_, at::kBFloat16, "gemv_bf16");
+  const at::Tensor x = check_x(x_, w.size(1), "gemv_bf16");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M > 0 && N > 0)
+    gemv_bf16(bf16_ptr(x), M, K, bf16_ptr(w), w.stride(0), N, reinterpret_cast<bf16*>(y.data_ptr<at::BFloat16>()));
+  return y;
+}
+
+at::Tensor gemv_int8_op(const at::Tensor& x_, const at::Tensor& w_, const at::Tensor& scales_) {
+  const at::Tensor w = check_w(w_, at::kChar, "gemv_int8");
+  const at::Tensor x = check_x(x_, w.size(1), "gemv_int8");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK_VALUE(scales_.dim() == 1 && scales_.size(0) == N && scales_.device().is_cpu() &&
+                  (scales_.scalar_type() == at::kFloat || scales_.scalar_type() == at::kBFloat16),
+              "gemv_int8: scales must be a (", N, ",) float32 or bfloat16 CPU tensor, got ", scales_.scalar_type(), " ",
+              scales_.sizes());
+  const at::Tensor scales = scales_.contiguous();
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M > 0 && N > 0)
+    gemv_int8(bf16_ptr(x), M, K, w.data_ptr<int8_t>(), w.stride(0), N, scales.data_ptr(),
+              scales.scalar_type() == at::kBFloat16, reinterpret_cast<bf16*>(y.data_ptr<at::BFloat16>()));
+  return y;
+}
+
+void check_int4_shape(int64_t N, int64_t K, int64_t G, const char* op) {
+  TORCH_CHECK_VALUE(G == 32 || G == 64 || G == 128 || G == 256, op, ": group_size must be 32, 64, 128 or 256, got ", G);
+  TORCH_CHECK_VALUE(N > 0 && K > 0 && K % G == 0, op, ": in_features ", K,
+                    " must be a positive multiple of group_size ", G, " (out_features ", N, ")");
+}
+
+at::Tensor pack_int4_op(const at::Tensor& weight_, const at::Tensor& sz_, int64_t G) {
+  TORCH_CHECK_VALUE(weight_.dim() == 2 && weight_.scalar_type() == at::kByte && weight_.device().is_cpu(),
+              "pack_int4: weight must be a 2-D uint8 CPU tensor (N, K/2), got ", weight_.scalar_type(), " ",
+              weight_.sizes());
+  const int64_t N = weight_.size(0), K = 2 * weight_.size(1);
+  check_int4_shape(N, K, G, "pack_int4");
+  TORCH_CHECK_VALUE(sz_.dim() == 3 && sz_.size(0) == K / G && sz_.size(1) == N && sz_.size(2) == 2 &&
+                  sz_.scalar_type() == at::kBFloat16 && sz_.device().is_cpu(),
+              "pack_int4: scales_and_zeros must be a bfloat16 CPU tensor of shape (", K / G, ", ", N, ", 2), got ",
+              sz_.scalar_type(), " ", sz_.sizes());
+  const at::Tensor weight = weight_.contiguous(), sz = sz_.contiguous();
+  at::Tensor packed = at::empty({int4_packed_bytes(N, K, G)}, weight.options());
+  pack_int4(weight.data_ptr<uint8_t>(), bf16_ptr(sz), N, K, G, packed.data_ptr<uint8_t>());
+  return packed;
+}
+
+at::Tensor gemv_int4_op(const at::Tensor& x_, const at::Tensor& packed, int64_t N, int64_t K, int64_t G) {
+  check_int4_shape(N, K, G, "gemv_int4");
+  TORCH_CHECK_VALUE(packed.dim() == 1 && packed.scalar_type() == at::kByte && packed.device().is_cpu() &&
+                  packed.is_contiguous() && packed.numel() == int4_packed_bytes(N, K, G),
+              "gemv_int4: packed must be pack_int4's output for N=", N, ", K=", K, ", group_size=", G, " (",
+              int4_packed_bytes(N, K, G), " uint8), got ", packed.scalar_type(), " ", packed.sizes());
+  const at::Tensor x = check_x(x_, K, "gemv_int4");
+  const int64_t M = x.size(0);
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M > 0)
+    gemv_int4(bf16_ptr(x), M, K, packed.data_ptr<uint8_t>(), N, G, reinterpret_cast<bf16*>(y.data_ptr<at::BFloat16>()));
+  return y;
+}
+
+std::string isa_op() { return isa(); }
+
+}  // namespace
+
+// One level of indirection so that the namespace macro is expanded before TORCH_LIBRARY pastes it.
+#define LK_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+#define LK_LIBRARY_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
+
+LK_LIBRARY(LLAMA_KERNELS_NS, m) {
+  m.def("gemv_bf16(Tensor x, Tensor weight) -> Tensor");
+  m.def("gemv_int8(Tensor x, Tensor weight, Tensor scales) -> Tensor");
+  m.def("pack_int4(Tensor weight, Tensor scales_and_zeros, int group_size) -> Tensor");
+  m.def("gemv_int4(Tensor x, Tensor packed, int out_features, int in_features, int group_size) -> Tensor");
+  m.def("isa() -> str", &isa_op);
+}
+
+LK_LIBRARY_IMPL(LLAMA_KERNELS_NS, CPU, m) {
+  m.impl("gemv_bf16", &gemv_bf16_op);
+  m.impl("gemv_int8", &gemv_int8_op);
+  m.impl("pack_int4", &pack_int4_op);
+  m.impl("gemv_int4", &gemv_int4_op);
+}
+
+}  // namespace llama_kernels

@@ -1,0 +1,428 @@
+"""Hand-written C++ matrix-vector kernels for CPU decoding, swapped in for the model's linears.
+
+    import kernels
+    model = kernels.optimize(model)                  # native=True by default: swaps where it can
+    kernels.native.swap_native_linears(model)        # or only this swap
+    kernels.native.available(), kernels.native.build_error(), kernels.native.isa()
+    python -c "from kernels import native; native.bench()"     # GB/s, torch's path against these
+
+Why: decoding one token (or a few: a batch, or the candidates of speculative decoding) multiplies
+x: (M, K) with M small by every weight matrix W: (N, K) once. Each weight is used M times after it
+is read, so the speed is the speed at which the CPU streams the weights from memory (or, with
+int8 / int4 weights, at which it widens them). The kernels in kernels/csrc/ read W once, front to
+back, split across torch's intra-op threads, and use every loaded piece of W for all M rows.
+
+Shapes: M = rows of x (tokens in the step; x.numel() / K), K = in_features, N = out_features,
+G = int4 group size. All three compute y = x @ W.T in float32 and round y once to bfloat16:
+
+    gemv_bf16(x, weight)               weight (N, K) bfloat16: nn.Linear's own
+    gemv_int8(x, weight, scales)       weight (N, K) int8, scales (N,): Int8Linear's own buffers
+    gemv_int4(x, packed, N, K, G)      packed = pack_int4(weight, scales_and_zeros, G), made once
+                                       from Int4Linear's buffers (the layout: kernels/csrc/gemv_int4.cpp)
+
+x is bfloat16 (M, K) on the CPU, any M; K need not be a multiple of anything (int4: of G, as
+Int4Linear requires). The activations are never quantized: int8 and int4 values are widened to
+the bfloat16 numbers they are (exactly) and multiplied with x as it is. The C++ files say which
+PyTorch expression each kernel mirrors and how the registers are used. Three builds, chosen by
+the CPU: AVX-512 with bfloat16 dot products (vdpbf16ps) for one row of x, AMX tiles for two rows
+and more (where the CPU and Linux allow them), and plain loops for any other CPU.
+
+Build: the first call of anything here compiles kernels/csrc/ with torch.utils.cpp_extension.load
+(needs a C++ compiler and ninja: `pip install ninja`, or the `fast` extra) for the machine it runs
+on (-march=native). That takes about a minute once; the result is cached in torch's extension
+directory (TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions), one build per kind of CPU.
+If the build fails, available() is False, build_error() says why, a warning is given once, and
+swap_native_linears changes nothing: the model keeps running on PyTorch.
+
+The swapped modules (NativeLinear, NativeInt8Linear, NativeInt4Linear) subclass the modules they
+replace, share their weights (no copy; a tied `output` stays tied to the embedding) and keep their
+state-dict names. Their forward calls the kernel when x is a bfloat16 CPU tensor of at most
+max_rows rows (MAX_ROWS: where the kernel stops being faster than the module it replaced) and
+autograd is not recording; otherwise the replaced module's own computation runs: long prefills
+(matrix-matrix work that oneDNN does better), float32 models, other devices, training.
+max_rows = 0 turns a module's kernel off.
+
+Memory: none extra for bf16 and int8. int4 keeps its own packed copy (the size of the int4
+weights plus their scales) instead of the one torch's int4 kernel makes on first use; with the
+default max_rows the swapped module never asks for torch's copy (above 256 rows Int4Linear
+dequantizes instead), so the two do not coexist.
+
+torch.compile: the operators have fake (shape-only) implementations, so a model that calls them
+traces into one graph (fullgraph=True) and calls the C++ kernels from it.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import platform
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llama.quantize import Int4Linear, Int8Linear
+
+__all__ = [
+    "MAX_ROWS",
+    "NativeInt4Linear",
+    "NativeInt8Linear",
+    "NativeLinear",
+    "available",
+    "bench",
+    "build_error",
+    "gemv_bf16",
+    "gemv_int4",
+    "gemv_int8",
+    "isa",
+    "pack_int4",
+    "swap_native_linears",
+]
+
+# Rows of x up to which a swapped module calls its kernel; above, the module it replaced does the
+# work. Measured against that module (2048 x 2048 weights, one thread of a 2-core Sapphire Rapids
+# VM): bf16 about even with F.linear (oneDNN) at 32 rows; int8 2x faster than Int8Linear at 64
+# rows (torch's int8 kernel to 32 rows, dequantize + matmul above), even between 128 and 256; int4
+# 2.7x faster than Int4Linear at 256 rows (its dequantization alone takes ~10 ms), 1.3x at 512.
+MAX_ROWS = {"bf16": 16, "int8": 64, "int4": 256}
+SOURCES = ("ops.cpp", "gemv_bf16.cpp", "gemv_int8.cpp", "gemv_int4.cpp")
+CSRC = Path(__file__).parent / "csrc"
+
+_build: dict = {}  # "ok": bool, "error": str | None, once the build has been tried in this process
+
+
+def _cpu_tag() -> str:
+    """A short hash of this CPU's model and features: the build is for one kind of CPU (-march=native),
+    so a home directory shared between machines gets one build per kind."""
+    text = platform.machine() + platform.processor()
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        text += "".join(sorted({line for line in lines if line.startswith(("model name", "flags"))}))
+    except OSError:
+        pass
+    return hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
+def _compile(generic: bool = False) -> None:
+    """Build (or find the cached build of) kernels/csrc/ and load it, which registers its operators:
+    torch.ops.llama_kernels.*, or with generic=True the plain-loop build as torch.ops.llama_kernels_generic.*
+    (for the tests). Raises whatever the build raises."""
+    from torch.utils import cpp_extension
+
+    variant = ["-DLLAMA_KERNELS_GENERIC", "-DLLAMA_KERNELS_NS=llama_kernels_generic"] if generic else []
+    cpp_extension.load(
+        name=f"llama_kernels{'_generic' if generic else ''}_{_cpu_tag()}",
+        sources=[str(CSRC / s) for s in SOURCES],
+        extra_cflags=["-O3", "-march=native", "-fopenmp", *variant],  # -fopenmp: at::parallel_for is inline OpenMP
+        extra_ldflags=["-fopenmp"],
+        is_python_module=False,
+        verbose=False,
+    )
+
+
+def _load() -> bool:
+    """Build and load the kernels once per process; True when the operators exist."""
+    if "ok" in _build:
+        return _build["ok"]
+    try:
+        _compile()
+        _register_fakes()
+        _build.update(ok=True, error=None)
+    except Exception as e:  # noqa: BLE001 -- any failure (no compiler, no ninja, a compile error) means fall back
+        _build.update(ok=False, error=f"{type(e).__name__}: {e}")
+        lines = _build["error"].splitlines()  # the whole build log: the warning shows its telling lines
+        telling = [line for line in lines[1:] if "error:" in line or "not found" in line][:3]
+        short = "\n".join(line[:200] for line in lines[:1] + telling)
+        warnings.warn(f"kernels.native: the C++ kernels could not be built, PyTorch's are used "
+                      f"(kernels.native.build_error() has the whole message): {short}",
+                      RuntimeWarning, stacklevel=3)  # fmt: skip
+    return _build["ok"]
+
+
+def available() -> bool:
+    """Whether the C++ kernels are built and loaded (builds them on the first call)."""
+    return _load()
+
+
+def build_error() -> str | None:
+    """Why the build failed, or None (builds on the first call)."""
+    _load()
+    return _build["error"]
+
+
+def isa() -> str:
+    """Which build is loaded: "avx512_bf16+amx", "avx512_bf16" (no AMX, or Linux refused it) or "generic"."""
+    if not _load():
+        raise RuntimeError(f"the C++ kernels are not available: {_build['error']}")
+    return torch.ops.llama_kernels.isa()
+
+
+def _register_fakes() -> None:
+    """Shape-only versions of the operators, for torch.compile's tracing (FakeTensors, no data)."""
+
+    @torch.library.register_fake("llama_kernels::gemv_bf16")
+    def _(x, weight):
+        return x.new_empty(x.shape[0], weight.shape[0])
+
+    @torch.library.register_fake("llama_kernels::gemv_int8")
+    def _(x, weight, scales):
+        return x.new_empty(x.shape[0], weight.shape[0])
+
+    @torch.library.register_fake("llama_kernels::gemv_int4")
+    def _(x, packed, out_features, in_features, group_size):
+        return x.new_empty(x.shape[0], out_features)
+
+    @torch.library.register_fake("llama_kernels::pack_int4")
+    def _(weight, scales_and_zeros, group_size):
+        raise NotImplementedError("pack_int4 runs once, eagerly, when a layer is swapped")
+
+
+# ---- the operators -----------------------------------------------------------------------------------
+
+
+def _require() -> None:
+    if not _load():
+        raise RuntimeError(f"the C++ kernels are not available: {_build['error']}")
+
+
+def gemv_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (M, K) bf16, weight (N, K) bf16 -> x @ weight.T (M, N) bf16, summed in float32."""
+    _require()
+    return torch.ops.llama_kernels.gemv_bf16(x, weight)
+
+
+def gemv_int8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x (M, K) bf16, weight (N, K) int8, scales (N,) float32/bf16 -> x @ (weight * scales[:, None]).T, bf16."""
+    _require()
+    return torch.ops.llama_kernels.gemv_int8(x, weight, scales)
+
+
+def pack_int4(weight: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Int4Linear's weight (N, K/2) uint8 and scales_and_zeros (K/G, N, 2) -> gemv_int4's packing (1-D uint8)."""
+    _require()
+    return torch.ops.llama_kernels.pack_int4(weight, scales_and_zeros.to(torch.bfloat16), group_size)
+
+
+def gemv_int4(x: torch.Tensor, packed: torch.Tensor, out_features: int, in_features: int,
+              group_size: int) -> torch.Tensor:  # fmt: skip
+    """x (M, K) bf16 @ the dequantized int4 weight .T -> (M, N) bf16; packed from pack_int4."""
+    _require()
+    return torch.ops.llama_kernels.gemv_int4(x, packed, out_features, in_features, group_size)
+
+
+# ---- the swapped modules -----------------------------------------------------------------------------
+
+
+def _takes_kernel(x: torch.Tensor, K: int, max_rows: int, weight: torch.Tensor) -> bool:
+    """The kernel's conditions (see the module docstring); weight: the tensor whose grad matters."""
+    if x.device.type != "cpu" or x.dtype != torch.bfloat16 or not 0 < x.numel() <= max_rows * K:
+        return False
+    return not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+
+
+class NativeLinear(nn.Linear):
+    """A bias-free bf16 nn.Linear whose decode-sized calls go to gemv_bf16; shares the original's weight."""
+
+    def __init__(self, linear: nn.Linear, max_rows: int = MAX_ROWS["bf16"]):
+        super().__init__(linear.in_features, linear.out_features, bias=False, device="meta")
+        self.weight = linear.weight  # the same Parameter (a tied output stays tied)
+        self.max_rows = max_rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if w.device.type == "cpu" and w.dtype == torch.bfloat16 and _takes_kernel(x, w.shape[1], self.max_rows, w):
+            y = torch.ops.llama_kernels.gemv_bf16(x.reshape(-1, self.in_features), self.weight)  # (M, N)
+            return y.view(*x.shape[:-1], self.out_features)  # (..., N)
+        return F.linear(x, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, native max_rows={self.max_rows}"
+
+
+class NativeInt8Linear(Int8Linear):
+    """Int8Linear whose decode-sized calls go to gemv_int8; shares the original's weight and scales."""
+
+    def __init__(self, module: Int8Linear, max_rows: int = MAX_ROWS["int8"]):
+        super().__init__(module.in_features, module.out_features, module.scales.dtype, device="meta")
+        self.weight, self.scales = module.weight, module.scales  # the same tensors
+        self.use_kernel = module.use_kernel  # for the fallback: Int8Linear.forward
+        self.max_rows = max_rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.device.type == "cpu" and _takes_kernel(x, self.in_features, self.max_rows, self.scales):
+            y = torch.ops.llama_kernels.gemv_int8(x.reshape(-1, self.in_features), self.weight, self.scales)
+            return y.view(*x.shape[:-1], self.out_features)  # (..., N)
+        return super().forward(x)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, native max_rows={self.max_rows}"
+
+
+class NativeInt4Linear(Int4Linear):
+    """Int4Linear whose decode-sized calls go to gemv_int4 on its own packing of the weights (the
+    non-persistent buffer `packed`, remade when weights are loaded through load_state_dict or
+    load_quantized). Shares the original's weight and scales_and_zeros."""
+
+    def __init__(self, module: Int4Linear, max_rows: int = MAX_ROWS["int4"]):
+        super().__init__(module.in_features, module.out_features, module.group_size,
+                         module.scales_and_zeros.dtype, device="meta")  # fmt: skip
+        self.weight, self.scales_and_zeros = module.weight, module.scales_and_zeros  # the same tensors
+        self.use_kernel = module.use_kernel  # for the fallback: Int4Linear.forward
+        self.max_rows = max_rows
+        self.register_buffer("packed", self._pack(), persistent=False)
+
+    def _pack(self) -> torch.Tensor:
+        return pack_int4(self.weight, self.scales_and_zeros, self.group_size)
+
+    def load_quantized(self, w: torch.Tensor) -> None:
+        super().load_quantized(w)
+        self.packed = self._pack()
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        if self.weight.device.type == "cpu":
+            self.packed = self._pack()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        N, K = self.out_features, self.in_features
+        if self.packed.device.type == "cpu" and _takes_kernel(x, K, self.max_rows, self.scales_and_zeros):
+            y = torch.ops.llama_kernels.gemv_int4(x.reshape(-1, K), self.packed, N, K, self.group_size)  # (M, N)
+            return y.view(*x.shape[:-1], self.out_features)  # (..., N)
+        return super().forward(x)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, native max_rows={self.max_rows}"
+
+
+def _native_version(module: nn.Module, max_rows: int | None = None) -> nn.Module | None:
+    """The swapped module for `module` (max_rows None: MAX_ROWS of its kind), or None when the
+    kernels cannot serve it."""
+    if type(module) is nn.Linear:
+        w = module.weight
+        if module.bias is None and w.dtype == torch.bfloat16 and w.device.type == "cpu" and w.stride(-1) == 1:
+            return NativeLinear(module, MAX_ROWS["bf16"] if max_rows is None else max_rows)
+    elif type(module) is Int8Linear:
+        if module.weight.device.type == "cpu" and module.scales.dtype == torch.bfloat16:
+            if module.weight.numel() and module.weight.min() == -128:
+                return None  # the kernel's widening covers -127..127 (all that quantize_int8 makes)
+            return NativeInt8Linear(module, MAX_ROWS["int8"] if max_rows is None else max_rows)
+    elif type(module) is Int4Linear:
+        if module.weight.device.type == "cpu" and module.scales_and_zeros.dtype == torch.bfloat16:
+            return NativeInt4Linear(module, MAX_ROWS["int4"] if max_rows is None else max_rows)
+    return None
+
+
+def _candidates(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """(parent, attribute name, module) of every bf16 CPU linear the kernels could serve."""
+    found = []
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if type(child) is nn.Linear and child.bias is None and child.weight.dtype == torch.bfloat16:
+                found.append((parent, name, child))
+            elif type(child) in (Int8Linear, Int4Linear):
+                scales = child.scales if type(child) is Int8Linear else child.scales_and_zeros
+                if scales.dtype == torch.bfloat16:
+                    found.append((parent, name, child))
+    return [(p, n, c) for p, n, c in found if c.weight.device.type == "cpu"]
+
+
+def swap_native_linears(model: nn.Module, max_rows: int | None = None) -> list[str]:
+    """Replace, in place, every linear of `model` the kernels can serve; returns the names replaced.
+
+    max_rows: the most rows of x a swapped module sends to its kernel (None: MAX_ROWS of its kind).
+
+    Served: bias-free bfloat16 nn.Linear (wq.., the fused wqkv / w13 of kernels.optimize, output),
+    Int8Linear and Int4Linear with bfloat16 scales (a bfloat16 model quantized by llama/quantize.py),
+    on the CPU. Other modules, and everything when the kernels cannot be built (a warning says why),
+    stay as they are. Apply after kernels.optimize's fusions (fuse_linears takes only plain nn.Linear),
+    which kernels.optimize(native=True) does. Swapping twice is harmless.
+    """
+    if max_rows is not None and max_rows < 0:
+        raise ValueError(f"max_rows must be >= 0, got {max_rows}")
+    candidates = _candidates(model)
+    if not candidates or not _load():  # build only when there is something to swap
+        return []
+    names = {id(m): n for n, m in model.named_modules()}
+    swapped = []
+    for parent, name, child in candidates:
+        new = _native_version(child, max_rows)
+        if new is not None:
+            setattr(parent, name, new)
+            swapped.append(names.get(id(child), name))
+    return swapped
+
+
+# ---- benchmark -----------------------------------------------------------------------------------------
+
+BENCH_SHAPES = ((2048, 2048), (512, 2048), (8192, 2048), (2048, 8192), (128256, 2048))  # (N, K): Llama 3.2 1B
+
+
+def _time(fn, inputs: list, min_seconds: float) -> float:
+    """Best seconds per call over 3 rounds; each round cycles through `inputs` (copies of the weights
+    larger than the caches together, so every call reads its weights from memory, as in decoding)."""
+    for item in inputs:  # warm up (torch's int4 kernel packs its weights on the first call)
+        fn(item)
+    best = float("inf")
+    for _ in range(3):
+        calls, start = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - start) < min_seconds:
+            for item in inputs:
+                fn(item)
+            calls += len(inputs)
+        best = min(best, elapsed / calls)
+    return best
+
+
+def bench(shapes=BENCH_SHAPES, rows=(1, 8), formats=("bf16", "int8", "int4-g32", "int4-g128"),
+          min_seconds: float = 0.3, cache_bytes: int = 512 << 20) -> list[dict]:  # fmt: skip
+    """Print and return GB/s of weight bytes (the layer's weight tensors incl. scales, / seconds per
+    call) of torch's path (F.linear, Int8Linear / Int4Linear with torch's packed kernels) and of the
+    kernels here, for x: (M, K) bfloat16. Uses torch's current thread count."""
+    _require()
+    print(f"kernels.native ({isa()}), {torch.get_num_threads()} threads; GB/s of weight bytes read per call")
+    print(f"{'format':>9} {'N':>7} {'K':>5} {'M':>3} {'MB':>7} {'torch':>7} {'native':>7} {'speed-up':>8}")
+    results = []
+    generator = torch.Generator().manual_seed(0)
+    for fmt in formats:
+        for N, K in shapes:
+            w = (torch.randn(N, K, generator=generator) * 0.02).to(torch.bfloat16)
+            linear = nn.Linear(K, N, bias=False, device="meta")
+            linear.weight = nn.Parameter(w, requires_grad=False)
+            if fmt == "bf16":
+                plain = linear
+            elif fmt == "int8":
+                plain = Int8Linear.from_float(linear)
+            else:
+                plain = Int4Linear.from_float(linear, group_size=int(fmt.removeprefix("int4-g")))
+            del linear, w
+            nbytes = sum(t.nbytes for t in plain.state_dict().values())
+            copies = max(1, -(-cache_bytes // nbytes))
+            plains = [plain] + [_copy_module(plain) for _ in range(copies - 1)]
+            natives = [_native_version(p, max_rows=1 << 30) for p in plains]
+            for M in rows:
+                x = torch.randn(M, K, generator=generator).to(torch.bfloat16)
+                with torch.inference_mode():
+                    t_torch = _time(lambda m: m(x), plains, min_seconds)
+                    t_native = _time(lambda m: m(x), natives, min_seconds)
+                row = dict(format=fmt, N=N, K=K, M=M, bytes=nbytes, torch=nbytes / t_torch / 1e9,
+                           native=nbytes / t_native / 1e9)  # fmt: skip
+                results.append(row)
+                print(f"{fmt:>9} {N:>7} {K:>5} {M:>3} {nbytes / 1e6:>7.1f} {row['torch']:>7.1f} {row['native']:>7.1f} "
+                      f"{row['native'] / row['torch']:>7.1f}x", flush=True)  # fmt: skip
+            del plains, natives, plain
+    return results
+
+
+def _copy_module(module: nn.Module) -> nn.Module:
+    """A copy with its own weight storage (a distinct memory region for the benchmark)."""
+    new = copy.deepcopy(module)
+    if isinstance(new, Int4Linear):
+        new._packed = None  # torch's int4 packing is made again for the copy on first use
+    return new
+
+
+if __name__ == "__main__":
+    bench()
