@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--plot", help="also write a bar chart of decode speed to this PNG file (needs matplotlib)")
     p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--profile", action="store_true",
+                   help="instead of the table: profile the decode steps of each chosen configuration of this "
+                        "project with torch.profiler and print where the time goes")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one configuration and print JSON
     return p
 
@@ -119,6 +122,15 @@ def run_ours(args, kind: str, dtype: str, quant: str | None, compile: bool, batc
     for _ in stream(model, [p[:8] for p in prompts], 3, temperature=0, stop_tokens=[], compile=compile):
         pass  # warm-up: first calls allocate and pick kernels
 
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        steps = stream(model, prompts, args.new_tokens, temperature=0, stop_tokens=[], compile=compile)
+        next(steps)  # the prefill, not profiled
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in steps:
+                pass
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), file=sys.stderr)
     _sync(device)
     times = []
     start = time.perf_counter()
@@ -208,7 +220,11 @@ def run_config(args, name: str, batch: int) -> dict:
                "--group-size", str(args.group_size), "--device", args.device]  # fmt: skip
     if args.threads:
         command += ["--threads", str(args.threads)]
+    if args.profile:
+        command += ["--profile"]
     proc = subprocess.run(command, capture_output=True, text=True)
+    if args.profile:
+        print(f"\n== {name}, batch {batch}: decode steps, by self CPU time ==\n" + proc.stderr, file=sys.stderr)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line.removeprefix("RESULT "))
