@@ -48,7 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .generation import GenerationError, SamplingParams
-from .serving import ContextLengthError, Delta, Engine, EngineFullError, EngineStoppedError, Request, token_bytes, token_text
+from .serving import ContextLengthError, Delta, Engine, EngineFullError, EngineStoppedError, Request, token_text
 from .tokenizer import ChatFormatError
 
 logger = logging.getLogger(__name__)
@@ -560,7 +560,7 @@ class _ChatCompletions(_Response):
 
         def entry(token_id: int, logprob: float) -> dict:
             return {"token": token_text(self.tokenizer, token_id), "logprob": logprob,
-                    "bytes": list(token_bytes(self.tokenizer, token_id))}  # fmt: skip
+                    "bytes": list(self.tokenizer.token_bytes(token_id))}  # fmt: skip
 
         return [{**entry(t.id, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in t.top]} for t in delta.logprobs]
 

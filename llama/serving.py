@@ -509,24 +509,10 @@ class Engine:
             seq.ticket.cancelled = True
 
 
-def token_bytes(tokenizer, token_id: int) -> bytes:
-    """The bytes one token stands for (Llama 3: its BPE bytes, possibly part of a character;
-    sentencepiece: its piece, with `<0xNN>` byte pieces as that byte and '▁' as a space)."""
-    model = getattr(tokenizer, "_model", None)
-    if hasattr(model, "decode_single_token_bytes"):  # tiktoken
-        return model.decode_single_token_bytes(token_id)
-    if hasattr(model, "id_to_piece"):  # sentencepiece
-        piece = model.id_to_piece(token_id)
-        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
-            return bytes([int(piece[3:5], 16)])
-        return piece.replace("\u2581", " ").encode("utf-8")
-    return tokenizer.decode([token_id]).encode("utf-8")
-
-
 def token_text(tokenizer, token_id: int) -> str:
     """A token as text for logprobs: its characters, or `bytes:\\xNN...` when its bytes are not whole
     UTF-8 characters (OpenAI's convention)."""
-    raw = token_bytes(tokenizer, token_id)
+    raw = tokenizer.token_bytes(token_id)
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:

@@ -60,6 +60,11 @@ class Tokenizer(ABC):
     def encode_dialog(self, messages: Sequence[Message]) -> list[int]:
         """Prompt ids for a chat, ending where the assistant's answer starts."""
 
+    @abstractmethod
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for, possibly part of a UTF-8 character (what OpenAI's
+        logprobs report as `bytes`)."""
+
     def stream_decoder(self, prompt: Sequence[int] = ()) -> StreamDecoder:
         """A decoder for one stream of generated ids (see StreamDecoder). Given the `prompt` ids the
         stream continues, it prints what the new ids add to the prompt's text: sentencepiece drops
@@ -246,6 +251,9 @@ class TiktokenTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         return self._model.decode(self._check_ids(ids), errors="replace")
 
+    def token_bytes(self, token_id: int) -> bytes:
+        return self._model.decode_single_token_bytes(self._check_ids([token_id])[0])
+
     def encode_dialog(self, messages: Sequence[Message]) -> list[int]:
         """Meta's Llama 3 chat format; content is stripped of surrounding whitespace, as in
         meta-llama/llama3's ChatFormat and HF's chat template. The `tool` role is written `ipython`."""
@@ -305,6 +313,13 @@ class SentencePieceTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._model.decode(self._check_ids(ids))
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The piece's bytes: a `<0xNN>` byte-fallback piece is that byte, '▁' is a space."""
+        piece = self._model.id_to_piece(self._check_ids([token_id])[0])
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace("\u2581", " ").encode("utf-8")
 
     def encode_dialog(self, messages: Sequence[Message]) -> list[int]:
         """Meta's Llama 2 chat format (llama/generation.py, chat_completion).

@@ -32,7 +32,7 @@ import uvicorn
 import llama
 from llama import ModelConfig, Transformer
 from llama.server import create_app
-from llama.serving import ContextLengthError, Engine, EngineFullError, Request, token_bytes
+from llama.serving import ContextLengthError, Engine, EngineFullError, Request
 
 SCRIPTS = Path(__file__).parents[1] / "scripts"
 LLAMA3_TOKENIZER = Path(str(importlib.resources.files("llama_models.llama3") / "tokenizer.model"))
@@ -270,7 +270,7 @@ def test_logprobs_are_the_models(client, ref, tokenizer):
                                           top_logprobs=2)  # fmt: skip
     content = chat.choices[0].logprobs.content
     assert [c.logprob for c in content] == pytest.approx(logprobs[0], abs=1e-4)
-    assert [bytes(c.bytes) for c in content] == [token_bytes(tokenizer, t) for t in new[0]]
+    assert [bytes(c.bytes) for c in content] == [tokenizer.token_bytes(t) for t in new[0]]
     assert all(len(c.top_logprobs) == 2 for c in content)
 
 
@@ -502,7 +502,7 @@ def byte_tokens(tokenizer) -> dict[int, int]:
     """Llama 3's single-byte tokens: byte value -> id."""
     found = {}
     for i in range(tokenizer.vocab_size - 256):
-        raw = token_bytes(tokenizer, i)
+        raw = tokenizer.token_bytes(i)
         if len(raw) == 1:
             found[raw[0]] = i
     assert len(found) == 256

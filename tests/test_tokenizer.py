@@ -374,3 +374,28 @@ def test_llama2_stream_keeps_the_space_after_the_prompt(llama2):
     ids = llama2.encode("And God said unto them", bos=True, eos=False)[len(prompt) :]
     decoder = llama2.stream_decoder(prompt)
     assert "".join(decoder.push(i) for i in ids) + decoder.flush() == " unto them"
+
+
+# ---- the bytes of one token ------------------------------------------------------------------------
+
+BYTES_TEXT = "Grüße, 東京 🦙 and naïve café"
+
+
+def test_llama3_token_bytes_concatenate_to_the_text(llama3):
+    ids = llama3.encode(BYTES_TEXT, bos=False, eos=False)
+    assert b"".join(llama3.token_bytes(i) for i in ids) == BYTES_TEXT.encode("utf-8")
+    assert any(len(llama3.token_bytes(i).decode("utf-8", errors="ignore")) == 0 for i in ids)  # part of a character
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        llama3.token_bytes(llama3.vocab_size)
+
+
+def test_sentencepiece_token_bytes_concatenate_to_the_text():
+    # The bundled model's tokenizer: Llama 2-style BPE with byte fallback (no CJK pieces, so 東京 and
+    # the llama become <0xNN> byte pieces) and a dummy-prefix space before the first word.
+    import weights
+
+    tok = SentencePieceTokenizer(Path(weights.BUNDLED_MODEL) / "tokenizer.model")
+    ids = tok.encode(BYTES_TEXT, bos=False, eos=False)
+    assert b"".join(tok.token_bytes(i) for i in ids) == b" " + BYTES_TEXT.encode("utf-8")
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        tok.token_bytes(-1)
