@@ -118,10 +118,9 @@ def load(
         # Quantized modules replace the linears on the meta device; each weight is quantized as it
         # is read, so the float model never exists in memory as a whole.
         quantized = set(q.swap_linears(model, quantize, group_size, quantize_output, dtype, fill=False) if quantize else [])
-        if config.tie_word_embeddings and "output" in quantized:
-            quantized_copies = {"tok_embeddings.weight": "output"}  # quantize the embedding table once more
-        else:
-            quantized_copies = {}
+        # A tied output that is quantized is a quantized copy of the embedding table: the table is
+        # read once, kept in float for the embedding, and quantized for the output as well.
+        copy_output = config.tie_word_embeddings and "output" in quantized
         shapes = ckpt.shapes()
         total = sum(torch.Size(shapes[n]).numel() * dtype.itemsize for n in names)
         if progress is None:
@@ -133,19 +132,21 @@ def load(
             bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {Path(path).name}", file=sys.stderr)
 
         state = {}
+
+        def fill_quantized(module: str, tensor: torch.Tensor) -> None:
+            layer = model.get_submodule(module)
+            layer.load_quantized(tensor.to(device))
+            state.update({f"{module}.{n}": b for n, b in layer.named_buffers()})
+
         for name in names:
             tensor = ckpt.read(name, dtype)
             if bar is not None:
                 bar.update(tensor.nbytes)
-            if name in quantized_copies:
-                layer = model.get_submodule(quantized_copies[name])
-                layer.load_quantized(tensor.to(device))
-                state.update({f"{quantized_copies[name]}.{n}": b for n, b in layer.named_buffers()})
+            if copy_output and name == "tok_embeddings.weight":
+                fill_quantized("output", tensor)
             module = name.removesuffix(".weight")
             if module in quantized:
-                layer = model.get_submodule(module)
-                layer.load_quantized(tensor.to(device))
-                state.update({f"{module}.{n}": b for n, b in layer.named_buffers()})
+                fill_quantized(module, tensor)
                 del tensor
                 release_freed_memory()
                 continue

@@ -246,8 +246,9 @@ def decode_step(model: Transformer, token: torch.Tensor, positions: torch.Tensor
 def compiled_decode_step(model: Transformer, **options):
     """decode_step compiled with torch.compile(fullgraph=True) for this model, made once and kept on
     the model. The first call compiles (tens of seconds for a 1B model on a CPU); a call with another
-    batch size or kv_len compiles once more, then dynamo treats the changed sizes as symbolic. options go to torch.compile (e.g. mode="reduce-overhead" for CUDA graphs, whose
-    outputs are overwritten by the next call: callers clone what they keep)."""
+    batch size or kv_len compiles once more, then dynamo treats the changed sizes as symbolic.
+    options go to torch.compile (e.g. mode="reduce-overhead" for CUDA graphs, whose outputs are
+    overwritten by the next call: callers clone what they keep)."""
     fn = getattr(model, "_compiled_decode_step", None)
     if fn is None:
         fn = torch.compile(decode_step, fullgraph=True, **options)

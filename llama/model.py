@@ -262,6 +262,7 @@ class Transformer(nn.Module):
         """
         B, T = tokens.shape
         cache = self.cache_size
+        dynamic = self.config.rope_scaling is not None and self.config.rope_scaling.kind == "dynamic"
         starts = torch.as_tensor(start_pos, dtype=torch.long, device=tokens.device).expand(B)  # (B,)
         positions = starts[:, None] + torch.arange(T, device=tokens.device)  # (B, T)
         if cache is None:
@@ -273,7 +274,7 @@ class Transformer(nn.Module):
         elif kv_len is not None:
             if not 0 < kv_len <= cache[1]:
                 raise ValueError(f"kv_len {kv_len} is outside the KV cache's 1..{cache[1]} positions")
-            if self.config.rope_scaling is not None and self.config.rope_scaling.kind == "dynamic":
+            if dynamic:
                 raise ValueError("kv_len cannot be used with dynamic NTK scaling, whose frequencies depend on the positions")
             seq_len = kv_len
         else:
@@ -294,7 +295,6 @@ class Transformer(nn.Module):
         mask = key_positions[None, None, None, :] <= positions[:, None, :, None]  # (B, 1, T, S)
 
         freqs = self.rope_freqs
-        dynamic = self.config.rope_scaling is not None and self.config.rope_scaling.kind == "dynamic"
         # model.to(torch.bfloat16) or .half() casts every floating buffer, rounding the frequencies
         # (bf16: 2^-9 relative, radians of angle error by position 10^4): rebuild them in float32.
         if dynamic or freqs.dtype != torch.float32:
