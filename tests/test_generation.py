@@ -25,23 +25,14 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import llama
-from llama import GenerationError, Llama, ModelConfig, Transformer, generate, stream
+from llama import GenerationError, Llama, ModelConfig, generate, stream
 from llama.generation import SamplingParams, apply_repetition_penalty, filter_logits, sample
+
+from random_models import random_model
 
 LLAMA3_TOKENIZER = Path(str(importlib.resources.files("llama_models.llama3") / "tokenizer.model"))
 
 HYPOTHESIS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-
-def random_model(config: ModelConfig, seed: int, std: float = 0.3) -> Transformer:
-    """A float32 model whose matrices are normal(0, std); norms stay ones."""
-    generator = torch.Generator().manual_seed(seed)
-    model = Transformer(config)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.ndim == 2:
-                param.copy_(torch.randn(param.shape, generator=generator) * std)
-    return model.eval()
 
 
 # ---- a tiny model and its transformers twin -------------------------------------------------------

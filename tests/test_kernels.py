@@ -28,6 +28,8 @@ from kernels import FastAttention, FusedFeedForward, FusedNormBlock, add_rms_nor
 from llama import ModelConfig, Transformer
 from llama.model import Attention, FeedForward, RMSNorm, TransformerBlock, apply_rope
 
+from random_models import random_model as shared_random_model
+
 torch.set_num_threads(1)
 
 SWITCHES = ("fuse_qkv", "fuse_gate_up", "fuse_norm_residual", "sdpa", "inplace_rope")
@@ -39,15 +41,7 @@ SMALL = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, 
 
 def random_model(config: ModelConfig, seed: int = 0, std: float = 0.3, dtype=torch.float32) -> Transformer:
     """Matrices normal(0, std) (peaked logits); norms random around 1 so their weights matter."""
-    generator = torch.Generator().manual_seed(seed)
-    model = Transformer(config)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.ndim == 2:
-                param.copy_(torch.randn(param.shape, generator=generator) * std)
-            else:
-                param.copy_(1 + 0.1 * torch.randn(param.shape, generator=generator))
-    return model.to(dtype).eval()
+    return shared_random_model(config, seed, std, random_norms=True, dtype=dtype)
 
 
 def tolerance(dtype, switches: dict) -> float:

@@ -39,6 +39,8 @@ from kernels.native import NativeInt4Linear, NativeInt8Linear, NativeLinear
 from llama import ModelConfig, Transformer
 from llama.quantize import Int4Linear, Int8Linear, quantize_model
 
+from random_models import random_model as shared_random_model
+
 torch.set_num_threads(2)  # the kernels split N across threads: exercise that
 
 needs_kernels = pytest.mark.skipif(not native.available(),
@@ -49,16 +51,8 @@ MODEL_REL = 2e-2
 
 
 def random_model(config: ModelConfig = CONFIG, seed: int = 0, std: float = 0.3) -> Transformer:
-    """A bf16 model, matrices normal(0, std) (peaked logits), norms around 1 (as in test_kernels.py)."""
-    generator = torch.Generator().manual_seed(seed)
-    model = Transformer(config)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.ndim == 2:
-                param.copy_(torch.randn(param.shape, generator=generator) * std)
-            else:
-                param.copy_(1 + 0.1 * torch.randn(param.shape, generator=generator))
-    return model.to(torch.bfloat16).eval()
+    """A bf16 model, matrices normal(0, std) (peaked logits), norms around 1."""
+    return shared_random_model(config, seed, std, random_norms=True, dtype=torch.bfloat16)
 
 
 def assert_within(y: torch.Tensor, ref: torch.Tensor, abs_ref: torch.Tensor, K: int) -> None:

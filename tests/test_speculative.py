@@ -26,21 +26,12 @@ from llama import GenerationError, ModelConfig, Transformer, generate
 from llama.generation import SamplingParams, filter_logits
 from llama.speculative import SpeculativeStats, speculative_generate, speculative_stream
 
+from random_models import random_model
+
 HYPOTHESIS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 TARGET = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=17, ffn_dim=64, max_seq_len=64)
 DRAFT = ModelConfig(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=17, ffn_dim=32, max_seq_len=64)
-
-
-def random_model(config: ModelConfig, seed: int, std: float = 0.3) -> Transformer:
-    """A float32 model whose matrices are normal(0, std); norms stay ones."""
-    generator = torch.Generator().manual_seed(seed)
-    model = Transformer(config)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.ndim == 2:
-                param.copy_(torch.randn(param.shape, generator=generator) * std)
-    return model.eval()
 
 
 def perturbed(model: Transformer, seed: int, std: float) -> Transformer:
