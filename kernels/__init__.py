@@ -8,7 +8,7 @@
 Each switch replaces modules with ones of the same forward signature (see kernels/fused.py for what
 each saves); every switch off leaves the model untouched. The swaps are a runtime transform for
 inference: the fused weights have new names (`attention.wqkv`, `feed_forward.w13`), so save,
-convert or quantize (llama/quantize.py finds linears by their Meta names) before optimizing. Only
+convert or quantize (llama/quantization/ finds linears by their Meta names) before optimizing. Only
 plain nn.Linear projections are fused; on a quantized model turn fuse_qkv and fuse_gate_up off, the
 other swaps take any projection module.
 
@@ -21,7 +21,7 @@ on PyTorch. A float32 model has nothing to swap and is left alone without compil
 
 from __future__ import annotations
 
-from llama.model import Attention, FeedForward, Transformer, TransformerBlock
+from llama.core.model import Attention, FeedForward, Transformer, TransformerBlock
 
 from . import native as native_kernels
 from .fused import FastAttention, FusedFeedForward, FusedNormBlock, add_rms_norm, check_fusable, fuse_linears, rope_

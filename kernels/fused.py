@@ -1,4 +1,4 @@
-"""Fused drop-in replacements for the plain modules of llama/model.py, in plain PyTorch.
+"""Fused drop-in replacements for the plain modules of llama/core/model.py, in plain PyTorch.
 
 Each replacement keeps the forward signature of the module it replaces, takes over (shares) that
 module's weights, and computes the same function; kernels.optimize() swaps them into a loaded model.
@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama.model import Attention, FeedForward, RMSNorm, TransformerBlock, apply_rope
+from llama.core.model import Attention, FeedForward, RMSNorm, TransformerBlock, apply_rope
 
 _SDPA_HAS_GQA = torch.__version__ >= "2.5"  # TorchVersion compares as a version, not a string
 

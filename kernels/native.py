@@ -64,7 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama.quantize import Int4Linear, Int8Linear
+from llama.quantization import Int4Linear, Int8Linear
 
 __all__ = [
     "MAX_ROWS",
@@ -264,7 +264,7 @@ class NativeInt8Linear(Int8Linear):
 class NativeInt4Linear(Int4Linear):
     """Int4Linear whose decode-sized calls go to gemv_int4 on its own packing of the weights (the
     non-persistent buffer `packed`, remade when weights are loaded through load_state_dict or
-    load_quantized). Shares the original's weight and scales_and_zeros."""
+    load_weight). Shares the original's weight and scales_and_zeros."""
 
     def __init__(self, module: Int4Linear, max_rows: int = MAX_ROWS["int4"]):
         super().__init__(module.in_features, module.out_features, module.group_size,
@@ -277,8 +277,8 @@ class NativeInt4Linear(Int4Linear):
     def _pack(self) -> torch.Tensor:
         return pack_int4(self.weight, self.scales_and_zeros, self.group_size)
 
-    def load_quantized(self, w: torch.Tensor) -> None:
-        super().load_quantized(w)
+    def load_weight(self, w: torch.Tensor) -> None:
+        super().load_weight(w)
         self.packed = self._pack()
 
     def _load_from_state_dict(self, *args, **kwargs):
@@ -335,7 +335,7 @@ def swap_native_linears(model: nn.Module, max_rows: int | None = None) -> list[s
     max_rows: the most rows of x a swapped module sends to its kernel (None: MAX_ROWS of its kind).
 
     Served: bias-free bfloat16 nn.Linear (wq.., the fused wqkv / w13 of kernels.optimize, output),
-    Int8Linear and Int4Linear with bfloat16 scales (a bfloat16 model quantized by llama/quantize.py),
+    Int8Linear and Int4Linear with bfloat16 scales (a bfloat16 model quantized by llama/quantization/),
     on the CPU. Other modules, and everything when the kernels cannot be built (a warning says why),
     stay as they are. Apply after kernels.optimize's fusions (fuse_linears takes only plain nn.Linear),
     which kernels.optimize(native=True) does. Swapping twice is harmless.

@@ -12,13 +12,14 @@
 
 from weights import CheckpointError
 
-from . import quantize
-from .checkpoint import load, save
-from .config import REGISTRY, ConfigError, ModelConfig, RopeScaling
-from .generation import GenerationError, generate, stream
-from .model import Transformer
+from . import quantization
+from .core.checkpoint import save
+from .core.config import REGISTRY, ConfigError, ModelConfig, RopeScaling
+from .core.generation import GenerationError, generate, stream
+from .core.model import Transformer
+from .core.tokenizer import load_tokenizer
+from .loading import load
 from .pipeline import Llama
-from .tokenizer import load_tokenizer
 
 __all__ = [
     "REGISTRY",
@@ -32,7 +33,7 @@ __all__ = [
     "generate",
     "load",
     "load_tokenizer",
-    "quantize",
+    "quantization",
     "save",
     "stream",
 ]

@@ -14,10 +14,11 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .checkpoint import load
-from .generation import stream
-from .model import Transformer
-from .tokenizer import Message, Tokenizer, load_tokenizer
+from .core.generation import stream
+from .core.model import Transformer
+from .core.stops import split_at_stop
+from .core.tokenizer import Message, Tokenizer, load_tokenizer
+from .loading import load
 
 
 class Llama:
@@ -44,13 +45,13 @@ class Llama:
         for step in stream(self.model, [prompt_ids], max_new_tokens, stop_strings=stop or None,
                            tokenizer=self.tokenizer, **sampling):
             pending += decoder.push(step[0].id)
-            text, pending, done = _split_at_stop(pending, stop)
+            text, pending, done = split_at_stop(pending, stop)
             if text:
                 yield text
             if done:
                 return
         pending += decoder.flush()
-        text, _, _ = _split_at_stop(pending, stop, final=True)
+        text, _, _ = split_at_stop(pending, stop, final=True)
         if text:
             yield text
 
@@ -69,17 +70,3 @@ class Llama:
     def chat(self, messages: Sequence[Message], max_new_tokens: int = 512, **kwargs) -> str:
         """The assistant's reply to a dialog of {"role", "content"} messages, in the model's chat format."""
         return "".join(self.chat_stream(messages, max_new_tokens, **kwargs))
-
-
-def _split_at_stop(text: str, stop: Sequence[str], final: bool = False) -> tuple[str, str, bool]:
-    """(text safe to show, text to hold back, whether a stop string was reached)."""
-    if not stop:
-        return text, "", False
-    hits = [text.find(s) for s in stop if s in text]
-    if hits:
-        return text[: min(hits)], "", True
-    if final:
-        return text, "", False
-    # Hold back the longest tail that is a prefix of some stop string.
-    hold = max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-    return text[: len(text) - hold], text[len(text) - hold :], False

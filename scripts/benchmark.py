@@ -45,7 +45,7 @@ CONFIGS = {  # name: (implementation, dtype, quantization, compile)
     "ours-bf16-compile": ("ours", "bfloat16", None, True),
     "ours-int8-compile": ("ours", "bfloat16", "int8", True),
     "ours-int4-compile": ("ours", "bfloat16", "int4", True),
-    "ours-bf16-plain": ("plain", "bfloat16", None, False),  # llama/model.py as written, no kernels/
+    "ours-bf16-plain": ("plain", "bfloat16", None, False),  # llama/core/model.py as written, no kernels/
 }
 
 
@@ -104,8 +104,8 @@ def _peak_memory(device: torch.device) -> float:
 def run_ours(args, kind: str, dtype: str, quant: str | None, compile: bool, batch: int) -> dict:
     import kernels
     import llama
-    from llama.evaluate import bytes_per_token
-    from llama.generation import stream, warm_up
+    from llama.training.evaluate import bytes_per_token
+    from llama.core.generation import stream, warm_up
 
     device = torch.device(args.device)
     start = time.perf_counter()

@@ -10,7 +10,7 @@ import argparse
 import sys
 
 import llama
-from llama.checkpoint import convert
+from llama.core.checkpoint import convert
 
 
 def parse_size(text: str) -> int:

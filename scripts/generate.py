@@ -21,11 +21,11 @@ import torch
 import kernels
 import llama
 import weights
-from llama.evaluate import bytes_per_token
-from llama.generation import GenerationError, SamplingParams, stream, warm_up
-from llama.speculative import SpeculativeStats, speculative_stream
-from llama.tokenizer import ChatFormatError, TokenizerFormatError, TokenizerNotFoundError
-from llama.device import DeviceError, pick_device, pick_dtype
+from llama.training.evaluate import bytes_per_token
+from llama.core.generation import GenerationError, SamplingParams, stream, warm_up
+from llama.core.speculative import SpeculativeStats, speculative_stream
+from llama.core.tokenizer import ChatFormatError, TokenizerFormatError, TokenizerNotFoundError
+from llama.core.device import DeviceError, pick_device, pick_dtype
 
 USER_ERRORS = (llama.CheckpointError, llama.ConfigError, GenerationError, ChatFormatError, DeviceError,
                TokenizerNotFoundError, TokenizerFormatError)
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to run; auto picks cuda, then mps, then cpu (default auto)")
     p.add_argument("--quantize", choices=["none", "int8", "int4"], default="none",
                    help="weight-only quantization of the transformer blocks' linears while loading: int8 per "
-                        "output channel, int4 in groups of --group-size (default none; see llama/quantize.py)")
+                        "output channel, int4 in groups of --group-size (default none; see llama/quantization/)")
     p.add_argument("--group-size", type=int, default=128,
                    help="int4 group size: 32, 64, 128 or 256; layers whose input width it does not divide stay "
                         "unquantized (default 128)")
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--no-quantize-output keeps it in float: better quality, more bytes read per token (default on)")
     p.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True,
                    help="swap in the fused modules and native matrix-vector kernels of kernels/ "
-                        "(--no-kernels runs the plain reference model of llama/model.py; default on)")
+                        "(--no-kernels runs the plain reference model of llama/core/model.py; default on)")
     p.add_argument("--draft", metavar="CHECKPOINT",
                    help="speculative decoding with this smaller draft model (same tokenizer): the target checks "
                         "--draft-tokens guesses per forward pass; greedy output is unchanged in float32 (bf16 may "
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--draft does not combine with --compile, --repetition-penalty or --interactive")
     if args.quantize != "none":
         try:
-            llama.quantize.check_mode(args.quantize, args.group_size)
+            llama.quantization.check_mode(args.quantize, args.group_size)
         except ValueError as e:
             parser.error(str(e))
     try:

@@ -8,7 +8,7 @@ Tokens: the text is cut into documents (--documents: each line by default, as sc
 its data) and each is encoded as BOS + text + EOS, all in one stream; so on a model trained by
 scripts/train.py the perplexity at --context-len = its context is close to exp(its validation
 loss). Windows of --context-len tokens advance by --stride; each scores only the tokens the
-previous window did not score (see llama/evaluate.py). --window-bos also puts BOS in front of
+previous window did not score (see llama/training/evaluate.py). --window-bos also puts BOS in front of
 every window (the usual setting for a real Llama on a long document: --documents file).
 """
 
@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 
 import llama
-from llama.device import pick_device, set_threads
-from llama.evaluate import perplexity
-from llama.tokenizer import TokenizerFormatError, TokenizerNotFoundError
-from llama.training import DOCUMENT_SPLITS, encode_documents
+from llama.core.device import pick_device, set_threads
+from llama.training.evaluate import perplexity
+from llama.core.tokenizer import TokenizerFormatError, TokenizerNotFoundError
+from llama.training.pretrain import DOCUMENT_SPLITS, encode_documents
 
 
 def main(argv: list[str] | None = None) -> int:

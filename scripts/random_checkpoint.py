@@ -15,7 +15,7 @@ import sys
 import torch
 
 import llama
-from llama.checkpoint import save_state_dict
+from llama.core.checkpoint import save_state_dict
 
 
 def random_state_dict(config: llama.ModelConfig, dtype: torch.dtype, seed: int) -> dict[str, torch.Tensor]:

@@ -7,7 +7,7 @@
         -d '{"prompt": "And God said", "max_tokens": 20, "temperature": 0}'
 
 Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions, GET /health.
-See llama/server.py for the fields and errors, llama/serving.py for the batching.
+See llama/serving/app.py for the fields and errors, llama/serving/engine.py for the batching.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import torch
 import kernels
 import llama
 import weights
-from llama.device import DeviceError, pick_device, pick_dtype, set_threads
-from llama.serving import Engine
-from llama.tokenizer import TokenizerFormatError, TokenizerNotFoundError
+from llama.core.device import DeviceError, pick_device, pick_dtype, set_threads
+from llama.serving.engine import Engine
+from llama.core.tokenizer import TokenizerFormatError, TokenizerNotFoundError
 
 USER_ERRORS = (llama.CheckpointError, llama.ConfigError, DeviceError, TokenizerNotFoundError, TokenizerFormatError)
 
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=128, help="int4 group size: 32, 64, 128 or 256 (default 128)")
     p.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True,
                    help="swap in the faster modules of kernels/ (fused projections, SDPA, native matrix-vector "
-                        "kernels); --no-kernels serves the plain model of llama/model.py (default on)")
+                        "kernels); --no-kernels serves the plain model of llama/core/model.py (default on)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info",
                    help="logging level; info logs one line per request (default info)")
@@ -83,13 +83,13 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{flag} must be at least {low}, got {value}")
     if args.quantize != "none":
         try:
-            llama.quantize.check_mode(args.quantize, args.group_size)
+            llama.quantization.check_mode(args.quantize, args.group_size)
         except ValueError as e:
             parser.error(str(e))
     try:
         import uvicorn
 
-        from llama.server import create_app
+        from llama.serving.app import create_app
     except ImportError as e:
         print(f"error: the server needs FastAPI and uvicorn: pip install -e '.[serve]' ({e})", file=sys.stderr)
         return 2
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     name = args.served_model_name or Path(checkpoint).resolve().name
-    logging.getLogger("llama.server").info(
+    logging.getLogger("llama.serving.app").info(
         "loaded %s in %.1f s: %s parameters, %s, %s; %d slots x %d positions; serving as %r on http://%s:%d%s",
         checkpoint, time.perf_counter() - started, f"{model.config.n_params / 1e6:.1f} M",
         str(dtype).removeprefix("torch."), device, engine.max_batch_size, engine.context_len, name, args.host,

@@ -20,9 +20,9 @@ import time
 import torch
 
 import llama
-from llama.device import pick_device, set_threads
-from llama.speculative import SpeculativeStats, speculative_generate
-from llama.tokenizer import TokenizerFormatError, TokenizerNotFoundError
+from llama.core.device import pick_device, set_threads
+from llama.core.speculative import SpeculativeStats, speculative_generate
+from llama.core.tokenizer import TokenizerFormatError, TokenizerNotFoundError
 
 PROMPTS = [
     "In the beginning",

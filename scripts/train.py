@@ -29,10 +29,10 @@ import numpy as np
 import torch
 
 import llama
-from llama.checkpoint import save_state_dict
-from llama.device import pick_device, set_threads
-from llama.tokenizer import TokenizerFormatError, TokenizerNotFoundError
-from llama.training import (DOCUMENT_SPLITS, STATE_FILE, TrainConfig, autocast_dtype, default_ffn_dim, encode_documents,
+from llama.core.checkpoint import save_state_dict
+from llama.core.device import pick_device, set_threads
+from llama.core.tokenizer import TokenizerFormatError, TokenizerNotFoundError
+from llama.training.pretrain import (DOCUMENT_SPLITS, STATE_FILE, TrainConfig, autocast_dtype, default_ffn_dim, encode_documents,
                             init_weights, plot_losses, text_files, train)  # fmt: skip
 
 

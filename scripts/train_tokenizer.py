@@ -4,7 +4,7 @@
 
 BPE with byte fallback (every UTF-8 byte has a piece, so nothing is unknown), digits split one by
 one, no Unicode normalisation, whitespace kept as it is, a dummy space in front of each text; unk 0,
-bos 1, eos 2, no pad id (see llama.training.LLAMA2_SENTENCEPIECE_OPTIONS). sentencepiece reads one
+bos 1, eos 2, no pad id (see llama.training.pretrain.LLAMA2_SENTENCEPIECE_OPTIONS). sentencepiece reads one
 sentence per line. The output loads with llama.load_tokenizer; the same inputs and seed give the
 same tokenizer.
 """
@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from llama.tokenizer import load_tokenizer
-from llama.training import train_tokenizer
+from llama.core.tokenizer import load_tokenizer
+from llama.training.pretrain import train_tokenizer
 
 
 def main(argv: list[str] | None = None) -> int:

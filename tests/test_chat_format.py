@@ -9,7 +9,7 @@ from llama_models.datatypes import RawMessage
 from llama_models.llama3.chat_format import ChatFormat
 from llama_models.llama3.tokenizer import Tokenizer as MetaLlama3Tokenizer
 
-from llama.tokenizer import ChatFormatError, SentencePieceTokenizer, TiktokenTokenizer
+from llama.core.tokenizer import ChatFormatError, SentencePieceTokenizer, TiktokenTokenizer
 
 LLAMA3_MODEL = Path(str(importlib.resources.files("llama_models.llama3") / "tokenizer.model"))
 LLAMA2_MODEL = Path(__file__).parents[1].parent / "shared/fixtures/llama2-tokenizer.model"
@@ -79,7 +79,7 @@ def test_llama3_user_cannot_forge_special_tokens(llama3):
 
 
 def meta_llama2_prompt(tokenizer, dialog: list[dict]) -> list[int]:
-    """Meta's chat_completion rules, written out step by step independently of llama/tokenizer.py."""
+    """Meta's chat_completion rules, written out step by step independently of llama/core/tokenizer.py."""
     if dialog[0]["role"] == "system":
         first = "<<SYS>>\n" + dialog[0]["content"] + "\n<</SYS>>\n\n" + dialog[1]["content"]
         dialog = [{"role": dialog[1]["role"], "content": first}] + dialog[2:]

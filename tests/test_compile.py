@@ -1,4 +1,4 @@
-"""The compiled decode step (llama.generation.compiled_decode_step): one graph, no graph breaks, no
+"""The compiled decode step (llama.core.generation.compiled_decode_step): one graph, no graph breaks, no
 recompilation between calls, and the same tokens as eager decoding.
 
 Most cases compile with backend="aot_eager" (dynamo's capture and AOT autograd's functionalisation,
@@ -14,8 +14,8 @@ from torch._dynamo.utils import counters
 
 import kernels
 from llama import ModelConfig, RopeScaling, Transformer
-from llama.generation import CACHE_BUCKET, GenerationError, compiled_decode_step, generate, static_cache, warm_up
-from llama.quantize import quantize_model
+from llama.core.generation import CACHE_BUCKET, GenerationError, compiled_decode_step, generate, static_cache, warm_up
+from llama.quantization import quantize_model
 
 torch.set_num_threads(1)
 

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llama import REGISTRY, ConfigError, ModelConfig, RopeScaling, Transformer
-from llama.config import meta_ffn_dim
+from llama.core.config import meta_ffn_dim
 
 # ---- params.json and config.json as shipped ----------------------------------------------------------
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import llama
-from llama.checkpoint import convert
+from llama.core.checkpoint import convert
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "convert.py"

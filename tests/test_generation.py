@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 import llama
 from llama import GenerationError, Llama, ModelConfig, generate, stream
-from llama.generation import SamplingParams, apply_repetition_penalty, filter_logits, sample
+from llama.core.generation import SamplingParams, apply_repetition_penalty, filter_logits, sample
 
 from random_models import random_model
 

@@ -1,4 +1,4 @@
-"""kernels/: every fused module, alone and together, against the plain model of llama/model.py.
+"""kernels/: every fused module, alone and together, against the plain model of llama/core/model.py.
 
 Tolerances, relative to the largest |logit| (weights normal(0, 0.3), so logits reach ~10):
 - float32: 1e-5. Only SDPA changes the order of operations (~1e-6 seen); the other swaps run the
@@ -26,7 +26,7 @@ import kernels
 import llama
 from kernels import FastAttention, FusedFeedForward, FusedNormBlock, add_rms_norm, rope_
 from llama import ModelConfig, Transformer
-from llama.model import Attention, FeedForward, RMSNorm, TransformerBlock, apply_rope
+from llama.core.model import Attention, FeedForward, RMSNorm, TransformerBlock, apply_rope
 
 from random_models import random_model as shared_random_model
 

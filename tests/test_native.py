@@ -37,7 +37,7 @@ import llama
 from kernels import native
 from kernels.native import NativeInt4Linear, NativeInt8Linear, NativeLinear
 from llama import ModelConfig, Transformer
-from llama.quantize import Int4Linear, Int8Linear, quantize_model
+from llama.quantization import Int4Linear, Int8Linear, quantize_model
 
 from random_models import random_model as shared_random_model
 
@@ -266,7 +266,7 @@ def test_int8_with_minus_128_stays_on_pytorch():
 
 @needs_kernels
 def test_int4_packing_follows_loaded_weights():
-    """load_state_dict and load_quantized replace the int4 values: the kernel's packing is remade."""
+    """load_state_dict and load_weight replace the int4 values: the kernel's packing is remade."""
     a, b = (quantize_model(random_model(seed=s), "int4", group_size=32) for s in (0, 1))
     native.swap_native_linears(a)
     a.load_state_dict(b.state_dict())
@@ -274,7 +274,7 @@ def test_int4_packing_follows_loaded_weights():
         assert_close(decode_logits(a, TOKENS, 5), decode_logits(b, TOKENS, 5), MODEL_REL)
         module = a.layers[0].feed_forward.w2
         w = randn(module.out_features, module.in_features, seed=3).bfloat16()
-        module.load_quantized(w)
+        module.load_weight(w)
         x = randn(1, module.in_features, seed=4).bfloat16()
         assert_close(module(x), F.linear(x.float(), module.dequantize(torch.float32)), 1e-2)
 
@@ -358,11 +358,11 @@ def test_a_swapped_block_compiles_as_one_graph(kind):
 @needs_kernels
 @pytest.mark.parametrize("kind", ["bf16", "int8", "int4-g32"])
 def test_the_compiled_decode_step_calls_the_kernels(kind):
-    """llama.generation's compiled decoding (torch.compile fullgraph of the whole step) over a swapped
+    """llama.core.generation's compiled decoding (torch.compile fullgraph of the whole step) over a swapped
     model: one graph, no break, the kernels inside it, and the eager tokens."""
     from torch._dynamo.utils import counters
 
-    from llama.generation import compiled_decode_step
+    from llama.core.generation import compiled_decode_step
 
     _, fast = model_pair(kind)
     prompts = [[1, 5, 9, 2, 33, 4], [7, 8]]

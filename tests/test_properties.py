@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llama import ModelConfig, RopeScaling, Transformer
-from llama.model import RMSNorm, apply_rope, rope_frequencies
+from llama.core.model import RMSNorm, apply_rope, rope_frequencies
 
 # Tolerances for float32: the same math done in a different order (one long matmul vs. many short
 # ones, masked slots vs. absent ones) differs by a few ulps; 1e-5 relative is far above that and far

@@ -1,4 +1,4 @@
-"""Weight-only quantization (llama/quantize.py): quantized linears against the float layer and against
+"""Weight-only quantization (llama/quantization/): quantized linears against the float layer and against
 their own pure-PyTorch fallback, whole-model swaps, quantized checkpoints, errors and the script flag."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from torch import nn
 import llama
 import weights
 from llama import ModelConfig, Transformer
-from llama.quantize import (Int4Linear, Int8Linear, pack_nibbles, quantize_model, save_quantized,
-                            swap_linears, unpack_nibbles)  # fmt: skip
+from llama.quantization import Int4Linear, Int8Linear, quantize_model, save_quantized, swap_linears
+from llama.quantization.linear import pack_nibbles, unpack_nibbles
 
 SCRIPT = Path(__file__).parents[1] / "scripts" / "generate.py"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -110,7 +110,7 @@ def test_kernel_choice(monkeypatch):
                 return lambda *a: calls.append(a[0].shape) or real(*a)
             return getattr(torch.ops.aten, name)
 
-    import llama.quantize as quantize
+    import llama.quantization.linear as quantize
 
     monkeypatch.setattr(quantize.torch.ops, "aten", Spy())
     q = Int8Linear.from_float(make_linear(16, 64, torch.bfloat16, 0))
@@ -126,7 +126,7 @@ def test_kernel_choice(monkeypatch):
 def test_int4_dequantize_is_within_half_a_step():
     w = torch.randn(32, 128, generator=torch.Generator().manual_seed(0))
     q = Int4Linear.from_float(nn.Linear(128, 32, bias=False).requires_grad_(False).to(torch.float32), 64)
-    q.load_quantized(w)
+    q.load_weight(w)
     step = q.scales_and_zeros[..., 0].T.repeat_interleave(64, dim=1)  # (N, K): each weight's group scale
     assert ((q.dequantize() - w).abs() <= step / 2 + 1e-6).all()
 
@@ -136,7 +136,7 @@ def test_int4_kernel_packing_follows_weight_changes():
     x = torch.randn(2, 128, dtype=torch.bfloat16)
     q.use_kernel = True
     before = q(x)
-    q.load_quantized(torch.randn(32, 128, generator=torch.Generator().manual_seed(5)))  # a new tensor
+    q.load_weight(torch.randn(32, 128, generator=torch.Generator().manual_seed(5)))  # a new tensor
     after = q(x)
     q.weight.bitwise_xor_(0x11)  # changed in place
     changed = q(x)

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible server (llama/server.py) and its continuous-batching engine (llama/serving.py).
+"""The OpenAI-compatible server (llama/serving/app.py) and its continuous-batching engine (llama/serving/engine.py).
 
 Servers run in this process (uvicorn in a thread, on a loopback socket bound to a free port) and are
 called with the official `openai` client, or with raw httpx where a client would refuse to send the
@@ -31,8 +31,8 @@ import uvicorn
 
 import llama
 from llama import ModelConfig, Transformer
-from llama.server import create_app
-from llama.serving import ContextLengthError, Engine, EngineFullError, Request
+from llama.serving.app import create_app
+from llama.serving.engine import ContextLengthError, Engine, EngineFullError, Request
 
 SCRIPTS = Path(__file__).parents[1] / "scripts"
 LLAMA3_TOKENIZER = Path(str(importlib.resources.files("llama_models.llama3") / "tokenizer.model"))

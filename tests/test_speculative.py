@@ -1,4 +1,4 @@
-"""Speculative decoding (llama/speculative.py) against plain decoding with the target alone.
+"""Speculative decoding (llama/core/speculative.py) against plain decoding with the target alone.
 
 - Greedy: with hypothesis, the output equals llama.generate(target, ..., temperature=0) token for
   token (stop tokens, max_new_tokens, draft_tokens 1..6) for three drafts: an unrelated random model
@@ -23,8 +23,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llama import GenerationError, ModelConfig, Transformer, generate
-from llama.generation import SamplingParams, filter_logits
-from llama.speculative import SpeculativeStats, speculative_generate, speculative_stream
+from llama.core.generation import SamplingParams, filter_logits
+from llama.core.speculative import SpeculativeStats, speculative_generate, speculative_stream
 
 from random_models import random_model
 

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from llama_models.llama3.tokenizer import Tokenizer as MetaLlama3Tokenizer
 
-from llama.tokenizer import (
+from llama.core.tokenizer import (
     SentencePieceTokenizer,
     TiktokenTokenizer,
     TokenizerFormatError,

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 
 import llama
 from llama import ModelConfig, Transformer
-from llama.evaluate import perplexity
-from llama.tokenizer import SentencePieceTokenizer
-from llama.training import (TrainConfig, encode_documents, eval_batches, get_batch, init_weights, lr_at,
+from llama.training.evaluate import perplexity
+from llama.core.tokenizer import SentencePieceTokenizer
+from llama.training.pretrain import (TrainConfig, encode_documents, eval_batches, get_batch, init_weights, lr_at,
                             make_optimizer, split_documents, train)  # fmt: skip
 
 SCRIPTS = Path(__file__).parents[1] / "scripts"
@@ -233,7 +233,7 @@ def test_train_config_errors(data):
 def reference_nll(model, tokens: list[int], context_len: int, stride: int, bos_id: int | None) -> tuple[float, int]:
     """Token by token, from the definition: window k covers text tokens [k*stride, k*stride + span); token t is
     scored by the first window that covers it and has something before it (BOS, or an earlier token), given
-    that window's tokens before t. Nothing here shares code with llama.evaluate."""
+    that window's tokens before t. Nothing here shares code with llama.training.evaluate."""
     span = context_len - (bos_id is not None)
     n_windows = 1 + max(0, math.ceil((len(tokens) - span) / stride))
     total, count = 0.0, 0

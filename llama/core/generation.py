@@ -120,7 +120,7 @@ def stream(
     runs through torch.compile (see compiled_decode_step) and the cache is kept for the next call.
     """
     params = SamplingParams(temperature, top_p, top_k, min_p, repetition_penalty)
-    prompts = [_token_ids(p, i, model.config.vocab_size) for i, p in enumerate(prompt_tokens)]
+    prompts = [check_prompt(p, i, model.config.vocab_size) for i, p in enumerate(prompt_tokens)]
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise GenerationError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
     longest = max((len(p) for p in prompts), default=0)
@@ -143,7 +143,7 @@ def stream(
     return _decode_loop(model, prompts, max_new_tokens, params, seed, stop, stop_strings, tokenizer, compile)
 
 
-def _token_ids(prompt, index: int, vocab: int) -> list[int]:
+def check_prompt(prompt, index: int, vocab: int) -> list[int]:
     """A prompt as a list of Python ints in [0, vocab), or a GenerationError naming what is wrong."""
     try:
         ids = [operator.index(t) for t in prompt if not isinstance(t, bool)]

@@ -11,6 +11,7 @@ import ctypes
 import os
 import sys
 from pathlib import Path
+from typing import Callable, Iterable
 
 import torch
 
@@ -19,6 +20,7 @@ from weights import CheckpointError
 
 from .config import ConfigError, ModelConfig
 from .model import Transformer
+from .tokenizer import TokenizerFormatError, TokenizerNotFoundError, eos_ids_from_configs, load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -85,42 +87,30 @@ def load(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device = "cpu",
     progress: bool | None = None,
-    quantize: str | None = None,
-    group_size: int = 128,
-    quantize_output: bool = True,
+    swap: Callable[[Transformer, torch.dtype], Iterable[str]] | None = None,
 ) -> Transformer:
     """Load a Meta or Hugging Face checkpoint directory; returns the model in eval mode.
 
     dtype: float32, bfloat16 or float16 (default: the dtype the weights are stored in).
     progress: show a progress bar (default: for checkpoints over 1 GB when stderr is a terminal).
-    quantize: None, "int8" or "int4" (groups of group_size): each linear of the blocks is quantized
-    as it is read (see llama/quantize.py), and so is the output projection unless quantize_output is
-    False (a tied one as a quantized copy). A checkpoint written by llama.quantize.save_quantized
-    loads already quantized, and then quantize must be None or its own mode.
+    swap: called with the model on the meta device and the dtype before any tensor is read; it may
+        replace modules and returns the names of those that take their weight through
+        `module.load_weight(tensor)` as it is read, instead of as a parameter (llama/quantization
+        quantizes that way, so the float model never exists in memory as a whole). A tied output
+        among them gets the embedding's table.
     """
-    from . import quantize as q
-
     dtype = parse_dtype(dtype)
     device = torch.device(device)
-    if quantize is not None:
-        q.check_mode(quantize, group_size)
-    stored = q.read_quantization(path)
-    if stored is not None:
-        if quantize is not None and quantize != stored.get("mode"):
-            raise CheckpointError(f"{path} is already quantized as {stored.get('mode')!r}; cannot load it as {quantize!r}")
-        return q.load_quantized(path, dtype=dtype, device=device)
     ckpt = weights.open_checkpoint(path)
     try:
         config = config_from_checkpoint(ckpt)
         model = meta_model(config)
         names = check_tensors(ckpt, model)
         dtype = dtype or ckpt.dtype("tok_embeddings.weight")
-        # Quantized modules replace the linears on the meta device; each weight is quantized as it
-        # is read, so the float model never exists in memory as a whole.
-        quantized = set(q.swap_linears(model, quantize, group_size, quantize_output, dtype, fill=False) if quantize else [])
-        # A tied output that is quantized is a quantized copy of the embedding table: the table is
-        # read once, kept in float for the embedding, and quantized for the output as well.
-        copy_output = config.tie_word_embeddings and "output" in quantized
+        swapped = set(swap(model, dtype)) if swap is not None else set()
+        # A swapped tied output is filled from the embedding's table: read once, kept in float for
+        # the embedding, and handed to the output module as well.
+        copy_output = config.tie_word_embeddings and "output" in swapped
         shapes = ckpt.shapes()
         total = sum(torch.Size(shapes[n]).numel() * dtype.itemsize for n in names)
         if progress is None:
@@ -133,9 +123,9 @@ def load(
 
         state = {}
 
-        def fill_quantized(module: str, tensor: torch.Tensor) -> None:
+        def fill_swapped(module: str, tensor: torch.Tensor) -> None:
             layer = model.get_submodule(module)
-            layer.load_quantized(tensor.to(device))
+            layer.load_weight(tensor.to(device))
             state.update({f"{module}.{n}": b for n, b in layer.named_buffers()})
 
         for name in names:
@@ -143,10 +133,10 @@ def load(
             if bar is not None:
                 bar.update(tensor.nbytes)
             if copy_output and name == "tok_embeddings.weight":
-                fill_quantized("output", tensor)
+                fill_swapped("output", tensor)
             module = name.removesuffix(".weight")
-            if module in quantized:
-                fill_quantized(module, tensor)
+            if module in swapped:
+                fill_swapped(module, tensor)
                 del tensor
                 release_freed_memory()
                 continue
@@ -156,7 +146,7 @@ def load(
     finally:
         ckpt.close()
 
-    tied = config.tie_word_embeddings and "output" not in quantized
+    tied = config.tie_word_embeddings and "output" not in swapped
     if tied:
         state["output.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, strict=True, assign=True)
@@ -164,9 +154,6 @@ def load(
         model.output.weight = model.tok_embeddings.weight  # one Parameter again, as in __init__
     model.rope_freqs = model.rope_freqs.to(device)
     model.stop_tokens = checkpoint_stop_tokens(path)
-    if quantize:
-        model.quantization = {"mode": quantize, "group_size": group_size, "include_output": "output" in quantized}
-        q.prepare_kernels(model)
     return model.eval()
 
 
@@ -195,8 +182,6 @@ _libc = None
 def checkpoint_stop_tokens(path: str | os.PathLike) -> frozenset[int]:
     """The ids that end generation for this checkpoint: its tokenizer's stop tokens (Llama 3: end of
     text, end of message, end of turn), plus the eos ids of its config files."""
-    from .tokenizer import TokenizerFormatError, TokenizerNotFoundError, eos_ids_from_configs, load_tokenizer
-
     try:
         return load_tokenizer(path).stop_tokens
     except (TokenizerNotFoundError, TokenizerFormatError):

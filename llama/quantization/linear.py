@@ -46,17 +46,9 @@ format: transformers cannot read it.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from weights import CheckpointError
-from weights.safetensors_io import SafetensorsFile, save_safetensors
 
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernels accept
@@ -120,10 +112,10 @@ class Int8Linear(nn.Module):
     def from_float(cls, linear: nn.Linear, dtype=None) -> "Int8Linear":
         w = linear.weight.detach()
         module = cls(linear.in_features, linear.out_features, dtype or w.dtype, w.device)
-        module.load_quantized(w)
+        module.load_weight(w)
         return module
 
-    def load_quantized(self, w: torch.Tensor) -> None:
+    def load_weight(self, w: torch.Tensor) -> None:
         """Quantize w: (N, K) float into this module's buffers, on w's device."""
         q, scales = quantize_int8(w)
         self.weight, self.scales = q, scales.to(self.scales.dtype)
@@ -194,10 +186,10 @@ class Int4Linear(nn.Module):
     def from_float(cls, linear: nn.Linear, group_size: int = 128, dtype=None) -> "Int4Linear":
         w = linear.weight.detach()
         module = cls(linear.in_features, linear.out_features, group_size, dtype or w.dtype, w.device)
-        module.load_quantized(w)
+        module.load_weight(w)
         return module
 
-    def load_quantized(self, w: torch.Tensor) -> None:
+    def load_weight(self, w: torch.Tensor) -> None:
         """Quantize w: (N, K) float into this module's buffers, on w's device."""
         q, sz = quantize_int4(w, self.group_size)
         self.weight, self.scales_and_zeros = pack_nibbles(q), sz.to(self.scales_and_zeros.dtype)
@@ -282,7 +274,7 @@ def swap_linears(model: nn.Module, mode: str, group_size: int = 128, include_out
         if new is None:
             continue
         if fill:
-            new.load_quantized(linear.weight.detach())
+            new.load_weight(linear.weight.detach())
         setattr(parent, child, new)
         swapped.append(name)
     return swapped
@@ -299,97 +291,3 @@ def quantize_model(model: nn.Module, mode: str = "int8", group_size: int = 128, 
     model.quantization = {"mode": mode, "group_size": group_size, "include_output": "output" in layers}
     prepare_kernels(model)
     return model
-
-
-# ---- quantized checkpoints -----------------------------------------------------------------------
-
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json")  # fmt: skip
-
-
-def save_quantized(model: nn.Module, path: str | os.PathLike, *, tokenizer_from: str | os.PathLike | None = None) -> list[Path]:
-    """Write a quantized model (quantize_model / load(quantize=...)) as config.json + model.safetensors.
-
-    tokenizer_from: a checkpoint directory whose tokenizer and generation config files are copied.
-    Returns the files written.
-    """
-    info = getattr(model, "quantization", None)
-    if info is None:
-        raise ValueError("the model is not quantized; call quantize_model() first or load with quantize=...")
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    state = {n: t.detach().cpu() for n, t in model.state_dict().items()}
-    if model.config.tie_word_embeddings and not info.get("include_output"):
-        state.pop("output.weight", None)  # the embedding itself
-    dtype = str(model.tok_embeddings.weight.dtype).removeprefix("torch.")
-    config = model.config.to_hf(dtype) | {"quantization": info}
-    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    save_safetensors(path / "model.safetensors", state, metadata={"format": "pt"})
-    written = [path / "config.json", path / "model.safetensors"]
-    if tokenizer_from is not None:
-        for name in TOKENIZER_FILES:
-            if (Path(tokenizer_from) / name).is_file():
-                shutil.copy(Path(tokenizer_from) / name, path / name)
-                written.append(path / name)
-    return written
-
-
-def read_quantization(path: str | os.PathLike) -> dict | None:
-    """The "quantization" entry of a checkpoint directory's config.json, or None."""
-    file = Path(path) / "config.json"
-    if not file.is_file():
-        return None
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return None  # the ordinary loader reports it
-    return config.get("quantization") if isinstance(config, dict) else None
-
-
-def load_quantized(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device="cpu"):
-    """A model from save_quantized's files, built on the meta device and filled tensor by tensor, so
-    memory stays near the quantized size. Float tensors (embedding, norms, scales) take `dtype`."""
-    from .checkpoint import checkpoint_stop_tokens, meta_model
-    from .config import ConfigError, ModelConfig
-
-    path = Path(path)
-    config_dict = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    info = config_dict["quantization"]
-    if not isinstance(info, dict) or "mode" not in info:
-        raise CheckpointError(f"{path / 'config.json'}: malformed 'quantization' entry: {info!r}")
-    try:
-        check_mode(info["mode"], info.get("group_size", 128))
-    except ValueError as e:
-        raise CheckpointError(f"{path / 'config.json'}: {e}") from None
-    try:
-        config = ModelConfig.from_hf(config_dict)
-    except ConfigError as e:
-        raise ConfigError(f"{path / 'config.json'}: {e}") from None
-    file = SafetensorsFile(path / "model.safetensors")
-    dtype = dtype or file.dtype("tok_embeddings.weight")
-    model = meta_model(config)
-    tied = config.tie_word_embeddings and not info.get("include_output", False)  # output still the embedding
-    swap_linears(model, info["mode"], info.get("group_size", 128), info.get("include_output", False), dtype, fill=False)
-    expected = {n: t for n, t in model.state_dict().items() if not (tied and n == "output.weight")}
-    found = set(file.names())
-    missing, unexpected = [n for n in expected if n not in found], [n for n in found if n not in expected]
-    if missing or unexpected:
-        raise CheckpointError(f"{file.path}: missing tensors: {missing[:6]}, unexpected tensors: {unexpected[:6]}")
-    state = {}
-    for name, template in expected.items():
-        if file.shape(name) != tuple(template.shape):
-            raise CheckpointError(f"{file.path}: tensor {name!r} has shape {list(file.shape(name))}, "
-                                  f"but the config expects {list(template.shape)}")  # fmt: skip
-        tensor = file.read(name)
-        tensor = tensor.to(dtype) if tensor.is_floating_point() else tensor
-        state[name] = tensor.to(device)
-    if tied:
-        state["output.weight"] = state["tok_embeddings.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
-    if tied:
-        model.output.weight = model.tok_embeddings.weight
-    model.rope_freqs = model.rope_freqs.to(device)
-    model.stop_tokens = checkpoint_stop_tokens(path)
-    model.quantization = info
-    prepare_kernels(model)
-    return model.eval()

@@ -27,7 +27,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .model import Transformer
+from ..core.model import Transformer
 
 
 @dataclass(frozen=True)

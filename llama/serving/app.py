@@ -25,7 +25,7 @@ malformed JSON and bad fields 400, a missing or wrong API key 401, unknown model
 body over the size limit 413, the engine's slots and queue full 429. A client that disconnects
 (streaming or not) has its sequences cancelled, which frees their slots at the next step.
 
-Each request is logged on one line by the `llama.server` logger: id, method, path, status, prompt
+Each request is logged on one line by the `llama.serving.app` logger: id, method, path, status, prompt
 and completion tokens, queue time, time to first token, latency and finish reasons.
 """
 
@@ -47,9 +47,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .generation import GenerationError, SamplingParams
-from .serving import ContextLengthError, Delta, Engine, EngineFullError, EngineStoppedError, Request, token_text
-from .tokenizer import ChatFormatError
+from ..core.generation import GenerationError, SamplingParams
+from .engine import ContextLengthError, Delta, Engine, EngineFullError, EngineStoppedError, Request, token_text
+from ..core.tokenizer import ChatFormatError
 
 logger = logging.getLogger(__name__)
 

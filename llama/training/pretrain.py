@@ -38,9 +38,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .device import bf16_supported
-from .model import Transformer
-from .tokenizer import Tokenizer
+from ..core.device import bf16_supported
+from ..core.model import Transformer
+from ..core.tokenizer import Tokenizer
 
 STATE_FILE = "train_state.pt"  # inside out_dir: everything needed to resume
 

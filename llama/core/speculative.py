@@ -52,7 +52,7 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
-from .generation import GenerationError, SamplingParams, Token, _token_ids, filter_logits
+from .generation import GenerationError, SamplingParams, Token, check_prompt, filter_logits
 from .model import Transformer
 
 
@@ -115,7 +115,7 @@ def speculative_stream(
     device, draft_device = target.tok_embeddings.weight.device, draft.tok_embeddings.weight.device
     if device != draft_device:
         raise GenerationError(f"the target is on {device} and the draft on {draft_device}; put both on one device")
-    prompt = _token_ids(prompt_ids, 0, vocab)
+    prompt = check_prompt(prompt_ids, 0, vocab)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise GenerationError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
     if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or draft_tokens < 1:

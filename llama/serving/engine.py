@@ -61,8 +61,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from .generation import GenerationError, SamplingParams, apply_repetition_penalty, sample
-from .pipeline import _split_at_stop
+from ..core.generation import GenerationError, SamplingParams, apply_repetition_penalty, sample
+from ..core.stops import split_at_stop
 
 logger = logging.getLogger(__name__)
 
@@ -444,7 +444,7 @@ class Engine:
             seq.unsent_logprobs.append(info)
         new = seq.decoder.push(token)
         seq.chars += len(new)
-        text, seq.held, hit = _split_at_stop(seq.held + new, seq.stop)
+        text, seq.held, hit = split_at_stop(seq.held + new, seq.stop)
         if hit:
             self._finish(seq, "stop", text, flush=False)
         elif len(seq.tokens) >= seq.request.max_tokens:
@@ -460,7 +460,7 @@ class Engine:
 
     def _finish(self, seq: _Sequence, reason: str, text: str, flush: bool = True) -> None:
         if flush:  # the end of the text: release what was held back (an unfinished character, a stop-string prefix)
-            more, _, hit = _split_at_stop(seq.held + seq.decoder.flush(), seq.stop, final=True)
+            more, _, hit = split_at_stop(seq.held + seq.decoder.flush(), seq.stop, final=True)
             text += more
             reason = "stop" if hit else reason
         now = time.perf_counter()

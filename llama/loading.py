@@ -1,0 +1,51 @@
+"""`llama.load`: one entry point for every kind of checkpoint this project reads.
+
+It only dispatches: a float checkpoint (Meta or Hugging Face layout) goes to llama.core.checkpoint,
+a request to quantize or an already quantized checkpoint to llama.quantization. Keeping the choice
+here lets the core loader know nothing of quantization (the dependency runs one way).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from weights import CheckpointError
+
+from . import quantization
+from .core import checkpoint
+from .core.model import Transformer
+
+
+def load(
+    path: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool | None = None,
+    quantize: str | None = None,
+    group_size: int = 128,
+    quantize_output: bool = True,
+) -> Transformer:
+    """Load a checkpoint directory; returns the model in eval mode.
+
+    dtype: float32, bfloat16 or float16 (default: the dtype the weights are stored in).
+    progress: show a progress bar (default: for checkpoints over 1 GB when stderr is a terminal).
+    quantize: None, "int8" or "int4" (groups of group_size): each linear of the blocks is quantized
+        as it is read (see llama/quantization), and so is the output projection unless
+        quantize_output is False (a tied one as a quantized copy). A checkpoint written by
+        llama.quantization.save_quantized loads already quantized, and then quantize must be None or
+        its own mode.
+    """
+    if quantize is not None:
+        quantization.check_mode(quantize, group_size)
+    stored = quantization.read_quantization(path)
+    if stored is not None:
+        if quantize is not None and quantize != stored.get("mode"):
+            raise CheckpointError(f"{path} is already quantized as {stored.get('mode')!r}; cannot load it as {quantize!r}")
+        return quantization.load_quantized(path, dtype=checkpoint.parse_dtype(dtype), device=device)
+    if quantize is not None:
+        return quantization.load(path, quantize, group_size=group_size, include_output=quantize_output,
+                                 dtype=dtype, device=device, progress=progress)  # fmt: skip
+    return checkpoint.load(path, dtype=dtype, device=device, progress=progress)
