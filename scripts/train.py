@@ -55,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ffn-dim", type=int, help="SwiGLU hidden width (default: 8/3 * dim rounded up to a multiple of 16)")
     g.add_argument("--rope-theta", type=float, help="RoPE base (default 10000, or the registry's)")
     g.add_argument("--tie-embeddings", action="store_true", help="share the output matrix with the embedding")
+    g.add_argument("--model-config", metavar="FILE.json",
+                   help="every ModelConfig field from a JSON object (as in a checkpoint's config.json under "
+                        "'llama_from_scratch', or train_summary.json's 'model'); the shape flags and --set override it")
+    g.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="set any ModelConfig field, e.g. --set qk_norm=true --set nope_layers=3,7 --set sliding_window=64 "
+                        "(repeatable; applied last). Fields: " + ", ".join(f.name for f in dataclasses.fields(llama.ModelConfig)))
     g.add_argument("--context", type=int, default=256, help="tokens per training window; also the model's max_seq_len (default 256)")
 
     g = p.add_argument_group("optimisation")
@@ -87,20 +93,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def model_config(args, vocab_size: int) -> llama.ModelConfig:
+    """The model's config: a registry shape, a --model-config file or the shape flags, then --set."""
     shape = {k: v for k, v in dict(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
                                     ffn_dim=args.ffn_dim, rope_theta=args.rope_theta).items() if v is not None}  # fmt: skip
     if args.tie_embeddings:
         shape["tie_word_embeddings"] = True
-    if args.model:
+    if args.model and args.model_config:
+        raise llama.ConfigError("give --model or --model-config, not both")
+    if args.model or args.model_config:
         if "dim" in shape or "n_heads" in shape:
             shape["head_dim"] = -1  # derive it again from the new dim / n_heads
-        return llama.ModelConfig.from_name(args.model, vocab_size=vocab_size, max_seq_len=args.context, **shape)
-    missing = [f"--{k.replace('_', '-')}" for k in ("dim", "n_layers", "n_heads") if k not in shape]
-    if missing:
-        raise llama.ConfigError(f"give --model NAME or the shape flags; missing {', '.join(missing)}")
-    shape.setdefault("n_kv_heads", shape["n_heads"])
-    shape.setdefault("ffn_dim", default_ffn_dim(shape["dim"]))
-    return llama.ModelConfig(vocab_size=vocab_size, max_seq_len=args.context, **shape)
+        if args.model:
+            base = llama.ModelConfig.from_name(args.model)
+        else:
+            base = llama.ModelConfig.from_dict(read_json(args.model_config), args.model_config)
+        config = base.replace(vocab_size=vocab_size, max_seq_len=args.context, **shape)
+    else:
+        missing = [f"--{k.replace('_', '-')}" for k in ("dim", "n_layers", "n_heads") if k not in shape]
+        if missing:
+            raise llama.ConfigError(f"give --model NAME, --model-config FILE or the shape flags; missing {', '.join(missing)}")
+        shape.setdefault("n_kv_heads", shape["n_heads"])
+        shape.setdefault("ffn_dim", default_ffn_dim(shape["dim"]))
+        config = llama.ModelConfig(vocab_size=vocab_size, max_seq_len=args.context, **shape)
+    return config.override(args.set) if args.set else config
+
+
+def read_json(path: str) -> dict:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise llama.ConfigError(f"{path}: malformed JSON: {e}") from None
+    except UnicodeDecodeError as e:
+        raise llama.ConfigError(f"{path}: not UTF-8 text: {e}") from None
 
 
 def load_data(args, tokenizer) -> tuple[np.ndarray, np.ndarray | None, list[Path]]:
@@ -179,8 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         "final_valid_loss": result.final_valid_loss,
         "valid_losses": {str(step): round(loss, 4) for step, loss in result.valid_losses},
         "parameters": model_cfg.n_params,
-        "model": {k: getattr(model_cfg, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim",
-                                                     "vocab_size", "max_seq_len", "rope_theta", "tie_word_embeddings")},  # fmt: skip
+        "model": model_cfg.to_dict(),  # every field: --model-config reads it back
         "training": dataclasses.asdict(config),
         "data": {"files": [str(f) for f in files], "valid": args.valid, "documents": args.documents,
                  "train_tokens": len(data), "valid_tokens": None if valid is None else len(valid)},  # fmt: skip

@@ -364,6 +364,34 @@ def test_train_script_model_shapes():
     assert (custom.n_kv_heads, custom.ffn_dim, custom.rope_theta, custom.tie_word_embeddings) == (8, 688, 10000.0, False)
 
 
+
+def test_train_script_set_and_model_config(tmp_path):
+    """--set reaches every ModelConfig field without a flag of its own; --model-config reads the
+    'model' object train_summary.json writes; both refuse unknown fields by name."""
+    script = load_script("train")
+    base = ["--data", "d", "--tokenizer", "t", "--out", "o", "--context", "128", "--dim", "64", "--n-layers", "4",
+            "--n-heads", "4"]  # fmt: skip
+    args = script.build_parser().parse_args([*base, "--set", "n_kv_heads=2", "--set", "norm_eps=1e-6",
+                                             "--set", "tie_word_embeddings=true"])  # fmt: skip
+    config = script.model_config(args, 500)
+    assert (config.n_kv_heads, config.norm_eps, config.tie_word_embeddings) == (2, 1e-6, True)
+    scaled = script.model_config(script.build_parser().parse_args(
+        [*base, "--set", 'rope_scaling={"kind": "linear", "factor": 4.0}']), 500)  # fmt: skip
+    assert scaled.rope_scaling == llama.RopeScaling("linear", 4.0)
+    file = tmp_path / "model.json"
+    file.write_text(json.dumps(config.to_dict()))
+    again = script.model_config(script.build_parser().parse_args(["--data", "d", "--tokenizer", "t", "--out", "o",
+                                                                  "--context", "128", "--model-config", str(file)]), 500)  # fmt: skip
+    assert again == config
+    with pytest.raises(llama.ConfigError, match="unknown ModelConfig field 'n_experts'"):
+        script.model_config(script.build_parser().parse_args([*base, "--set", "n_experts=8"]), 500)
+    with pytest.raises(llama.ConfigError, match="expected an integer"):
+        script.model_config(script.build_parser().parse_args([*base, "--set", "n_kv_heads=two"]), 500)
+    file.write_text(json.dumps({**config.to_dict(), "n_experts": 8}))
+    with pytest.raises(llama.ConfigError, match=r"unknown ModelConfig fields \['n_experts'\]"):
+        script.model_config(script.build_parser().parse_args(["--data", "d", "--tokenizer", "t", "--out", "o",
+                                                              "--model-config", str(file)]), 500)  # fmt: skip
+
 def test_scripts_report_user_errors(corpus, tokenizer_path, tmp_path, capsys):
     missing = str(tmp_path / "missing")
     cases = [

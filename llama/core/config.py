@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 
 class ConfigError(ValueError):
@@ -51,6 +51,23 @@ class RopeScaling:
             )
 
 
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "rope_scaling") -> "RopeScaling":
+        """A RopeScaling from its dataclass fields (as ModelConfig.to_dict writes them)."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{where}: expected an object, got {data!r}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"{where}: unknown fields {unknown}; known fields: {', '.join(sorted(names))}")
+        for name, value in data.items():
+            _check_json_type(cls, name, value, where)
+        try:
+            return cls(**data)
+        except TypeError as e:
+            raise ConfigError(f"{where}: {e}") from None
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     dim: int  # width of the residual stream
@@ -66,7 +83,20 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     max_seq_len: int = 2048  # the longest context the cache is built for by default
 
+    # ---- architecture variants (all off for Llama itself) -------------------------------------
+    # A researcher's new idea is one field here and one module (or one step) in model.py. Every
+    # part of the project that cannot handle a field's non-default value refuses it by name.
+    qk_norm: bool = False  # RMSNorm over each head's q and k before RoPE (Qwen3)
+    sliding_window: int | None = None  # attend only to the last W positions, itself included (Mistral)
+    window_layers: tuple[int, ...] | None = None  # layers that use sliding_window (None: every layer)
+    nope_layers: tuple[int, ...] = ()  # layers without rotary position embeddings (NoPE)
+    mlp: str = "swiglu"  # "swiglu": w2(silu(w1 x) * w3 x); "gelu": w2(gelu(w1 x)), no w3
+
     def __post_init__(self):
+        for name in ("window_layers", "nope_layers"):  # JSON and the CLI give lists
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
         if self.head_dim == -1:
             if self.n_heads > 0 and self.dim % self.n_heads:
                 raise ConfigError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}; give head_dim")
@@ -81,6 +111,89 @@ class ModelConfig:
             raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         if not self.norm_eps > 0 or not self.rope_theta > 0:
             raise ConfigError(f"norm_eps and rope_theta must be positive, got {self.norm_eps} and {self.rope_theta}")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise ConfigError(f"rope_scaling must be a RopeScaling or None, got {self.rope_scaling!r}")
+        for name in ("tie_word_embeddings", "qk_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.sliding_window is not None and (
+            isinstance(self.sliding_window, bool) or not isinstance(self.sliding_window, int) or self.sliding_window < 1
+        ):
+            raise ConfigError(f"sliding_window must be a positive integer or None, got {self.sliding_window!r}")
+        if self.window_layers is not None and self.sliding_window is None:
+            raise ConfigError("window_layers is set but sliding_window is not")
+        for name in ("window_layers", "nope_layers"):
+            layers = getattr(self, name)
+            if layers is None:
+                continue
+            if not isinstance(layers, tuple) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+                raise ConfigError(f"{name} must be a list of layer indices, got {layers!r}")
+            bad = [i for i in layers if not 0 <= i < self.n_layers]
+            if bad or len(set(layers)) != len(layers):
+                raise ConfigError(f"{name} must hold distinct layer indices in 0..{self.n_layers - 1}, got {list(layers)}")
+        if self.mlp not in MLP_KINDS:
+            raise ConfigError(f"unknown mlp {self.mlp!r}; expected one of {', '.join(MLP_KINDS)}")
+
+    # ---- per-layer choices -----------------------------------------------------------------------
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of layer `layer`, or None for full causal attention."""
+        if self.sliding_window is None or (self.window_layers is not None and layer not in self.window_layers):
+            return None
+        return self.sliding_window
+
+    def uses_rope(self, layer: int) -> bool:
+        return layer not in self.nope_layers
+
+    def changed_fields(self) -> dict[str, Any]:
+        """The architecture-variant fields that differ from their defaults: {name: value}. Fast paths
+        compare this against the variants they were written for."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name in VARIANT_FIELDS and getattr(self, f.name) != f.default}  # fmt: skip
+
+    # ---- the whole config as plain data ----------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field, as JSON-ready data (rope_scaling a dict or None, tuples as lists)."""
+        data = dataclasses.asdict(self)
+        for name, value in data.items():
+            if isinstance(value, tuple):
+                data[name] = list(value)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "config") -> "ModelConfig":
+        """The inverse of to_dict. Unknown keys are refused by name; missing ones take defaults."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{where}: expected an object of ModelConfig fields, got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"{where}: unknown ModelConfig fields {unknown}; known fields: {', '.join(sorted(names))}")
+        values = dict(data)
+        scaling = values.get("rope_scaling")
+        if scaling is not None:
+            values["rope_scaling"] = RopeScaling.from_dict(scaling, f"{where}: rope_scaling")
+        for name, value in values.items():
+            _check_json_type(cls, name, value, where)
+        try:
+            return cls(**values)
+        except TypeError as e:  # a required field is missing
+            raise ConfigError(f"{where}: {e}") from None
+
+    def override(self, assignments: Sequence[str]) -> "ModelConfig":
+        """A copy with `field=value` assignments applied (the CLI's --set), each value parsed by the
+        field's type: numbers, true/false, none, comma-separated layer lists, JSON for rope_scaling."""
+        changes: dict[str, Any] = {}
+        for item in assignments:
+            name, sep, text = item.partition("=")
+            name = name.strip()
+            if not sep:
+                raise ConfigError(f"--set {item!r}: expected field=value")
+            changes[name] = parse_field(name, text.strip())
+        if "dim" in changes or "n_heads" in changes:
+            changes.setdefault("head_dim", -1)  # derive it again unless given
+        return ModelConfig.from_dict({**self.to_dict(), **{k: _jsonable(v) for k, v in changes.items()}}, "--set")
 
     # ---- derived sizes -------------------------------------------------------------------------
 
@@ -272,6 +385,92 @@ class ModelConfig:
         if name not in REGISTRY:
             raise KeyError(f"unknown model {name!r}; known models: {', '.join(REGISTRY)}")
         return REGISTRY[name].replace(**overrides) if overrides else REGISTRY[name]
+
+
+MLP_KINDS = ("swiglu", "gelu")
+# The fields that describe an architecture variant (ModelConfig.changed_fields).
+VARIANT_FIELDS = ("qk_norm", "sliding_window", "window_layers", "nope_layers", "mlp")
+
+
+def _field_type(cls, name: str):
+    import typing
+
+    return typing.get_type_hints(cls)[name]
+
+
+def _check_json_type(cls, name: str, value: Any, where: str) -> None:
+    """ConfigError unless `value` fits field `name` of dataclass `cls` as JSON gives it."""
+    import types
+    import typing
+
+    kind = _field_type(cls, name)
+    options = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)
+    for option in options:
+        if option is type(None) and value is None:
+            return
+        if option is bool and isinstance(value, bool):
+            return
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return
+        if option is str and isinstance(value, str):
+            return
+        if typing.get_origin(option) is tuple and isinstance(value, (list, tuple)):
+            if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                return
+        if option is RopeScaling and isinstance(value, RopeScaling):
+            return
+    raise ConfigError(f"{where}: {name!r} must be {_describe(kind)}, got {value!r}")
+
+
+def _describe(kind) -> str:
+    import types
+    import typing
+
+    options = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)
+    words = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null",
+             RopeScaling: "a rope_scaling object"}  # fmt: skip
+    return " or ".join(words.get(o, "a list of integers") for o in options)
+
+
+def parse_field(name: str, text: str) -> Any:
+    """The value of ModelConfig field `name` written as `text` on a command line."""
+    import json
+    import types
+    import typing
+
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    if name not in names:
+        raise ConfigError(f"--set: unknown ModelConfig field {name!r}; known fields: {', '.join(sorted(names))}")
+    kind = _field_type(ModelConfig, name)
+    options = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)
+    if type(None) in options and text.lower() in ("none", "null"):
+        return None
+    for option in options:
+        try:
+            if option is bool:
+                if text.lower() in ("true", "false", "1", "0", "yes", "no"):
+                    return text.lower() in ("true", "1", "yes")
+            elif option is int:
+                return int(text)
+            elif option is float:
+                return float(text)
+            elif option is str:
+                return text
+            elif typing.get_origin(option) is tuple:
+                return tuple(int(v) for v in text.split(",") if v.strip())
+            elif option is RopeScaling:
+                return RopeScaling.from_dict(json.loads(text), f"--set {name}")
+        except ValueError:
+            continue
+    raise ConfigError(f"--set {name}={text}: expected {_describe(kind)}")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, RopeScaling):
+        return dataclasses.asdict(value)
+    return list(value) if isinstance(value, tuple) else value
 
 
 def meta_ffn_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:

@@ -204,6 +204,8 @@ class TransformerBlock(nn.Module):
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
+        if config.changed_fields():  # temporary, until the variants are written below
+            raise NotImplementedError(f"architecture variants not implemented yet: {config.changed_fields()}")
         self.config = config
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
