@@ -174,16 +174,15 @@ def test_cache_rows_and_kv_len_give_the_same_logits(config, seed, data):
 
 
 def fill_all_with_garbage(model: Transformer) -> None:
-    for layer in model.layers:
-        layer.attention.cache.k.normal_(0, 1e3)
-        layer.attention.cache.v.normal_(0, 1e3)
+    for cache in model.cache.layers:
+        cache.k.normal_(0, 1e3)
+        cache.v.normal_(0, 1e3)
 
 
 def fill_with_garbage(model: Transformer, row: int, start: int) -> None:
     """Huge random keys and values in cache slots start.. of one row: a single leaked slot would
     dominate its softmax."""
-    for layer in model.layers:
-        cache = layer.attention.cache
+    for cache in model.cache.layers:
         cache.k[row, :, start:] = 1e3 * torch.randn_like(cache.k[row, :, start:])
         cache.v[row, :, start:] = 1e3 * torch.randn_like(cache.v[row, :, start:])
 

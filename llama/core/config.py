@@ -145,11 +145,9 @@ class ModelConfig:
     def uses_rope(self, layer: int) -> bool:
         return layer not in self.nope_layers
 
-    def changed_fields(self) -> dict[str, Any]:
-        """The architecture-variant fields that differ from their defaults: {name: value}. Fast paths
-        compare this against the variants they were written for."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name in VARIANT_FIELDS and getattr(self, f.name) != f.default}  # fmt: skip
+    def variants(self) -> dict[str, Any]:
+        """The fields beyond Llama's own that differ from their defaults: {name: value}."""
+        return unsupported_fields(self, ())
 
     # ---- the whole config as plain data ----------------------------------------------------------
 
@@ -388,8 +386,23 @@ class ModelConfig:
 
 
 MLP_KINDS = ("swiglu", "gelu")
-# The fields that describe an architecture variant (ModelConfig.changed_fields).
-VARIANT_FIELDS = ("qk_norm", "sliding_window", "window_layers", "nope_layers", "mlp")
+# Llama's own fields, which every part of the project handles. Any other field is a variant: each
+# fast path and file format lists the variants it handles and refuses the rest (unsupported_fields).
+LLAMA_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim", "head_dim", "norm_eps",
+                "rope_theta", "rope_scaling", "tie_word_embeddings", "max_seq_len")  # fmt: skip
+
+
+def unsupported_fields(config: ModelConfig, handled: Sequence[str]) -> dict[str, Any]:
+    """{name: value} of the fields of `config` that are not Llama's own, not in `handled`, and not at
+    their default: what a part of the project written for `handled` must refuse."""
+    found = {}
+    for f in dataclasses.fields(config):
+        if f.name in LLAMA_FIELDS or f.name in handled:
+            continue
+        value = getattr(config, f.name)
+        if f.default is dataclasses.MISSING or value != f.default:
+            found[f.name] = value
+    return found
 
 
 def _field_type(cls, name: str):
