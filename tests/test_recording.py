@@ -7,13 +7,18 @@ decoding and one full forward, which must record the same matrices.
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from random_models import random_model
 
 import kernels
+import llama
+import weights
 from llama import ModelConfig
 from llama.core.model import rope_frequencies
 from llama.core.recording import Recorder
@@ -189,3 +194,52 @@ def test_sdpa_attention_refuses_to_record_and_the_other_swaps_record_the_same():
     no_sdpa(tokens, record=rec)
     for layer in range(config.n_layers):
         torch.testing.assert_close(rec.attention(layer), expected.attention(layer), **TOL)
+
+
+# ---- scripts/attention_map.py --------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("_script_attention_map", ROOT / "scripts" / "attention_map.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_attention_map_prints_the_recorded_probabilities_and_plots_them(script, capsys, tmp_path):
+    out = tmp_path / "map.png"
+    assert script.main(["--prompt", "And God said", "--layer", "1", "--head", "2", "--print", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    model, tokenizer = llama.load(weights.BUNDLED_MODEL, dtype="float32"), llama.load_tokenizer(weights.BUNDLED_MODEL)
+    ids = tokenizer.encode("And God said", bos=True, eos=False)
+    rec = Recorder(layers=[1])
+    with torch.no_grad():
+        model(torch.tensor([ids]), record=rec)
+    rows = [line.split() for line in text.splitlines()[2 : 2 + len(ids)]]  # label, then the row's probabilities
+    for i, row in enumerate(rows):
+        assert [float(p) for p in row[1:]] == [round(p, 2) for p in rec.attention(1)[0, 2, i, : i + 1].tolist()]
+    assert out.read_bytes().startswith(b"\x89PNG") and f"wrote {out}: layer 1, head 2, {len(ids)} tokens" in text
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--layer", "8"], "error: --layer 8 is out of range: the model has 8 layers (0..7)"),
+        (["--head", "-1"], "error: --head -1 is out of range: the model has 6 query heads (0..5)"),
+        (["--prompt", "", "--no-bos"], "error: the prompt is empty"),
+        (["--checkpoint", "no/such/dir"], "error: "),
+    ],
+)
+def test_attention_map_user_errors(script, capsys, tmp_path, args, message):
+    assert script.main([*args, "--out", str(tmp_path / "x.png")]) == 2
+    assert capsys.readouterr().err.startswith(message)
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_attention_map_without_matplotlib_says_what_to_install(script, capsys, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import fails as if not installed
+    assert script.main(["--out", str(tmp_path / "x.png")]) == 2
+    assert 'plotting needs matplotlib: pip install -e ".[plot]"' in capsys.readouterr().err

@@ -82,7 +82,7 @@ def plot_attention(probs: torch.Tensor, labels: list[str], path, title: str = ""
     n, T, S = probs.shape
     cols = min(n, 4)
     rows = -(-n // cols)
-    side = 1.2 + 0.28 * S
+    side = 2.0 + 0.28 * S
     fig = Figure(figsize=(cols * side, rows * side), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False)
     for i, ax in enumerate(axes.flat):
