@@ -67,6 +67,9 @@ def test_kv_cache_bytes_of_released_models():
     assert REGISTRY["llama-3.2-1b"].kv_cache_bytes_per_token("bfloat16") == 2 * 16 * 8 * 64 * 2 == 32_768
     assert REGISTRY["llama-3.1-8b"].kv_cache_bytes_per_token("bfloat16") == 2 * 32 * 8 * 128 * 2 == 131_072
     assert REGISTRY["llama-2-7b"].kv_cache_bytes_per_token("float16") == 2 * 32 * 32 * 128 * 2 == 524_288
+    # the 70B model keeps less per token than the 13B one: 8 KV heads against 40
+    assert REGISTRY["llama-2-13b"].kv_cache_bytes_per_token("float16") == 2 * 40 * 40 * 128 * 2 == 819_200
+    assert REGISTRY["llama-2-70b"].kv_cache_bytes_per_token("float16") == 2 * 80 * 8 * 128 * 2 == 327_680
 
 
 @pytest.mark.parametrize("name", ["llama", "tied", "qk_norm", "gelu", "head_dim"])
