@@ -271,3 +271,37 @@ def test_quantization_refuses_a_linear_with_a_bias():
     model.layers[1].feed_forward.w2 = nn.Linear(BASE.ffn_dim, BASE.dim, bias=True)
     with pytest.raises(UnsupportedModelError, match="linears with a bias: layers.1.feed_forward.w2"):
         quantize_model(model, "int8")
+
+
+# ---- the scripts -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags", [[], ["--quantize", "int8"], ["--dtype", "bfloat16"]], ids=["float32", "int8", "bf16"])
+def test_generate_script_runs_the_variant(tmp_path, flags):
+    """generate.py (which applies kernels.optimize) prints what the library generates for a
+    checkpoint with every variant set."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import weights
+
+    config = BASE.replace(vocab_size=4096, **VARIANTS["all"])  # the bundled tokenizer's vocabulary
+    model = random_model(config)
+    llama.save(model, tmp_path / "ckpt")
+    shutil.copy(weights.BUNDLED_MODEL / "tokenizer.model", tmp_path / "ckpt" / "tokenizer.model")
+    script = Path(__file__).parents[1] / "scripts" / "generate.py"
+    args = ["--checkpoint", str(tmp_path / "ckpt"), "--prompt", "In the beginning", "--temperature", "0",
+            "--max-new-tokens", "8", "--device", "cpu", *(flags or ["--dtype", "float32"])]  # fmt: skip
+    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    ref = llama.Llama.load(tmp_path / "ckpt", dtype="float32" if not flags else None)
+    if flags == ["--quantize", "int8"]:
+        ref.model = quantize_model(ref.model, "int8")
+    if flags == ["--dtype", "bfloat16"]:
+        ref = llama.Llama.load(tmp_path / "ckpt", dtype="bfloat16")
+    expected = ref.generate("In the beginning", 8, temperature=0, stop_tokens=[])
+    # bf16 through the kernels may round differently from the plain bf16 model: the first tokens agree.
+    assert done.stdout.startswith("In the beginning" + (expected[:4] if flags == ["--dtype", "bfloat16"] else expected))
