@@ -315,6 +315,21 @@ def test_a_500_leaves_the_keep_alive_connection_usable(checkpoint, tokenizer):
         assert server.health()["state"] == "running"
 
 
+def test_a_bug_mid_stream_ends_the_stream_with_an_error_event_and_done(checkpoint, tokenizer):
+    class NoTokenBytes(BrokenTokenizer):  # logprobs need token_bytes: it fails, after the stream began
+        def token_bytes(self, token_id):
+            raise RuntimeError("a bug")
+
+    engine = Engine(llama.load(checkpoint), NoTokenBytes(tokenizer), max_batch_size=1)
+    with Server(create_app(engine, model_name=MODEL)) as server:
+        body = {"prompt": "Hi", "max_tokens": 4, "stream": True, "logprobs": 2}
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=30) as response:
+            events = [line for line in response.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]"
+        assert json.loads(events[-2].removeprefix("data: "))["error"]["type"] == "server_error"
+        assert server.health()["state"] == "running"
+
+
 def test_engine_survives_a_failing_request_and_serves_the_others(checkpoint, tokenizer):
     """A tokenizer that cannot decode one token: that request alone ends, with an error."""
 

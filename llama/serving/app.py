@@ -540,8 +540,15 @@ class _Response:
                 if delta.error is not None:
                     yield _sse(_delta_error(delta).body(), ascii=True)
                     break
-                for chunk in self.chunks(index, delta):
-                    yield _sse(self._chunk(chunk, include_usage))
+                try:
+                    chunks = [_sse(self._chunk(chunk, include_usage)) for chunk in self.chunks(index, delta)]
+                except Exception as e:  # a bug turning this delta into chunks: this stream ends, properly
+                    logger.exception("a stream failed")
+                    self.log.update(error=f"{type(e).__name__}: {e}")
+                    yield _sse(APIError(500, f"internal error: {type(e).__name__}", type="server_error").body(), ascii=True)
+                    break
+                for chunk in chunks:
+                    yield chunk
             if include_usage:
                 yield _sse({**self._chunk([], False), "usage": self.usage()})
             yield "data: [DONE]\n\n"
