@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import httpx
-import openai
 import pytest
 import torch
 from safetensors import SafetensorError
