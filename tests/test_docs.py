@@ -59,6 +59,8 @@ def test_the_checker_fails_on_a_stale_output_and_on_a_failing_block(tmp_path):
     assert build(str(page)).returncode == 0
     assert page.read_text(encoding="utf-8") == "Text.\n\n```python\nprint(6 * 7)\n```\n```output\n42\n```\n"
     assert build("--check", str(page)).returncode == 0
+    page.write_text("```bash\n# not run: needs a GPU\nexit 3\n```\n", encoding="utf-8")  # shown, not run
+    assert build("--check", str(page)).returncode == 0
     page.write_text("```python\nx = 1\n```\n\n```bash\necho $((2 + 3))\n```\n\n```python\nraise ValueError('no')\n```\n")
     failing = build("--check", str(page))
     assert failing.returncode == 2 and failing.stderr.startswith(f"error: {page}:9 failed") and "ValueError: no" in failing.stderr
