@@ -59,7 +59,7 @@ class RMSNorm(nn.Module):
 # (short wavelengths: local order), high i slowly (long wavelengths: distant context).
 #
 # Scaling stretches the slow frequencies so that a model trained on short contexts keeps working on
-# longer ones; see RopeScaling in config.py for the three kinds.
+# longer ones; see RopeScaling in config.py for the four kinds.
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None, seq_len: int = 0) -> torch.Tensor:
@@ -89,6 +89,24 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None, s
         )
         blended = (1 - smooth) * freqs / scaling.factor + smooth * freqs
         freqs = torch.where(wavelen < high_wavelen, freqs, torch.where(wavelen > low_wavelen, freqs / scaling.factor, blended))
+    if scaling.kind == "yarn":
+        # YaRN's "NTK-by-parts": pair i turns L * f_i / 2pi times within the original context L.
+        # Pairs that turn more than beta_fast times keep their frequency (training showed them every
+        # angle), those that turn fewer than beta_slow times are divided by `factor` (interpolated),
+        # and between the two pair indices a linear ramp blends. The index where a pair turns r times
+        # solves L * theta^(-2i/hd) = 2pi r. Edges as transformers computes them (floor/ceil with
+        # truncate, clamped to [0, hd - 1]).
+        def turns_to_pair(r: float) -> float:
+            return head_dim * math.log(scaling.original_max_seq_len / (r * 2 * math.pi)) / (2 * math.log(theta))
+
+        low, high = turns_to_pair(scaling.beta_fast), turns_to_pair(scaling.beta_slow)
+        if scaling.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, head_dim - 1)
+        if low == high:
+            high += 0.001  # no band: a step instead of a ramp
+        ramp = ((torch.arange(head_dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)  # 0: kept, 1: divided
+        freqs = freqs / scaling.factor * ramp + freqs * (1 - ramp)
     return freqs
 
 
@@ -422,6 +440,11 @@ class Transformer(nn.Module):
         if dynamic or freqs.dtype != torch.float32:
             freqs = rope_frequencies(self.config.head_dim, self.config.rope_theta, scaling, S)
         angles = positions[:, :, None].float() * freqs.to(tokens.device)  # (B, T, hd/2)
+        cos, sin = angles.cos(), angles.sin()
+        if scaling is not None and scaling.attention_scale != 1.0:
+            # YaRN's temperature: cos and sin times s rotate q and k and multiply both by s, so the
+            # attention logits by s^2 (= 1/t in the paper), on every layer that rotates.
+            cos, sin = cos * scaling.attention_scale, sin * scaling.attention_scale
         windows = {layer.attention.window for layer in self.layers} if self.layers else {None}
         masks = {w: attention_mask(positions, S, w) for w in windows}
-        return Context(positions, angles.cos(), angles.sin(), masks, self.cache, cache_rows, record)
+        return Context(positions, cos, sin, masks, self.cache, cache_rows, record)
