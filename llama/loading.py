@@ -16,6 +16,7 @@ from weights import CheckpointError
 
 from . import quantization
 from .core import checkpoint
+from .core.cache import check_kv_cache_dtype
 from .core.model import Transformer
 
 
@@ -28,6 +29,8 @@ def load(
     quantize: str | None = None,
     group_size: int = 128,
     quantize_output: bool = True,
+    kv_cache_dtype: str | None = None,
+    rope_scaling=None,
 ) -> Transformer:
     """Load a checkpoint directory; returns the model in eval mode.
 
@@ -38,7 +41,21 @@ def load(
         quantize_output is False (a tied one as a quantized copy). A checkpoint written by
         llama.quantization.save_quantized loads already quantized, and then quantize must be None or
         its own mode.
+    kv_cache_dtype: how the model's KV caches store keys and values unless a call says otherwise:
+        "int8" / "fp8" (quantized, see llama/core/cache.py) or a float dtype; None: the weights' dtype.
+    rope_scaling: run the weights with another RoPE scaling and context (Transformer.set_rope_scaling:
+        "yarn:4", "linear:4", a dict of RopeScaling fields, or "none"); None keeps the checkpoint's.
     """
+    check_kv_cache_dtype(kv_cache_dtype)
+    model = _load(path, dtype=dtype, device=device, progress=progress, quantize=quantize, group_size=group_size,
+                  quantize_output=quantize_output)  # fmt: skip
+    model.kv_cache_dtype = kv_cache_dtype
+    if rope_scaling is not None:
+        model.set_rope_scaling(rope_scaling)
+    return model
+
+
+def _load(path, *, dtype, device, progress, quantize, group_size, quantize_output) -> Transformer:
     if quantize is not None:
         quantization.check_mode(quantize, group_size)
     weights.detect_format(path)  # a readable directory and config file, before anything reads them

@@ -310,6 +310,46 @@ class ModelConfig:
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
+    @property
+    def trained_context(self) -> int:
+        """The context the weights were trained for, before any RoPE scaling stretched it: the
+        scaling's original_max_seq_len (llama3, yarn, dynamic), max_seq_len / factor (linear), else
+        max_seq_len."""
+        s = self.rope_scaling
+        if s is None:
+            return self.max_seq_len
+        if s.kind == "linear":
+            return max(1, round(self.max_seq_len / s.factor))
+        return s.original_max_seq_len
+
+    def with_rope_scaling(self, spec: "str | Mapping[str, Any] | RopeScaling | None") -> "ModelConfig":
+        """A copy running the same weights with another RoPE scaling, for context extension without
+        editing the checkpoint (the scripts' --rope-scaling).
+
+        spec: RopeScaling fields as a dict or JSON text ('{"kind": "yarn", "factor": 4}'), the short
+        form "KIND:FACTOR" ("linear:4"), a RopeScaling, or None / "none" for no scaling. The scaling
+        stretches the trained context (trained_context; a spec's own original_max_seq_len wins) and
+        max_seq_len becomes factor x that context (the trained context itself without scaling)."""
+        if isinstance(spec, str):
+            spec = parse_rope_scaling(spec)
+        trained = self.trained_context
+        if spec is None:
+            return self.replace(rope_scaling=None, max_seq_len=trained)
+        if isinstance(spec, RopeScaling):
+            spec = dataclasses.asdict(spec)
+        if not isinstance(spec, Mapping):
+            raise ConfigError(f"--rope-scaling: expected RoPE scaling fields, KIND:FACTOR or none, got {spec!r}")
+        spec = dict(spec)
+        if spec.get("kind") in ("llama3", "yarn", "dynamic"):
+            spec.setdefault("original_max_seq_len", trained)
+            trained = spec["original_max_seq_len"]
+        scaling = RopeScaling.from_dict(spec, "--rope-scaling")
+        context = max(1, int(scaling.factor * trained))
+        if context > SIZE_LIMITS["max_seq_len"]:
+            raise ConfigError(f"--rope-scaling: factor {scaling.factor} x {trained} positions is beyond any context "
+                              f"this project can build (at most {SIZE_LIMITS['max_seq_len']})")  # fmt: skip
+        return self.replace(rope_scaling=scaling, max_seq_len=context)
+
     # ---- Meta params.json ----------------------------------------------------------------------
 
     @classmethod
@@ -753,6 +793,33 @@ def parse_field(name: str, text: str) -> Any:
         except ValueError:
             continue
     raise ConfigError(f"--set {name}={text}: expected {_describe(kind)}")
+
+
+def parse_rope_scaling(text: str) -> dict[str, Any] | None:
+    """--rope-scaling's text: "none", "KIND:FACTOR" (e.g. "yarn:4"), or a JSON object of RopeScaling
+    fields; returns the fields (None for none), checked by RopeScaling.from_dict when used."""
+    import json
+
+    text = text.strip()
+    if text.lower() in ("none", "null"):
+        return None
+    if text.startswith("{"):
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise ConfigError(f"--rope-scaling {text!r}: not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"--rope-scaling {text!r}: expected a JSON object of RopeScaling fields")
+        return data
+    kind, sep, factor = text.partition(":")
+    try:
+        value = float(factor)
+    except ValueError:
+        sep = ""
+    if not sep:
+        raise ConfigError(f"--rope-scaling {text!r}: expected KIND:FACTOR (kinds: {', '.join(ROPE_SCALING_KINDS)}), "
+                          "a JSON object of RopeScaling fields, or none")  # fmt: skip
+    return {"kind": kind.strip(), "factor": value}
 
 
 def _jsonable(value: Any) -> Any:

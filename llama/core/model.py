@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cache import KVCache, LayerCache, check_kv_cache_dtype
 from .config import ModelConfig, RopeScaling
 from .recording import Recorder
 
@@ -121,73 +122,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # (B, T, 1, hd/2): shared by all heads
     rotated = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1)  # (B, T, n, hd/2, 2)
     return rotated.flatten(3).type_as(x)  # (B, T, n, hd)
-
-
-class LayerCache(nn.Module):
-    """Preallocated keys and values of one attention layer: (B_max, Hkv, S_max, hd) each.
-
-    Row b holds its own sequence; a forward call writes the new keys/values of row b at positions
-    pos[b] .. pos[b] + T - 1. Stale entries beyond a row's current position are harmless: the mask
-    hides them and the next write overwrites them.
-    """
-
-    def __init__(self, batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype, device=None):
-        super().__init__()
-        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    def update(self, k: torch.Tensor, v: torch.Tensor, ctx: "Context") -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v: (B, Hkv, T, hd) at ctx.positions of cache rows ctx.rows (default: rows 0..B-1);
-        return keys and values of positions 0..S-1 of those rows: (B, Hkv, S, hd)."""
-        rows, S = ctx.rows, ctx.kv_len
-        if rows is None:
-            B = k.shape[0]
-            index = ctx.positions[:, None, :, None].expand_as(k)  # (B, Hkv, T, hd)
-            self.k[:B].scatter_(2, index, k.to(self.k.dtype))
-            self.v[:B].scatter_(2, index, v.to(self.v.dtype))
-            return self.k[:B, :, :S], self.v[:B, :, :S]  # views, no copy
-        # Rows picked out of a larger pool (a server's slots): index_put_ writes in place; reading
-        # them back gathers a copy, of just the positions attended to.
-        self.k[rows[:, None], :, ctx.positions] = k.transpose(1, 2).to(self.k.dtype)  # target (B, T, Hkv, hd)
-        self.v[rows[:, None], :, ctx.positions] = v.transpose(1, 2).to(self.v.dtype)
-        return self.k[rows, :, :S], self.v[rows, :, :S]
-
-
-class KVCache(nn.Module):
-    """The KV cache of the whole model: one LayerCache per layer, sized by that layer's attention.
-
-    It also decides which positions a forward call covers (locate): where the new tokens go, which
-    cache rows they use, and how many positions the queries attend to. Those are bookkeeping, not
-    math, so they live here rather than in Transformer.forward.
-    """
-
-    def __init__(self, layers: list[tuple[int, int]], batch_size: int, max_seq_len: int, dtype, device=None):
-        """layers: (n_kv_heads, head_dim) of each layer's attention."""
-        super().__init__()
-        self.batch_size, self.max_seq_len = batch_size, max_seq_len
-        self.layers = nn.ModuleList(LayerCache(batch_size, max_seq_len, n, hd, dtype, device) for n, hd in layers)
-
-    def locate(self, positions: torch.Tensor, rows: torch.Tensor | None, kv_len: int | None) -> int:
-        """Check that tokens at positions (B, T) in cache rows `rows` fit; return S, the number of cache
-        positions the queries attend to: kv_len if given (a fixed length, so that no shape depends on
-        the positions' values and torch.compile can capture a decode step as one graph), else
-        max(position) + 1. With kv_len nothing reads the positions: the caller keeps them below it."""
-        if kv_len is not None:
-            if not 0 < kv_len <= self.max_seq_len:
-                raise ValueError(f"kv_len {kv_len} is outside the KV cache's 1..{self.max_seq_len} positions")
-            return kv_len
-        S = int(positions.max()) + 1
-        n_rows = positions.shape[0] if rows is None else int(rows.max()) + 1
-        if n_rows > self.batch_size or S > self.max_seq_len:
-            raise ValueError(
-                f"{positions.shape[0]} rows (cache rows up to {n_rows - 1}) at positions up to {S - 1} do not fit "
-                f"the KV cache of {self.batch_size} rows x {self.max_seq_len} positions"
-            )
-        return S
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, ctx: "Context") -> tuple[torch.Tensor, torch.Tensor]:
-        return self.layers[layer].update(k, v, ctx)
 
 
 @dataclass
@@ -371,21 +305,34 @@ class Transformer(nn.Module):
         freqs = rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
         self.register_buffer("rope_freqs", freqs, persistent=False)
         self.cache: KVCache | None = None
+        self.kv_cache_dtype: str | None = None  # what setup_cache uses by default (llama.load sets it)
 
-    # ---- the KV cache ------------------------------------------------------------------------------
+    # ---- the KV cache (llama/core/cache.py) ---------------------------------------------------------
 
-    def setup_cache(self, batch_size: int, max_seq_len: int | None = None, dtype=None, device=None) -> None:
+    def setup_cache(self, batch_size: int, max_seq_len: int | None = None, dtype=None, device=None, *,
+                    kv_cache_dtype: str | None = None) -> None:  # fmt: skip
         """Preallocate a KV cache for `batch_size` rows of up to `max_seq_len` positions.
 
         Afterwards forward() takes `start_pos` and appends to the cache, so decoding token by token
-        gives the logits of one full forward over the same tokens.
+        gives the logits of one full forward over the same tokens. kv_cache_dtype: how the cache
+        stores keys and values -- "float32", "bfloat16", "float16", or quantized "int8" / "fp8"
+        (cache.py); default self.kv_cache_dtype, else `dtype`, else the weights' dtype.
         """
         param = self.tok_embeddings.weight
         shapes = [(layer.attention.n_kv_heads, layer.attention.head_dim) for layer in self.layers]
         self.cache = KVCache(shapes, batch_size, max_seq_len or self.config.max_seq_len, dtype or param.dtype,
-                             device or param.device)  # fmt: skip
+                             device or param.device, check_kv_cache_dtype(kv_cache_dtype or self.kv_cache_dtype))  # fmt: skip
 
     def clear_cache(self) -> None:
+        self.cache = None
+
+    def set_rope_scaling(self, spec) -> None:
+        """Run these weights with another RoPE scaling and context length: a context-extension
+        experiment without editing the checkpoint (spec as ModelConfig.with_rope_scaling takes it,
+        e.g. "yarn:4"). Drops the KV cache, which was sized for the old context."""
+        self.config = self.config.with_rope_scaling(spec)
+        freqs = rope_frequencies(self.config.head_dim, self.config.rope_theta, self.config.rope_scaling)
+        self.rope_freqs = freqs.to(self.rope_freqs.device)
         self.cache = None
 
     @property

@@ -42,8 +42,10 @@ prompt of 10 tokens costs about one decode step, so 16 short prompts alone cost 
 together about one). Where it is bound by compute (long prompts, CPUs), padding tokens cost as much
 as real ones, so prompts are grouped by length: a group's real tokens are at least 2/3 of its padded
 size. Each step admits waiting sequences in arrival order up to max_prefill_tokens prompt tokens
-(at least one sequence), which also bounds the (B, T, V) logits a prefill returns. Prefills run
-before the next decode step, so a burst of long prompts delays the tokens of running sequences.
+(at least one sequence). A group is prefilled max_prefill_tokens positions per forward (chunks
+through the cache: llama.core.generation.prefill), so a prompt as long as the pool's rows takes
+memory bounded by that chunk and the pool, not by its length. Prefills run before the next decode
+step, so a burst of long prompts delays the tokens of running sequences.
 
 Text. Each sequence has its own tokenizer.stream_decoder, so text never splits a UTF-8 character,
 and text that might be the start of a stop string is held back until it is known not to be one
@@ -73,7 +75,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..core.generation import GenerationError, SamplingParams, apply_repetition_penalty, check_seed, sample
+from ..core.generation import GenerationError, SamplingParams, apply_repetition_penalty, check_seed, prefill, sample
 from ..core.stops import StopMatcher
 from ..core.tokenizer import check_vocabulary
 
@@ -210,10 +212,14 @@ class Engine:
     max_tokens of every request, and with max_batch_size the pool's memory. stop_tokens default to
     the model's (set by llama.load), else the tokenizer's. A tokenizer with more ids than the model
     has embeddings is refused (TokenizerMismatchError): it belongs to another checkpoint.
+    kv_cache_dtype: how the pool stores keys and values ("int8", "fp8", a float dtype; default the
+    model's choice, see llama/core/cache.py). A prompt is prefilled max_prefill_tokens positions per
+    forward, so its memory is bounded by that and the pool, not by its length.
     """
 
     def __init__(self, model, tokenizer, *, max_batch_size: int = 8, max_seq_len: int | None = None,
-                 max_queue: int = 64, max_prefill_tokens: int = 512, stop_tokens: Sequence[int] | None = None):  # fmt: skip
+                 max_queue: int = 64, max_prefill_tokens: int = 512, stop_tokens: Sequence[int] | None = None,
+                 kv_cache_dtype: str | None = None):  # fmt: skip
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
@@ -231,7 +237,7 @@ class Engine:
             stop_tokens = getattr(model, "stop_tokens", None) or tokenizer.stop_tokens
         self.stop_tokens = frozenset(stop_tokens)
         self.device = model.tok_embeddings.weight.device
-        model.setup_cache(max_batch_size, self.context_len)
+        model.setup_cache(max_batch_size, self.context_len, kv_cache_dtype=kv_cache_dtype)
 
         self._free = list(range(max_batch_size - 1, -1, -1))  # free slots; pop() gives the lowest
         self._waiting: deque[_Sequence] = deque()
@@ -433,8 +439,7 @@ class Engine:
             for b, seq in enumerate(seqs):
                 ids[b, : len(seq.prompt)] = torch.tensor(seq.prompt, device=self.device)
             rows = torch.tensor([s.slot for s in seqs], device=self.device)  # (B,)
-            logits = self.model(ids, 0, cache_rows=rows)  # (B, T, V)
-            logits = logits[torch.arange(len(seqs), device=self.device), lengths - 1]  # (B, V): each last prompt token
+            logits = prefill(self.model, ids, lengths, chunk=self.max_prefill_tokens, cache_rows=rows)  # (B, V)
         except Exception as e:  # e.g. out of memory for long prompts: these requests fail, others go on
             for seq in seqs:
                 self._fail(seq, f"prefill failed: {type(e).__name__}: {e}")
