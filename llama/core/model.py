@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import KVCache, LayerCache, check_kv_cache_dtype
+from .cache import KVCache, LayerCache, check_kv_cache_dtype  # noqa: F401 (LayerCache re-exported)
 from .config import ModelConfig, RopeScaling
 from .recording import Recorder
 
