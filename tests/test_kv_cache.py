@@ -96,6 +96,7 @@ def test_cache_bytes(kind):
         expected = elements * {"float32": 4, "bfloat16": 2, "float16": 2}[kind]
         assert all(type(layer) is LayerCache and layer.k.dtype == getattr(torch, kind) for layer in model.cache.layers)
     assert model.cache.nbytes == expected and model.cache.kv_cache_dtype == kind
+    assert expected == 3 * 100 * CONFIG.kv_cache_bytes_per_token(kind)
 
 
 # ---- what decoding with it computes ------------------------------------------------------------------

@@ -15,7 +15,7 @@ from torch.utils._pytree import tree_leaves
 import llama
 from llama import ConfigError, ModelConfig, RopeScaling, Transformer
 from llama.core.generation import GenerationError, generate, prefill, stream
-from llama.training.long_context import cached_forward, long_windows, position_nll
+from llama.training.long_context import cached_forward, position_nll, windows
 from random_models import random_model
 
 CONFIG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, ffn_dim=128, max_seq_len=256)
@@ -200,12 +200,12 @@ def test_cached_forward_removes_its_cache_when_stopped_early():
     assert model.cache is None
 
 
-def test_long_windows():
-    docs = [[1] * 10, [2] * 30, [3] * 25, [4] * 40]
-    assert long_windows(docs, 25).tolist() == [[2] * 25, [3] * 25, [4] * 25]
-    assert long_windows(docs, 25, max_windows=1).tolist() == [[2] * 25]
-    with pytest.raises(ValueError, match="no document has 50 tokens \\(the longest has 40\\)"):
-        long_windows(docs, 50)
+def test_windows():
+    stream = list(range(10))
+    assert windows(stream, 3).tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    assert windows(stream, 3, max_windows=2).tolist() == [[0, 1, 2], [3, 4, 5]]
+    with pytest.raises(ValueError, match="need at least 11 tokens for one window, got 10"):
+        windows(stream, 11)
 
 
 def test_stream_reports_prefill_progress():

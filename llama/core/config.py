@@ -285,9 +285,13 @@ class ModelConfig:
 
     def kv_cache_bytes_per_token(self, dtype: Any = "bfloat16") -> int:
         """Bytes the KV cache stores for one token of one sequence: a key and a value vector of
-        Hkv * hd per layer. dtype: a torch dtype or its name ("bfloat16", "float32", ...).
-        (With a sliding window this project's cache still keeps every position: the mask hides the
-        old ones.)"""
+        Hkv * hd per layer. dtype: a torch dtype or its name ("bfloat16", "float32", ...), or a
+        quantized cache's kind ("int8", "fp8"), which also stores one float32 scale per vector
+        (llama/core/cache.py). (With a sliding window this project's cache still keeps every
+        position: the mask hides the old ones.)"""
+        name = str(dtype).removeprefix("torch.")
+        if name in ("int8", "fp8", "float8_e4m3fn"):
+            return 2 * self.n_layers * self.n_kv_heads * (self.head_dim + 4)
         return 2 * self.n_layers * self.n_kv_heads * self.head_dim * dtype_bytes(dtype)
 
     def flops_per_token(self, context: int) -> int:
@@ -829,7 +833,8 @@ def _jsonable(value: Any) -> Any:
 
 
 # Bytes per element of the dtypes a model or its cache may use (torch dtypes also carry .itemsize).
-DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1, "int8": 1}
+DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1, "int8": 1,
+               "fp8": 1}
 
 
 def dtype_bytes(dtype: Any) -> int:

@@ -1,8 +1,8 @@
 """Measuring a model at long context: loss by position, and logits read back through a KV cache.
 
-    windows = long_windows(tokens_of_documents, length=1024)       # (N, 1024) from documents >= 1024 tokens
-    nll = position_nll(model, windows)                             # (1023,) mean NLL of the token at each position
-    nll_int8 = position_nll(model, windows, kv_cache_dtype="int8") # the same, every key and value read from an int8 cache
+    rows = windows(encode_documents(tokenizer, [text]), 1024)   # (N, 1024): the token stream, cut
+    nll = position_nll(model, rows)                             # (1023,) mean NLL of the token at each position
+    nll_int8 = position_nll(model, rows, kv_cache_dtype="int8") # the same, every key and value read from an int8 cache
 
 Perplexity by position is how context extension is judged: a model trained on 256 tokens predicts
 the tokens past position 256 well only if it can use what it reads there. Plain RoPE beyond the
@@ -15,6 +15,7 @@ them (quantized, for kv_cache_dtype "int8" / "fp8"), which is what decoding with
 
 from __future__ import annotations
 
+import math
 from typing import Iterator, Sequence
 
 import torch
@@ -60,14 +61,15 @@ def position_nll(model: Transformer, windows: torch.Tensor, *, batch_size: int =
     return total / N
 
 
-def long_windows(documents: Sequence[Sequence[int]], length: int, *, max_windows: int | None = None) -> torch.Tensor:
-    """(N, length) int64: the first `length` tokens of each document that has at least that many
-    (at most max_windows of them, in order). ValueError when none is long enough."""
-    rows = [list(doc[:length]) for doc in documents if len(doc) >= length][:max_windows]
-    if not rows:
-        longest = max((len(d) for d in documents), default=0)
-        raise ValueError(f"no document has {length} tokens (the longest has {longest}); use longer documents")
-    return torch.tensor(rows, dtype=torch.long)
+def windows(tokens: Sequence[int] | torch.Tensor, length: int, max_windows: int | None = None) -> torch.Tensor:
+    """(N, length) int64: a token stream (e.g. encode_documents' BOS doc EOS BOS doc EOS ...) cut into
+    consecutive windows of `length` tokens, the remainder dropped, at most max_windows of them.
+    ValueError when the stream is shorter than one window."""
+    tokens = torch.as_tensor(tokens, dtype=torch.long).flatten()
+    n = len(tokens) // length if max_windows is None else min(max_windows, len(tokens) // length)
+    if n < 1:
+        raise ValueError(f"need at least {length} tokens for one window, got {len(tokens)}")
+    return tokens[: n * length].view(n, length)
 
 
 def kv_cache_greedy_agreement(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
@@ -78,3 +80,37 @@ def kv_cache_greedy_agreement(model: Transformer, prompts: Sequence[Sequence[int
     out = generate(model, prompts, max_new_tokens, temperature=0, stop_tokens=[], kv_cache_dtype=kv_cache_dtype)
     return [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a)) for a, b in zip(ref, out)]
 
+
+
+def bucket_perplexity(nll: torch.Tensor, bucket: int) -> list[tuple[int, int, float]]:
+    """A position_nll result in blocks of `bucket` predicted tokens: [(first position, last position,
+    perplexity = exp(mean NLL over the block))]; position p is the token predicted from 0..p-1."""
+    out = []
+    for start in range(0, len(nll), bucket):
+        part = nll[start : start + bucket]
+        out.append((start + 1, start + len(part), math.exp(float(part.mean()))))
+    return out
+
+
+def plot_position_perplexity(curves: dict[str, torch.Tensor], path, *, trained_context: int | None = None,
+                             bucket: int = 32, title: str = "") -> None:  # fmt: skip
+    """Perplexity by position into a PNG: one line per curve (label -> position_nll result), each point
+    a block of `bucket` positions, a dashed line at the trained context. Needs matplotlib (the
+    project's [plot] extra); ImportError otherwise."""
+    from matplotlib.figure import Figure  # the object API: no pyplot, no global backend
+
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    ax = fig.subplots()
+    for label, nll in curves.items():
+        points = bucket_perplexity(nll, bucket)
+        ax.plot([(a + b) / 2 for a, b, _ in points], [p for _, _, p in points], marker=".", label=label)
+    if trained_context is not None:
+        ax.axvline(trained_context, color="grey", linestyle="--", linewidth=1)
+        ax.annotate("trained context", (trained_context, 1), xycoords=("data", "axes fraction"), xytext=(4, -14),
+                    textcoords="offset points", fontsize=8, color="grey")  # fmt: skip
+    ax.set_xlabel(f"position in the window (mean over blocks of {bucket})")
+    ax.set_ylabel("perplexity")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120)
