@@ -275,7 +275,8 @@ def test_serve_checks_its_port_before_loading():
 # ---- install: fast --help, console commands --------------------------------------------------------
 
 
-@pytest.mark.parametrize("script", ["generate.py", "serve.py", "convert.py", "random_checkpoint.py"])
+@pytest.mark.parametrize("script", ["generate.py", "serve.py", "convert.py", "random_checkpoint.py", "train_tokenizer.py",
+                                    "prepare_kjv.py"])
 def test_help_does_not_import_torch(script):
     code = ("import runpy, sys\nsys.argv = [sys.argv[1], '--help']\ntry:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
             "except SystemExit:\n    pass\nprint('torch imported' if 'torch' in sys.modules else 'no torch')")  # fmt: skip
@@ -342,3 +343,16 @@ def test_save_copies_the_tokenizer_files(checkpoint, tmp_path, umask_022):
     assert llama.load_tokenizer(tmp_path / "out").vocab_size == llama.load_tokenizer(checkpoint).vocab_size
     assert set(TOKENIZER_FILES) >= {"tokenizer.model", "tokenizer.json", "tokenizer_config.json", "generation_config.json"}
 
+
+
+def test_ci_runs_the_readmes_install_and_test_commands():
+    """CI installs the CPU torch first, then exactly the README's test install, then its test command."""
+    readme = (ROOT / "README.md").read_text()
+    quick_start = readme[readme.index("## Quick start") : readme.index("\n## ", readme.index("## Quick start") + 1)]
+    assert "pip install torch --index-url https://download.pytorch.org/whl/cpu" in quick_start
+    assert "pip install -e .   " in quick_start and "python scripts/generate.py" in quick_start
+    assert 'pip install -e ".[test]"\npython -m pytest -q\n' in quick_start
+    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
+    torch_line = next(i for i, line in enumerate(ci) if "pip install" in line and "torch==" in line)
+    test_line = ci.index('python -m pip install -q -e ".[test]"')
+    assert torch_line < test_line and ci[-1] == "python -m pytest -q"
