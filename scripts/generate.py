@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=_ranged(int, 1), default=None, help="keep only the k most likely tokens (default: off)")
     p.add_argument("--min-p", type=_ranged(float, 0, 1), default=None, help="drop tokens less likely than min-p times the most likely one (default: off)")
     p.add_argument("--repetition-penalty", type=_ranged(float, 0, low_open=True), default=1.0, help="penalise tokens already present; 1 is off (default 1.0)")
-    p.add_argument("--seed", type=int, default=None, help="random seed: the same seed gives the same samples")
+    p.add_argument("--seed", type=int, default=None,
+                   help="random seed, any integer (taken modulo 2**64): the same seed gives the same samples")
     p.add_argument("--num-samples", type=_ranged(int, 1), default=1, help="how many samples to generate for the prompt (default 1)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="weight dtype; auto: bfloat16 where the device runs it well, else float32 (default auto)")
@@ -224,7 +225,7 @@ def interactive(llm, args, device, context: int) -> None:
     """Chat in the terminal, keeping the conversation. Each answer gets room in the context
     (--max-new-tokens, by default 256 or half the context, whichever is less): the oldest exchanges
     are dropped to make it, with a note. With --seed S, turn i samples with seed S + i."""
-    from llama.core.generation import GenerationError, default_new_tokens
+    from llama.core.generation import GenerationError, check_seed, default_new_tokens
 
     system = [{"role": "system", "content": args.system}] if args.system else []
     turns: list[dict] = []  # user and assistant messages, oldest first
@@ -246,7 +247,7 @@ def interactive(llm, args, device, context: int) -> None:
             print(f"[dropped the oldest {dropped} exchange{'s' if dropped > 1 else ''} to leave {room} tokens for the "
                   f"answer in the context of {context}]", file=sys.stderr)  # fmt: skip
         n_new = args.max_new_tokens or default_new_tokens(context, len(prompt_ids), 256)
-        seed = None if args.seed is None else args.seed + turn
+        seed = None if args.seed is None else check_seed(args.seed + turn)
         try:
             ids = run_once(llm, prompt_ids, n_new, args, seed, device)
         except GenerationError as e:  # e.g. one message longer than the context: say so, keep chatting
@@ -277,11 +278,12 @@ def main(argv: list[str] | None = None) -> int:
     import llama
     import weights
     from llama.core.device import DeviceError, idle_threads, pick_device, pick_dtype, set_threads
-    from llama.core.generation import GenerationError, SamplingParams
-    from llama.core.tokenizer import ChatFormatError, TokenizerFormatError, TokenizerNotFoundError
+    from llama.core.generation import GenerationError, SamplingParams, check_seed
+    from llama.core.tokenizer import (ChatFormatError, InvalidTextError, TokenizerFormatError, TokenizerMismatchError,
+                                      TokenizerNotFoundError, check_text)  # fmt: skip
 
     user_errors = (llama.CheckpointError, llama.ConfigError, GenerationError, ChatFormatError, DeviceError,
-                   TokenizerNotFoundError, TokenizerFormatError)  # fmt: skip
+                   TokenizerNotFoundError, TokenizerFormatError, TokenizerMismatchError, InvalidTextError)  # fmt: skip
     if args.quantize != "none":
         try:
             llama.quantization.check_mode(args.quantize, args.group_size)
@@ -294,8 +296,11 @@ def main(argv: list[str] | None = None) -> int:
                 prompt = sys.stdin.read() if args.prompt_file == "-" else Path(args.prompt_file).read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as e:
                 raise GenerationError(f"cannot read --prompt-file {args.prompt_file}: {e}") from None
+            check_text(prompt, f"--prompt-file {args.prompt_file}")  # stdin may decode invalid UTF-8 as surrogates
         else:
-            prompt = args.prompt if args.prompt is not None else "In the beginning"
+            prompt = check_text(args.prompt, "--prompt") if args.prompt is not None else "In the beginning"
+        if args.system is not None:
+            check_text(args.system, "--system")
         device = pick_device(args.device)
         dtype = pick_dtype(args.dtype, device)
         if device.type == "cpu":
@@ -350,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.compile:
             compile_now(model, len(prompt_ids) + n_new)
         for i in range(args.num_samples):
-            run_once(llm, prompt_ids, n_new, args, None if args.seed is None else args.seed + i, device, draft,
+            run_once(llm, prompt_ids, n_new, args, None if args.seed is None else check_seed(args.seed + i), device, draft,
                      echo="" if args.chat else prompt)  # fmt: skip
     except user_errors as e:
         print(f"error: {e}", file=sys.stderr)

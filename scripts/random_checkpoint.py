@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16",
                         help="weight dtype (default bfloat16)")
     parser.add_argument("--layers", type=int, default=None, help="override the number of layers (smaller files)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed, any integer (taken modulo 2**64; default 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (default: one on a terminal)")
     args = parser.parse_args(argv)  # before importing torch (seconds): --help and usage errors are instant
     import torch
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     dtype = getattr(torch, args.dtype)
     progress = not args.no_progress and sys.stderr.isatty()
-    state = random_state_dict(config, dtype, args.seed, progress=progress)
+    state = random_state_dict(config, dtype, args.seed % 2**64, progress=progress)
     print(f"[writing {args.out}: {sum(t.nbytes for t in state.values()) / 1e9:.2f} GB]", file=sys.stderr, flush=True)
     for path in save_state_dict(config, state, args.out, format=args.format):
         print(path)

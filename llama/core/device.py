@@ -39,8 +39,8 @@ def idle_threads(cores: int | None = None, load: float | None = None) -> int:
 
     Decoding one token is a chain of small matrix-vector products, each split across the threads
     and joined at a barrier: a thread that has to wait for a busy core stalls all the others at
-    every barrier. On a 2-core machine running two other jobs, one thread decoded about 10x faster
-    than two. `cores` and `load` default to this machine's (for the tests).
+    every barrier. On this project's busy 2-core machine, one thread decoded about 10x faster than
+    two. `cores` and `load` default to this machine's (for the tests).
     """
     cores = torch.get_num_threads() if cores is None else cores
     if load is None:
