@@ -29,8 +29,11 @@ and more (where the CPU and Linux allow them), and plain loops for any other CPU
 
 Build: the first call of anything here compiles kernels/csrc/ with torch.utils.cpp_extension.load
 (needs a C++ compiler and ninja: `pip install ninja`, or the `fast` extra) for the machine it runs
-on (-march=native). That takes about a minute once; the result is cached in torch's extension
-directory (TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions), one build per kind of CPU.
+on (-march=native), saying so in one line on stderr first. That takes about a minute once; the
+result is cached under torch's extension directory (TORCH_EXTENSIONS_DIR, by default
+~/.cache/torch_extensions) in a folder named after what the build depends on (the kind of CPU,
+the sources' contents, the flags, torch and Python): every checkout and installed copy of the
+project on the machine loads that one build, and a new one is made only when one of those changes.
 If the build fails, available() is False, build_error() says why, a warning is given once, and
 swap_native_linears changes nothing: the model keeps running on PyTorch.
 
@@ -55,7 +58,9 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import os
 import platform
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -109,21 +114,42 @@ def _cpu_tag() -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
+def _build_directory(name: str, cflags: list[str]) -> Path:
+    """Where the build of `name` with `cflags` lives: a folder keyed by everything the library depends
+    on, so any copy of these sources on this machine (another checkout, a pip-installed package)
+    finds it, and a change to any of them gets a fresh folder rather than a rebuild over another
+    copy's build."""
+    key = hashlib.sha1()
+    for part in (name, *cflags, torch.__version__, sys.version, platform.platform()):
+        key.update(part.encode() + b"\0")
+    for source in SOURCES:
+        key.update((CSRC / source).read_bytes())
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    return root / f"{name}-{key.hexdigest()[:12]}"
+
+
 def _compile(generic: bool = False) -> None:
     """Build (or find the cached build of) kernels/csrc/ and load it, which registers its operators:
     torch.ops.llama_kernels.*, or with generic=True the plain-loop build as torch.ops.llama_kernels_generic.*
     (for the tests). Raises whatever the build raises."""
+    name = f"llama_kernels{'_generic' if generic else ''}_{_cpu_tag()}"
+    variant = ["-DLLAMA_KERNELS_GENERIC", "-DLLAMA_KERNELS_NS=llama_kernels_generic"] if generic else []
+    cflags = ["-O3", "-march=native", "-fopenmp", *variant]  # -fopenmp: at::parallel_for is inline OpenMP
+    directory = _build_directory(name, cflags)
+    library, built = directory / f"{name}.so", directory / "built"
+    if built.is_file() and library.is_file():  # "built" is written after the library is complete
+        torch.ops.load_library(str(library))
+        return
+    print(f"[kernels: compiling the native CPU kernels for this machine, once (about a minute); "
+          f"cached in {directory}]", file=sys.stderr, flush=True)  # fmt: skip
     from torch.utils import cpp_extension
 
-    variant = ["-DLLAMA_KERNELS_GENERIC", "-DLLAMA_KERNELS_NS=llama_kernels_generic"] if generic else []
-    cpp_extension.load(
-        name=f"llama_kernels{'_generic' if generic else ''}_{_cpu_tag()}",
-        sources=[str(CSRC / s) for s in SOURCES],
-        extra_cflags=["-O3", "-march=native", "-fopenmp", *variant],  # -fopenmp: at::parallel_for is inline OpenMP
-        extra_ldflags=["-fopenmp"],
-        is_python_module=False,
-        verbose=False,
-    )
+    directory.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    cpp_extension.load(name=name, sources=[str(CSRC / s) for s in SOURCES], extra_cflags=cflags,
+                       extra_ldflags=["-fopenmp"], build_directory=str(directory), is_python_module=False,
+                       verbose=False)  # fmt: skip
+    built.write_text(f"built in {time.perf_counter() - started:.0f} s\n")
 
 
 def _load() -> bool:

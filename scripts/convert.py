@@ -2,15 +2,15 @@
 
     python scripts/convert.py path/to/Llama-3.2-1B path/to/Llama-3.2-1B-hf --to hf
     python scripts/convert.py path/to/hf-model path/to/meta-model --to meta --shards 2
+
+The tokenizer, generation config and chat template files of the source are copied with the weights.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-
-import llama
-from llama.core.checkpoint import convert
+from pathlib import Path
 
 
 def parse_size(text: str) -> int:
@@ -52,14 +52,22 @@ def main(argv: list[str] | None = None) -> int:
                         help="HF output: split model.safetensors into files of at most this size, e.g. 5GB")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="cast the weights (default: keep the stored dtype, bit for bit)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (default: one for checkpoints over 1 GB when stderr is a terminal)")
+    args = parser.parse_args(argv)  # before importing torch (seconds): --help and usage errors are instant
     if args.to == "hf" and args.shards != 1:
         parser.error("--shards applies to --to meta; use --max-shard-size for HF output")
     if args.to == "meta" and args.max_shard_size is not None:
         parser.error("--max-shard-size applies to --to hf; use --shards for Meta output")
+    import llama
+    from llama.core.checkpoint import convert
+
     try:
-        written = convert(args.src, args.dst, format=args.to, n_shards=args.shards,
-                          max_shard_bytes=args.max_shard_size, dtype=args.dtype)
+        size = sum(f.stat().st_size for f in Path(args.src).glob("*") if f.suffix in (".safetensors", ".pth"))
+        if size > 2**30:
+            print(f"[converting {args.src} ({size / 1e9:.1f} GB) to {args.to} ...]", file=sys.stderr, flush=True)
+        written = convert(args.src, args.dst, format=args.to, n_shards=args.shards, max_shard_bytes=args.max_shard_size,
+                          dtype=args.dtype, progress=False if args.no_progress else None)  # fmt: skip
     except (llama.CheckpointError, llama.ConfigError, FileExistsError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
