@@ -17,8 +17,8 @@ import torch
 from .core.generation import stream
 from .core.model import Transformer
 from .core.stops import split_at_stop
-from .core.tokenizer import Message, Tokenizer, load_tokenizer
-from .loading import load
+from .core.tokenizer import Message, Tokenizer
+from .loading import load, load_tokenizer
 
 
 class Llama:

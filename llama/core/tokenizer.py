@@ -48,6 +48,11 @@ class Tokenizer(ABC):
     pad_id: int  # -1 when the tokenizer has no padding token
     vocab_size: int
     stop_tokens: frozenset[int]
+    # What a GGUF file says about its tokenizer (llama/core/gguf.py sets them; other files leave
+    # these defaults): whether texts get bos / eos, and the chat template (a Jinja string).
+    add_bos: bool = True
+    add_eos: bool = False
+    chat_template: str | None = None
 
     @abstractmethod
     def encode(self, text: str, *, bos: bool, eos: bool) -> list[int]: ...
@@ -295,10 +300,14 @@ LLAMA2_ROLES = ("system", "user", "assistant")
 
 
 class SentencePieceTokenizer(Tokenizer):
-    """Llama 1/2 tokenizer: a sentencepiece model file (bos 1, eos 2, unk 0, no pad id)."""
+    """Llama 1/2 tokenizer: a sentencepiece model file (bos 1, eos 2, unk 0, no pad id), or the
+    model's serialized bytes as `model_proto` (path None)."""
 
-    def __init__(self, path: str | PathLike, extra_stop_tokens: Sequence[int] = ()):
-        self._model = sentencepiece.SentencePieceProcessor(model_file=str(path))
+    def __init__(self, path: str | PathLike | None, extra_stop_tokens: Sequence[int] = (), *, model_proto: bytes | None = None):
+        if model_proto is not None:
+            self._model = sentencepiece.SentencePieceProcessor(model_proto=model_proto)
+        else:
+            self._model = sentencepiece.SentencePieceProcessor(model_file=str(path))
         self.bos_id = self._model.bos_id()
         self.eos_id = self._model.eos_id()
         self.pad_id = self._model.pad_id()
