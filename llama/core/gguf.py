@@ -783,7 +783,7 @@ def load(
             state[name] = tensor.to(device) if device.type != "cpu" else tensor
         if bar is not None:
             bar.close()
-        tokenizer = tokenizer_from_gguf(ckpt.file.metadata, str(ckpt.path))
+        stop_tokens = _stop_tokens(ckpt.file.metadata, str(ckpt.path))
     finally:
         ckpt.close()
     tied = config.tie_word_embeddings and "output" not in fills
@@ -793,13 +793,24 @@ def load(
     if tied:
         model.output.weight = model.tok_embeddings.weight  # one Parameter again, as in __init__
     model.rope_freqs = model.rope_freqs.to(device)
-    model.stop_tokens = tokenizer.stop_tokens
+    model.stop_tokens = stop_tokens
     return model.eval()
+
+
+def _stop_tokens(metadata: Mapping[str, Any], where: str) -> frozenset[int]:
+    """The tokenizer's stop tokens, or without a tokenizer in the file its eos / eot / eom ids."""
+    if "tokenizer.ggml.model" not in metadata:
+        keys = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+        return frozenset(metadata[k] for k in keys if k in metadata)
+    with warnings.catch_warnings():  # load_tokenizer warns about the chat template
+        warnings.simplefilter("ignore")
+        return tokenizer_from_gguf(metadata, where).stop_tokens
 
 
 # ---- saving -----------------------------------------------------------------------------------------------
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+_GGUF_TYPE_OF = {torch.float32: GGMLType.F32, torch.float16: GGMLType.F16, torch.bfloat16: GGMLType.BF16}
 
 
 def tensor_type(name: str, shape: Sequence[int], outtype: str) -> GGMLType:
@@ -838,15 +849,17 @@ def save(
     return write_gguf(path, metadata, tensors)
 
 
-def convert(src: str | os.PathLike, dst: str | os.PathLike, *, outtype: str = "f16") -> Path:
+def convert(src: str | os.PathLike, dst: str | os.PathLike, *, outtype: str = "auto") -> Path:
     """Convert a checkpoint (Meta or HF directory, or a GGUF file) into one GGUF file `dst`.
 
+    outtype: f32, f16, bf16 or q8_0 for the matrices (vectors stay f32), or "auto": the source's own
+    float type, so that nothing is rounded (a quantized GGUF source has none: give one).
     Like llama.core.checkpoint.convert: the source is checked completely before anything is written,
     the file is written beside `dst` under a temporary name and renamed when complete, and `dst` must
     not exist yet. A Meta file's copy of a tied output (Llama 3.2) is written tied. The tokenizer of a
     GGUF source is copied as it is; a directory's is converted (tokenizer_metadata)."""
-    if outtype not in OUTTYPES:
-        raise ValueError(f"unknown GGUF outtype {outtype!r}; expected one of {', '.join(OUTTYPES)}")
+    if outtype not in (*OUTTYPES, "auto"):
+        raise ValueError(f"unknown GGUF outtype {outtype!r}; expected auto or one of {', '.join(OUTTYPES)}")
     dst = Path(dst)
     if dst.exists():
         raise FileExistsError(f"{dst}: already exists; choose a new output file")
@@ -856,6 +869,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, outtype: str = "f
         try:
             config = ckpt.config
             names = check_tensors(ckpt, meta_model(config))
+            stored = {ckpt.type(n) for n in names if len(ckpt.shapes()[n]) == 2}  # vectors are F32 in any GGUF
             state = {name: ckpt.read(name, torch.float32) for name in names}
             tokenizer = {k: v for k, v in ckpt.file.metadata.items() if k.startswith("tokenizer.")}
             name = ckpt.file.metadata.get("general.name", src.stem)
@@ -867,6 +881,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, outtype: str = "f
             config = config_from_checkpoint(ckpt)
             names = check_tensors(ckpt, meta_model(config))
             state = {n: ckpt.read(n) for n in names}
+            stored = {_GGUF_TYPE_OF[ckpt.dtype(n)] for n in names if state[n].ndim == 2}
         finally:
             ckpt.close()
         tokenizer = tokenizer_metadata(src, config.vocab_size)
@@ -875,6 +890,11 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, outtype: str = "f
             config = config.replace(tie_word_embeddings=True)
     if config.tie_word_embeddings:
         state.pop("output.weight", None)
+    if outtype == "auto":
+        if len(stored) != 1 or not stored <= set(_GGUF_TYPE_OF.values()):
+            raise ValueError(f"{src}: matrices stored as {', '.join(sorted(t.name for t in stored))}; no one GGUF "
+                             f"type holds them without rounding: choose an outtype ({', '.join(OUTTYPES)})")  # fmt: skip
+        outtype = stored.pop().name.lower()
     config_metadata(config, name=name, outtype=outtype)  # refuses before any file exists
     dst.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", dir=dst.parent)
