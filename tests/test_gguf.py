@@ -652,3 +652,73 @@ def test_convert_script_and_generate_from_the_file(tmp_path, hf_checkpoint):
         result = script(name, *args)
         assert result.returncode == 2, (name, result.stderr)
         assert result.stderr.startswith(f"error: {broken}: truncated GGUF file") and "Traceback" not in result.stderr
+
+
+# ---- the native Q8_0 kernel (kernels/csrc/gemv_int8.cpp, gemv_q8_0) ----------------------------------------
+
+
+def native_kernels():
+    from kernels import native
+
+    if not native.available():
+        pytest.skip(f"C++ kernels not built: {str(native.build_error())[:300]}")
+    return native
+
+
+def q8_0_case(M: int, N: int, K: int, seed: int):
+    """x (M, K) bf16, a Q8_0 module (N, K), and the float32 weight its blocks stand for."""
+    generator = torch.Generator().manual_seed(seed)
+    module = Int8BlockLinear(K, N)
+    module.load_weight(torch.randn(N, K, generator=generator) * torch.rand(N, 1, generator=generator))
+    return torch.randn(M, K, generator=generator).bfloat16(), module, module.dequantize()
+
+
+def assert_within_bf16(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+    """y = x @ w.T summed in float32 and rounded once to bf16: within half a bf16 ulp of the exact
+    value plus the float32 sums' rounding (K terms)."""
+    ref, abs_ref = F.linear(x.float(), w), F.linear(x.float().abs(), w.abs())
+    bound = 2**-8 * ref.abs() + 2 * x.shape[1] * 2**-24 * abs_ref
+    assert ((y.float() - ref).abs() <= bound).all(), (y.float() - ref).abs().max()
+
+
+@pytest.mark.parametrize("M", [1, 2, 5, 17, 40])
+@pytest.mark.parametrize("N, K", [(1, 32), (7, 96), (100, 64), (33, 2048)])
+def test_q8_0_kernel_is_the_exact_product_rounded_once(M, N, K):
+    native = native_kernels()
+    x, module, w = q8_0_case(M, N, K, seed=M * N + K)
+    assert_within_bf16(native.gemv_q8_0(x, module.weight, module.scales), x, w)
+
+
+def test_q8_0_kernel_refuses_what_it_cannot_take():
+    native = native_kernels()
+    x = torch.zeros(1, 48).bfloat16()
+    with pytest.raises(ValueError, match="gemv_q8_0: in_features 48 is not a multiple of the block size 32"):
+        native.gemv_q8_0(x, torch.zeros(4, 48, dtype=torch.int8), torch.zeros(4, 1, dtype=torch.float16))
+    with pytest.raises(ValueError, match=r"gemv_q8_0: scales must be a \(4, 2\) float16 CPU tensor"):
+        native.gemv_q8_0(torch.zeros(1, 64).bfloat16(), torch.zeros(4, 64, dtype=torch.int8), torch.zeros(4, 2))
+
+
+def test_native_swap_of_a_q8_0_model_keeps_its_logits(tmp_path, model):
+    native = native_kernels()
+    path, _ = llama_cpp_file(tmp_path, T.Q8_0, model)
+    plain = llama.load(path, dtype="bfloat16", quantize="int8")
+    swapped = llama.load(path, dtype="bfloat16", quantize="int8")
+    names = native.swap_native_linears(swapped)
+    assert "layers.0.attention.wq" in names and type(swapped.output) is native.NativeInt8BlockLinear
+    assert swapped.output.weight is not None and swapped.layers[1].feed_forward.w2.scales.dtype == torch.float16
+    with torch.no_grad():  # one row at a time: the kernel's size
+        plain.setup_cache(1, 16)
+        swapped.setup_cache(1, 16)
+        for i in range(TOKENS.shape[1]):
+            a, b = plain(TOKENS[:, i : i + 1], i), swapped(TOKENS[:, i : i + 1], i)
+            assert (a - b).abs().max() <= 2e-2 * a.abs().max()
+
+
+@pytest.mark.slow
+def test_q8_0_kernel_generic_build():
+    """The plain-loop build (CPUs without AVX-512 bf16) computes the same product."""
+    native = native_kernels()
+    native._compile(generic=True)
+    for M, N, K in [(1, 5, 32), (6, 40, 160)]:
+        x, module, w = q8_0_case(M, N, K, seed=K)
+        assert_within_bf16(torch.ops.llama_kernels_generic.gemv_q8_0(x, module.weight, module.scales), x, w)

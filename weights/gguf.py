@@ -295,16 +295,18 @@ def quantize_q8_0(w: torch.Tensor) -> torch.Tensor:
     """(..., K) float, K a multiple of 32 -> the Q8_0 bytes (1-D uint8), as ggml's
     quantize_row_q8_0_ref: per block d = max|x| / 127, q = roundf(x / d) (halves away from zero,
     computed as x * (1 / d) in float32), and d stored as fp16."""
-    x = w.reshape(-1, 32).float()
-    d = x.abs().amax(dim=1, keepdim=True) / 127  # (n, 1)
-    inverse = torch.where(d == 0, torch.zeros_like(d), 1 / d)
-    v = x * inverse
-    a = v.abs()
-    whole = torch.floor(a)
-    q = torch.sign(v) * (whole + torch.floor(2 * (a - whole)))  # roundf, without the error of floor(a + 0.5)
-    out = torch.empty(x.shape[0], 34, dtype=torch.uint8)
-    out[:, :2] = d.to(torch.float16).view(torch.uint8)
-    out[:, 2:] = q.to(torch.int8).view(torch.uint8)
+    blocks = w.reshape(-1, 32)
+    out = torch.empty(blocks.shape[0], 34, dtype=torch.uint8)
+    for start in range(0, blocks.shape[0], CHUNK_BLOCKS):  # float32 temporaries of a few MB
+        x = blocks[start : start + CHUNK_BLOCKS].float()
+        d = x.abs().amax(dim=1, keepdim=True) / 127  # (n, 1)
+        inverse = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+        v = x * inverse
+        a = v.abs()
+        whole = torch.floor(a)
+        q = torch.sign(v) * (whole + torch.floor(2 * (a - whole)))  # roundf, without the error of floor(a + 0.5)
+        out[start : start + x.shape[0], :2] = d.to(torch.float16).view(torch.uint8)
+        out[start : start + x.shape[0], 2:] = q.to(torch.int8).view(torch.uint8)
     return out.reshape(-1)
 
 

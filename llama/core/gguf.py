@@ -225,10 +225,10 @@ def llama3_rope_divisors(head_dim: int, theta: float, scaling: RopeScaling) -> t
     low_wavelen = scaling.original_max_seq_len / scaling.low_freq_factor
     high_wavelen = scaling.original_max_seq_len / scaling.high_freq_factor
     divisors = []
-    for freq in freqs.tolist():
+    for freq in freqs:  # 0-d float32 tensors, so the arithmetic is float32 as in the converter: the same bits
         wavelen = 2 * math.pi / freq
         if wavelen < high_wavelen:
-            divisors.append(1.0)
+            divisors.append(1)
         elif wavelen > low_wavelen:
             divisors.append(scaling.factor)
         else:
@@ -651,8 +651,22 @@ def _chat_template(directory: Path) -> str | None:
 
 # ---- loading ----------------------------------------------------------------------------------------------
 
-# A way to fill a swapped module from a weight as stored: its bytes (1-D uint8) and type.
-Fill = Callable[[torch.Tensor, GGMLType], None]
+class StoredWeight:
+    """One weight as the file stores it: `data` (its bytes, 1-D uint8), `type` and `shape`, and
+    dequantized(dtype), computed once (a tied output and the embedding share it)."""
+
+    def __init__(self, data: torch.Tensor, kind: GGMLType, shape: tuple[int, ...]):
+        self.data, self.type, self.shape = data, kind, shape
+        self._float: torch.Tensor | None = None
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        if self._float is None or self._float.dtype != dtype:
+            self._float = dequantize(self.data, self.type, dtype).view(self.shape)
+        return self._float
+
+
+# A way to fill a swapped module from a weight as stored.
+Fill = Callable[[StoredWeight], None]
 Swap = Callable[[Transformer, torch.dtype, dict[str, GGMLType]], dict[str, Fill]]
 
 
@@ -728,9 +742,9 @@ def load(
         files, else float32, which holds every quantized type's values exactly).
     swap: called with the model on the meta device, the dtype and the stored type of each weight
         (Meta names; a tied output gets the embedding's); it may replace modules and returns
-        {module name: fill}, each fill given that weight's stored bytes instead of a float tensor
-        (llama/quantization/gguf.py keeps Q8_0 and Q4_0 weights quantized this way). A tied output
-        among them gets the embedding's bytes.
+        {module name: fill}, each fill given that weight as stored (a StoredWeight) instead of a
+        float tensor (llama/quantization/gguf.py keeps Q8_0 and Q4_0 weights quantized this way). A
+        tied output among them gets the embedding's, dequantized once for both.
     """
     dtype = parse_dtype(dtype)
     device = torch.device(device)
@@ -756,26 +770,26 @@ def load(
         shapes = ckpt.shapes()
         state = {}
 
-        def fill(module: str, raw: torch.Tensor, kind: GGMLType) -> None:
-            fills[module](raw, kind)
+        def fill(module: str, weight: StoredWeight) -> None:
+            fills[module](weight)
             layer = model.get_submodule(module)
             state.update({f"{module}.{n}": b.to(device) for n, b in layer.named_buffers()})
 
         for name in names:
             module = name.removesuffix(".weight")
-            kind = types[name]
             if module in fills or (copy_output and name == "tok_embeddings.weight"):
-                raw = ckpt.raw(name)
+                weight = StoredWeight(ckpt.raw(name), types[name], shapes[name])
                 if copy_output and name == "tok_embeddings.weight":
-                    fill("output", raw, kind)
+                    fill("output", weight)
                 if module in fills:
-                    fill(module, raw, kind)
-                    del raw
+                    fill(module, weight)
+                    del weight
                     release_freed_memory()
                     if bar is not None:
                         bar.update(ckpt.file.tensors[ckpt._names[name]].nbytes)
                     continue
-                tensor = dequantize(raw, kind, dtype).view(shapes[name])
+                tensor = weight.dequantized(dtype)
+                del weight
             else:
                 tensor = ckpt.read(name, dtype)
             if bar is not None:
@@ -899,6 +913,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, outtype: str = "a
     dst.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", dir=dst.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private; the output is an ordinary file
     try:
         save(tmp, config, state, tokenizer, outtype=outtype, name=name)
         os.replace(tmp, dst)

@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from weights.gguf import GGMLType, dequantize, quantize_q8_0
+from weights.gguf import GGMLType, quantize_q8_0
 
 from ..core import gguf as core_gguf
-from .linear import Int4Linear, Int8Linear, _row_chunks, check_mode, pack_nibbles, prepare_kernels, target_names
+from .linear import Int4Linear, Int8Linear, _row_chunks, check_mode, pack_nibbles, target_names
 
 Q8_0_BLOCK = 34  # bytes of one Q8_0 block: fp16 d, then 32 int8 values
 Q4_0_BLOCK = 18  # fp16 d, then 16 bytes of 4-bit values
@@ -41,7 +41,9 @@ class Int8BlockLinear(nn.Module):
 
     Buffers: weight (N, K) int8, scales (N, K/32) float16. The forward widens a slice of rows at a
     time into x's dtype (through float32, so W is exactly Q8_0's dequantized value rounded once to
-    that dtype) and multiplies; the slices keep the float temporaries small (see _row_chunks).
+    that dtype) and multiplies; the slices keep the float temporaries small (see _row_chunks). That
+    costs several passes over the weights, so decoding is slow here: kernels.optimize swaps in
+    kernels/native.py's NativeInt8BlockLinear, which reads the int8 values once (gemv_q8_0).
     """
 
     block_size = 32
@@ -122,17 +124,16 @@ def load(path: str | os.PathLike, mode: str, *, group_size: int = 128, include_o
             N, K, kind = linear.out_features, linear.in_features, types[f"{name}.weight"]
             if mode == "int8" and kind == GGMLType.Q8_0:
                 module = Int8BlockLinear(K, N, device="meta")
-                fills[name] = lambda raw, kind, module=module: module.load_q8_0(raw)
+                fills[name] = lambda weight, module=module: module.load_q8_0(weight.data)
                 kept.append(name)
             elif mode == "int4" and kind == GGMLType.Q4_0:
                 module = Int4Linear(K, N, 32, dtype, device="meta")
-                fills[name] = lambda raw, kind, module=module: _fill_int4(module, raw)
+                fills[name] = lambda weight, module=module: _fill_int4(module, weight.data)
                 kept.append(name)
             elif mode == "int8" or K % group_size == 0:
                 module = (Int8Linear(K, N, dtype, "meta") if mode == "int8"
-                          else Int4Linear(K, N, group_size, dtype, "meta"))
-                fills[name] = lambda raw, kind, module=module: module.load_weight(dequantize(raw, kind, dtype).view(
-                    module.out_features, module.in_features))  # fmt: skip
+                          else Int4Linear(K, N, group_size, dtype, "meta"))  # fmt: skip
+                fills[name] = lambda weight, module=module: module.load_weight(weight.dequantized(dtype))
                 requantized.append(name)
             else:
                 continue  # stays in float, as llama/quantization does with a width the groups do not divide
@@ -142,7 +143,10 @@ def load(path: str | os.PathLike, mode: str, *, group_size: int = 128, include_o
     model = core_gguf.load(path, dtype=dtype, device=device, progress=progress, swap=swap)
     model.quantization = {"mode": mode, "group_size": group_size, "include_output": include_output and "output" in kept + requantized,
                           "gguf_kept": len(kept), "gguf_requantized": len(requantized)}  # fmt: skip
-    prepare_kernels(model)
+    # No prepare_kernels here: the packing torch's int4 kernel wants is made on a module's first use
+    # instead, by the modules that use it (kernels.optimize swaps in ones with their own packing), so
+    # that loading does not peak at the int32 copy torch's packing makes of each matrix (1 GB for a
+    # 1B model's output projection).
     return model
 
 
