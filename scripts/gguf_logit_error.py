@@ -2,8 +2,8 @@
 
     python scripts/gguf_logit_error.py --checkpoint path/to/hf-checkpoint model-Q4_0.gguf model-Q8_0.gguf ...
 
-Every model runs in float32 (a GGUF file dequantized exactly), on the same --tokens random ids; one model
-is in memory at a time. Reported per file: the tensor types its matrices hold (count of each), the
+Every model runs in float32 (a GGUF file dequantized exactly), on the same input: --text encoded by the
+checkpoint's tokenizer, or --tokens random ids; one model is in memory at a time. Reported per file: the tensor types its matrices hold (count of each), the
 largest |logit difference|, the RMS of the difference over the RMS of the checkpoint's logits, and how
 often the two agree on the most likely next token.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import llama
-from llama.core.tokenizer import TokenizerFormatError
+from llama.core.tokenizer import TokenizerFormatError, TokenizerNotFoundError
 from weights.gguf import GGUFFile
 
 
@@ -27,15 +27,19 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("files", nargs="+", help="GGUF files of the checkpoint")
     p.add_argument("--checkpoint", required=True, help="the float checkpoint (directory, or a GGUF file) they came from")
-    p.add_argument("--tokens", type=int, default=64, help="sequence length (default 64)")
+    p.add_argument("--tokens", type=int, default=64, help="without --text: this many random ids (default 64)")
+    p.add_argument("--text", help="the input text (encoded with bos by the checkpoint's tokenizer)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         model = llama.load(args.checkpoint, dtype="float32")
-        generator = torch.Generator().manual_seed(0)
-        tokens = torch.randint(0, model.config.vocab_size, (1, args.tokens), generator=generator)
+        if args.text is not None:
+            tokens = torch.tensor([llama.load_tokenizer(args.checkpoint).encode(args.text, bos=True, eos=False)])
+        else:
+            generator = torch.Generator().manual_seed(0)
+            tokens = torch.randint(0, model.config.vocab_size, (1, args.tokens), generator=generator)
         with torch.no_grad():
             reference = model(tokens)[0]  # (T, V)
         del model
@@ -55,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             agree = (logits.argmax(-1) == reference.argmax(-1)).float().mean()
             kinds = ", ".join(f"{n} {k}" for k, n in types.most_common())
             print(f"| {Path(path).name} | {kinds} | {diff.abs().max():.4g} | {rel:.3e} | {agree:.3f} |", flush=True)
-    except (llama.CheckpointError, llama.ConfigError, TokenizerFormatError, OSError) as e:
+    except (llama.CheckpointError, llama.ConfigError, TokenizerFormatError, TokenizerNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
