@@ -36,12 +36,12 @@ directory (TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions), one buil
 If the build fails, available() is False, build_error() says why, a warning is given once, and
 swap_native_linears changes nothing: the model keeps running on PyTorch.
 
-The swapped modules (NativeLinear, NativeInt8Linear, NativeInt4Linear) subclass the modules they
-replace, share their weights (no copy; a tied `output` stays tied to the embedding) and keep their
-state-dict names. Their forward calls the kernel when x is a bfloat16 CPU tensor of at most
-max_rows rows (MAX_ROWS: where the kernel stops being faster than the module it replaced) and
-autograd is not recording; otherwise the replaced module's own computation runs: long prefills
-(matrix-matrix work that oneDNN does better), float32 models, other devices, training.
+The swapped modules (NativeLinear, NativeInt8Linear, NativeInt4Linear, NativeInt8BlockLinear)
+subclass the modules they replace, share their weights (no copy; a tied `output` stays tied to the
+embedding) and keep their state-dict names. Their forward calls the kernel when x is a bfloat16 CPU
+tensor of at most max_rows rows (MAX_ROWS: where the kernel stops being faster than the module it
+replaced) and autograd is not recording; otherwise the replaced module's own computation runs: long
+prefills (matrix-matrix work that oneDNN does better), float32 models, other devices, training.
 max_rows = 0 turns a module's kernel off.
 
 Memory: none extra for bf16 and int8. int4 keeps its own packed copy (the size of the int4
@@ -67,6 +67,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from llama.quantization import Int4Linear, Int8BlockLinear, Int8Linear
+
+from .fused import FastAttention, FusedFeedForward
+from .support import check_supported
 
 __all__ = [
     "MAX_ROWS",
@@ -341,6 +344,9 @@ class NativeInt4Linear(Int4Linear):
         return f"{super().extra_repr()}, native max_rows={self.max_rows}"
 
 
+NATIVE_MODULES = (NativeLinear, NativeInt8Linear, NativeInt4Linear, NativeInt8BlockLinear)
+
+
 def _native_version(module: nn.Module, max_rows: int | None = None) -> nn.Module | None:
     """The swapped module for `module` (max_rows None: MAX_ROWS of its kind), or None when the
     kernels cannot serve it."""
@@ -391,6 +397,7 @@ def swap_native_linears(model: nn.Module, max_rows: int | None = None) -> list[s
     """
     if max_rows is not None and max_rows < 0:
         raise ValueError(f"max_rows must be >= 0, got {max_rows}")
+    check_supported(model, "kernels.native", (FastAttention, FusedFeedForward, *NATIVE_MODULES))
     candidates = _candidates(model)
     if not candidates or not _load():  # build only when there is something to swap
         return []
