@@ -529,6 +529,7 @@ def llama_cpp_gpt2_vocab(tokenizer_json: Path) -> dict:
             "bos": 128000, "eos": 128009}  # fmt: skip
 
 
+@pytest.mark.slow
 def test_llama3_vocabulary_as_llama_cpp_writes_it_encodes_like_meta(llama3_hf_json, meta_llama3):
     vocab = llama_cpp_gpt2_vocab(llama3_hf_json)
     metadata = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "llama-bpe",
@@ -543,6 +544,7 @@ def test_llama3_vocabulary_as_llama_cpp_writes_it_encodes_like_meta(llama3_hf_js
     assert ours.encode("This is a test sentence.", bos=True, eos=True) == [128000, 2028, 374, 264, 1296, 11914, 13, 128001]
 
 
+@pytest.mark.slow
 def test_llama3_vocabulary_written_here_is_llama_cpps(tmp_path, llama3_hf_json, meta_llama3):
     """Written from Meta's tokenizer.model: the same tokens, types and merges (in the same order) that
     llama.cpp's converter takes from HF's tokenizer.json, and it reads back as Meta's tokenizer."""
@@ -698,6 +700,7 @@ def test_q8_0_kernel_refuses_what_it_cannot_take():
         native.gemv_q8_0(torch.zeros(1, 64).bfloat16(), torch.zeros(4, 64, dtype=torch.int8), torch.zeros(4, 2))
 
 
+@pytest.mark.slow
 def test_native_swap_of_a_q8_0_model_keeps_its_logits(tmp_path, model):
     native = native_kernels()
     path, _ = llama_cpp_file(tmp_path, T.Q8_0, model)
