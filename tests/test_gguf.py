@@ -647,6 +647,13 @@ def test_convert_script_and_generate_from_the_file(tmp_path, hf_checkpoint):
     result = script("perplexity.py", "--checkpoint", out, "--text-file", text, "--dtype", "float32", "--no-progress")
     assert result.returncode == 0 and result.stdout.startswith("perplexity "), result.stderr
 
+    variant = tmp_path / "qk_norm"
+    llama.save(random_model(CONFIG.replace(qk_norm=True, n_layers=1)), variant, format="hf")
+    shutil.copy(KJV_TOKENIZER, variant / "tokenizer.model")
+    result = script("convert.py", variant, tmp_path / "v.gguf", "--to", "gguf")
+    assert result.returncode == 2 and not (tmp_path / "v.gguf").exists()
+    assert result.stderr == "error: GGUF's 'llama' architecture cannot express qk_norm=True\n"
+
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(out.read_bytes()[:5000])
     for name, args in (("generate.py", ["--checkpoint", broken]), ("perplexity.py", ["--checkpoint", broken, "--text-file", text]),
