@@ -391,9 +391,10 @@ def swap_native_linears(model: nn.Module, max_rows: int | None = None) -> list[s
 
     Served: bias-free bfloat16 nn.Linear (wq.., the fused wqkv / w13 of kernels.optimize, output),
     Int8Linear and Int4Linear with bfloat16 scales (a bfloat16 model quantized by llama/quantization/),
-    and Int8BlockLinear (GGUF's Q8_0, for bfloat16 inputs), on the CPU. Other modules, and everything when the kernels cannot be built (a warning says why),
-    stay as they are. Apply after kernels.optimize's fusions (fuse_linears takes only plain nn.Linear),
-    which kernels.optimize(native=True) does. Swapping twice is harmless.
+    and Int8BlockLinear (GGUF's Q8_0; the kernel takes bfloat16 inputs), on the CPU. Other modules,
+    and everything when the kernels cannot be built (a warning says why), stay as they are. Apply
+    after kernels.optimize's fusions (fuse_linears takes only plain nn.Linear), which
+    kernels.optimize(native=True) does. Swapping twice is harmless.
     """
     if max_rows is not None and max_rows < 0:
         raise ValueError(f"max_rows must be >= 0, got {max_rows}")

@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=32, help="tokens to decode (default 32)")
     p.add_argument("--repetitions", type=int, default=3, help="measured runs of each configuration (default 3)")
     p.add_argument("--quantize", choices=["auto", "int8", "int4"], default="auto",
-                   help="ours-quantized mode: auto (int4 for Q4_0 files, int8 for Q8_0, else int8) or a mode for every file")
+                   help="ours-quantized mode: auto (int4 for Q4_0 files, int8 for Q8_0, else int8), or one mode "
+                        "for every file")
     p.add_argument("--dequantized", action="store_true", help="also run each file dequantized to bfloat16")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one configuration and print JSON

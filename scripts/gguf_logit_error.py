@@ -2,10 +2,11 @@
 
     python scripts/gguf_logit_error.py --checkpoint path/to/hf-checkpoint model-Q4_0.gguf model-Q8_0.gguf ...
 
-Every model runs in float32 (a GGUF file dequantized exactly), on the same input: --text encoded by the
-checkpoint's tokenizer, or --tokens random ids; one model is in memory at a time. Reported per file: the tensor types its matrices hold (count of each), the
-largest |logit difference|, the RMS of the difference over the RMS of the checkpoint's logits, and how
-often the two agree on the most likely next token.
+Every model runs in float32 (a GGUF file dequantized exactly), on the same input: --text encoded by
+the checkpoint's tokenizer, or --tokens random ids; one model is in memory at a time. Reported per
+file: the tensor types its matrices hold (count of each), the largest |logit difference|, the RMS of
+the difference over the RMS of the checkpoint's logits, and how often the two agree on the most
+likely next token.
 """
 
 from __future__ import annotations

@@ -441,7 +441,8 @@ class GGUFFile:
             self.value_types[key] = ValueType(kind)
         self.alignment = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
         if not isinstance(self.alignment, int) or self.alignment <= 0 or self.alignment % 8:
-            raise CheckpointError(f"{self.path}: general.alignment must be a positive multiple of 8, got {self.alignment!r}")
+            raise CheckpointError(f"{self.path}: general.alignment must be a positive multiple of 8, "
+                                  f"got {self.alignment!r}")  # fmt: skip
         infos = []
         for i in range(n_tensors):
             c.where = f"tensor info {i}"

@@ -66,7 +66,8 @@ at::Tensor gemv_q8_0_op(const at::Tensor& x_, const at::Tensor& w_, const at::Te
   at::Tensor y = at::empty({M, N}, x.options());
   if (M > 0 && N > 0)
     gemv_q8_0(bf16_ptr(x), M, K, w.data_ptr<int8_t>(), w.stride(0), N,
-              reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>()), reinterpret_cast<bf16*>(y.data_ptr<at::BFloat16>()));
+              reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>()),
+              reinterpret_cast<bf16*>(y.data_ptr<at::BFloat16>()));
   return y;
 }
 

@@ -50,7 +50,8 @@ from .checkpoint import config_from_checkpoint, check_tensors, meta_model, parse
 from .config import ConfigError, ModelConfig, RopeScaling
 from .model import Transformer, rope_frequencies
 from .tokenizer import (TOKENIZER_FILES, SentencePieceTokenizer, TiktokenTokenizer, Tokenizer, TokenizerFormatError,
-                        _byte_level_alphabet, eos_ids_from_configs, load_tokenizer as load_checkpoint_tokenizer)  # fmt: skip
+                        _byte_level_alphabet)  # fmt: skip
+from .tokenizer import load_tokenizer as load_checkpoint_tokenizer
 
 ARCHITECTURE = "llama"
 
@@ -166,8 +167,9 @@ def config_from_gguf(
         raise ConfigError(f"{where}: metadata this model cannot honour: {', '.join(unknown)}")
     get = _Metadata(metadata, where)
     if get.get("expert_count", int, 0) or get.get("expert_used_count", int, 0):
-        raise ConfigError(f"{where}: a mixture of experts ({ARCHITECTURE}.expert_count "
-                          f"{metadata.get(f'{ARCHITECTURE}.expert_count')}); this model has one feed-forward per layer")  # fmt: skip
+        experts = metadata.get(f"{ARCHITECTURE}.expert_count")
+        raise ConfigError(f"{where}: a mixture of experts ({ARCHITECTURE}.expert_count {experts}); "
+                          "this model has one feed-forward per layer")  # fmt: skip
     layout = get.get("tensor_data_layout", str, "Meta AI original pth")
     if layout != "Meta AI original pth":
         raise ConfigError(f"{where}: {ARCHITECTURE}.tensor_data_layout {layout!r}; expected 'Meta AI original pth'")
@@ -238,7 +240,8 @@ def llama3_rope_divisors(head_dim: int, theta: float, scaling: RopeScaling) -> t
     return torch.tensor(divisors, dtype=torch.float32)
 
 
-def _llama3_scaling(divisors: torch.Tensor, head_dim: int, theta: float, original: int | None, where: str) -> RopeScaling:
+def _llama3_scaling(divisors: torch.Tensor, head_dim: int, theta: float, original: int | None,
+                    where: str) -> RopeScaling:  # fmt: skip
     """The llama3 RopeScaling whose frequencies are rope_frequencies(...) / divisors.
 
     The divisors fix `factor` (the largest) and, in the blend band, s = (1/r - 1/factor) / (1 - 1/factor)
@@ -348,7 +351,8 @@ def tokenizer_from_gguf(metadata: Mapping[str, Any], where: str = "GGUF") -> Tok
     types = metadata.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
     if len(types) != len(tokens):
         raise TokenizerFormatError(f"{where}: {len(tokens)} tokens but {len(types)} token types")
-    ids = {key: metadata.get(f"tokenizer.ggml.{key}_token_id") for key in ("bos", "eos", "unknown", "padding", "eot", "eom")}
+    ids = {key: metadata.get(f"tokenizer.ggml.{key}_token_id")
+           for key in ("bos", "eos", "unknown", "padding", "eot", "eom")}  # fmt: skip
     stops = [i for i in (ids["eos"], ids["eot"], ids["eom"]) if i is not None]
     if kind == "llama":
         tokenizer = _sentencepiece_from_gguf(metadata, tokens, types, ids, stops, where)
@@ -363,8 +367,9 @@ def tokenizer_from_gguf(metadata: Mapping[str, Any], where: str = "GGUF") -> Tok
     if tokenizer.chat_template is not None:
         marker = "<|start_header_id|>" if kind == "gpt2" else "[INST]"
         if marker not in tokenizer.chat_template:
-            warnings.warn(f"{where}: the chat template is not Llama's {'3' if kind == 'gpt2' else '2'} format "
-                          f"(no {marker}); encode_dialog writes Llama's format, not this template's", stacklevel=2)  # fmt: skip
+            version = "3" if kind == "gpt2" else "2"
+            warnings.warn(f"{where}: the chat template is not Llama's {version} format (no {marker}); "
+                          "encode_dialog writes Llama's format, not this template's", stacklevel=2)
     return tokenizer
 
 
@@ -530,7 +535,8 @@ LLAMA3_CHAT_TEMPLATE = (
     "{{- bos_token }}{%- for message in messages %}"
     "{%- set role = 'ipython' if message['role'] == 'tool' else message['role'] %}"
     "{{- '<|start_header_id|>' + role + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
-    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
 )
 LLAMA2_CHAT_TEMPLATE = (
     "{%- if messages[0]['role'] == 'system' %}"
@@ -603,8 +609,8 @@ def tokenizer_metadata(checkpoint: str | os.PathLike, vocab_size: int) -> dict[s
         for i in range(processor.vocab_size()):
             tokens.append(processor.id_to_piece(i))
             scores.append(processor.get_score(i))
-            types.append(UNKNOWN if processor.is_unknown(i) else CONTROL if processor.is_control(i)
-                         else UNUSED if processor.is_unused(i) else BYTE if processor.is_byte(i) else NORMAL)  # fmt: skip
+            types.append(UNKNOWN if processor.is_unknown(i) else CONTROL if processor.is_control(i) else
+                         UNUSED if processor.is_unused(i) else BYTE if processor.is_byte(i) else NORMAL)  # fmt: skip
         md["tokenizer.ggml.model"] = "llama"
         md["tokenizer.ggml.pre"] = "default"
         md["tokenizer.ggml.tokens"] = tokens
@@ -645,7 +651,8 @@ def _chat_template(directory: Path) -> str | None:
     except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
         raise TokenizerFormatError(f"{file}: malformed JSON: {e}") from e
     if isinstance(template, list):
-        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
     return template if isinstance(template, str) else None
 
 
@@ -694,9 +701,10 @@ class GGUFModelFile:
             if "tok_embeddings.weight" not in self._names:
                 raise CheckpointError(f"{self.path}: no token_embd.weight tensor")
             rope_freqs = self.file.read(ROPE_FREQS, torch.float32) if ROPE_FREQS in self.file.tensors else None
-            self.config = config_from_gguf(self.file.metadata, vocab_size=self.file.tensors["token_embd.weight"].shape[0],
-                                           has_output="output.weight" in self._names, rope_freqs=rope_freqs,
-                                           where=str(self.path))  # fmt: skip
+            vocab_size = self.file.tensors["token_embd.weight"].shape[0]
+            has_output = "output.weight" in self._names
+            self.config = config_from_gguf(self.file.metadata, vocab_size=vocab_size, has_output=has_output,
+                                           rope_freqs=rope_freqs, where=str(self.path))  # fmt: skip
         except BaseException:
             self.file.close()
             raise
@@ -906,8 +914,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, outtype: str = "a
         state.pop("output.weight", None)
     if outtype == "auto":
         if len(stored) != 1 or not stored <= set(_GGUF_TYPE_OF.values()):
-            raise ValueError(f"{src}: matrices stored as {', '.join(sorted(t.name for t in stored))}; no one GGUF "
-                             f"type holds them without rounding: choose an outtype ({', '.join(OUTTYPES)})")  # fmt: skip
+            kinds = ", ".join(sorted(t.name for t in stored))
+            raise ValueError(f"{src}: matrices stored as {kinds}; no one GGUF type holds them without rounding: "
+                             f"choose an outtype ({', '.join(OUTTYPES)})")  # fmt: skip
         outtype = stored.pop().name.lower()
     config_metadata(config, name=name, outtype=outtype)  # refuses before any file exists
     dst.parent.mkdir(parents=True, exist_ok=True)

@@ -88,10 +88,12 @@ class Int8BlockLinear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)  # (..., N)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per block of {self.block_size} (Q8_0)"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"int8 per block of {self.block_size} (Q8_0)")
 
 
-def int4_from_q4_0(data: torch.Tensor, out_features: int, in_features: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def int4_from_q4_0(data: torch.Tensor, out_features: int, in_features: int,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Q4_0 bytes of an (N, K) weight -> Int4Linear's buffers (weight (N, K/2) uint8 as pack_nibbles
     packs, scales_and_zeros (K/32, N, 2) with zero 0): the same (q - 8) * d."""
     N, K = out_features, in_features
@@ -141,7 +143,7 @@ def load(path: str | os.PathLike, mode: str, *, group_size: int = 128, include_o
         return fills
 
     model = core_gguf.load(path, dtype=dtype, device=device, progress=progress, swap=swap)
-    model.quantization = {"mode": mode, "group_size": group_size, "include_output": include_output and "output" in kept + requantized,
+    model.quantization = {"mode": mode, "group_size": group_size, "include_output": "output" in kept + requantized,
                           "gguf_kept": len(kept), "gguf_requantized": len(requantized)}  # fmt: skip
     # No prepare_kernels here: the packing torch's int4 kernel wants is made on a module's first use
     # instead, by the modules that use it (kernels.optimize swaps in ones with their own packing), so
