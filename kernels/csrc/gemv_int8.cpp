@@ -134,14 +134,18 @@ void q8_0_tile(const bf16* xp, int64_t Kp, int64_t K, const int8_t* q, int64_t l
   for (int m = 0; m < MR; m++)
     for (int r = 0; r < NR_; r++) acc[m][r] = _mm512_setzero_ps();
   const int64_t n_blocks = K / 32;
+  const __m512i halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
   for (int64_t k = 0; k < Kp; k += 64) {
     __m512i wa[NR_], wb[NR_];
     __m512 scale[NR_];
+    const int64_t b = k / 32;  // the chunk's first block; a last chunk of 32 values has no second
     for (int r = 0; r < NR_; r++) {
       widen(q + r * ldw + k, K - k, &wa[r], &wb[r]);
-      const int64_t b = k / 32;  // the chunk's first block; a last chunk of 32 values has no second
-      const float d0 = fp16_to_float(d[r * ldd + b]), d1 = b + 1 < n_blocks ? fp16_to_float(d[r * ldd + b + 1]) : 0.f;
-      scale[r] = _mm512_mask_blend_ps(__mmask16(0xFF00), _mm512_set1_ps(d0), _mm512_set1_ps(d1));
+      // d[b], d[b + 1] as floats (F16C), broadcast to lanes 0-7 and 8-15.
+      uint32_t pair = d[r * ldd + b];
+      if (b + 1 < n_blocks) pair |= uint32_t(d[r * ldd + b + 1]) << 16;
+      const __m128 two = _mm_cvtph_ps(_mm_cvtsi32_si128(int(pair)));
+      scale[r] = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(two));
     }
     for (int m = 0; m < MR; m++) {
       const __m512bh xa = (__m512bh)_mm512_loadu_si512(xp + m * Kp + k);
