@@ -214,6 +214,14 @@ def test_not_gguf(tmp_path):
         GGUFFile(tmp_path / "missing.gguf")
 
 
+def test_version_2_reads_like_3(tmp_path):
+    data = bytearray(small_file(tmp_path))  # v3 added only big-endian files; the layout is v2's
+    data[4:8] = struct.pack("<I", 2)
+    (tmp_path / "v2.gguf").write_bytes(data)
+    with GGUFFile(tmp_path / "v2.gguf") as f, GGUFFile(tmp_path / "ok.gguf") as g:
+        assert f.version == 2 and f.metadata == g.metadata and torch.equal(f.read("a"), g.read("a"))
+
+
 def test_old_version_and_big_endian(tmp_path):
     data = bytearray(small_file(tmp_path))
     data[4:8] = struct.pack("<I", 1)
