@@ -13,6 +13,7 @@ import os
 
 import torch
 
+import weights
 from weights import CheckpointError
 from weights.gguf import is_gguf
 
@@ -51,6 +52,7 @@ def load(
             return quantization.gguf.load(path, quantize, group_size=group_size, include_output=quantize_output,
                                           dtype=dtype, device=device, progress=progress)  # fmt: skip
         return gguf.load(path, dtype=dtype, device=device, progress=progress)
+    weights.detect_format(path)  # a readable directory and config file, before anything reads them
     stored = quantization.read_quantization(path)
     if stored is not None:
         if quantize is not None and quantize != stored.get("mode"):

@@ -388,7 +388,7 @@ def _sentencepiece_from_gguf(metadata, tokens, types, ids, stops, where) -> Sent
     )  # fmt: skip
     try:
         return SentencePieceTokenizer(None, stops, model_proto=proto)
-    except RuntimeError as e:  # sentencepiece's own checks (e.g. no unknown piece)
+    except (RuntimeError, TokenizerFormatError) as e:  # sentencepiece's own checks (e.g. no unknown piece)
         raise TokenizerFormatError(f"{where}: the tokenizer metadata is not a valid sentencepiece model: {e}") from e
 
 
