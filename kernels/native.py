@@ -19,6 +19,8 @@ G = int4 group size. All three compute y = x @ W.T in float32 and round y once t
     gemv_int8(x, weight, scales)       weight (N, K) int8, scales (N,): Int8Linear's own buffers
     gemv_int4(x, packed, N, K, G)      packed = pack_int4(weight, scales_and_zeros, G), made once
                                        from Int4Linear's buffers (the layout: kernels/csrc/gemv_int4.cpp)
+    gemv_q8_0(x, weight, scales)       weight (N, K) int8, scales (N, K/32) float16: GGUF's Q8_0 as
+                                       Int8BlockLinear holds it (no AMX version: vdpbf16ps for any M)
 
 x is bfloat16 (M, K) on the CPU, any M; K need not be a multiple of anything (int4: of G, as
 Int4Linear requires). The activations are never quantized: int8 and int4 values are widened to
@@ -37,12 +39,12 @@ project on the machine loads that one build, and a new one is made only when one
 If the build fails, available() is False, build_error() says why, a warning is given once, and
 swap_native_linears changes nothing: the model keeps running on PyTorch.
 
-The swapped modules (NativeLinear, NativeInt8Linear, NativeInt4Linear) subclass the modules they
-replace, share their weights (no copy; a tied `output` stays tied to the embedding) and keep their
-state-dict names. Their forward calls the kernel when x is a bfloat16 CPU tensor of at most
-max_rows rows (MAX_ROWS: where the kernel stops being faster than the module it replaced) and
-autograd is not recording; otherwise the replaced module's own computation runs: long prefills
-(matrix-matrix work that oneDNN does better), float32 models, other devices, training.
+The swapped modules (NativeLinear, NativeInt8Linear, NativeInt4Linear, NativeInt8BlockLinear)
+subclass the modules they replace, share their weights (no copy; a tied `output` stays tied to the
+embedding) and keep their state-dict names. Their forward calls the kernel when x is a bfloat16 CPU
+tensor of at most max_rows rows (MAX_ROWS: where the kernel stops being faster than the module it
+replaced) and autograd is not recording; otherwise the replaced module's own computation runs: long
+prefills (matrix-matrix work that oneDNN does better), float32 models, other devices, training.
 max_rows = 0 turns a module's kernel off.
 
 Memory: none extra for bf16 and int8. int4 keeps its own packed copy (the size of the int4
@@ -69,7 +71,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama.quantization import Int4Linear, Int8Linear
+from llama.quantization import Int4Linear, Int8BlockLinear, Int8Linear
 
 from .fused import FastAttention, FusedFeedForward
 from .support import check_supported
@@ -77,6 +79,7 @@ from .support import check_supported
 __all__ = [
     "MAX_ROWS",
     "NativeInt4Linear",
+    "NativeInt8BlockLinear",
     "NativeInt8Linear",
     "NativeLinear",
     "available",
@@ -85,6 +88,7 @@ __all__ = [
     "gemv_bf16",
     "gemv_int4",
     "gemv_int8",
+    "gemv_q8_0",
     "isa",
     "pack_int4",
     "swap_native_linears",
@@ -95,7 +99,8 @@ __all__ = [
 # VM): bf16 about even with F.linear (oneDNN) at 32 rows; int8 2x faster than Int8Linear at 64
 # rows (torch's int8 kernel to 32 rows, dequantize + matmul above), even between 128 and 256; int4
 # 2.7x faster than Int4Linear at 256 rows (its dequantization alone takes ~10 ms), 1.3x at 512.
-MAX_ROWS = {"bf16": 16, "int8": 64, "int4": 256}
+# q8_0: 4x faster than Int8BlockLinear's dequantize + matmul at 128 rows (8192 x 2048, 2 threads).
+MAX_ROWS = {"bf16": 16, "int8": 64, "int4": 256, "q8_0": 256}
 SOURCES = ("ops.cpp", "gemv_bf16.cpp", "gemv_int8.cpp", "gemv_int4.cpp")
 CSRC = Path(__file__).parent / "csrc"
 
@@ -200,6 +205,10 @@ def _register_fakes() -> None:
     def _(x, weight, scales):
         return x.new_empty(x.shape[0], weight.shape[0])
 
+    @torch.library.register_fake("llama_kernels::gemv_q8_0")
+    def _(x, weight, scales):
+        return x.new_empty(x.shape[0], weight.shape[0])
+
     @torch.library.register_fake("llama_kernels::gemv_int4")
     def _(x, packed, out_features, in_features, group_size):
         return x.new_empty(x.shape[0], out_features)
@@ -227,6 +236,13 @@ def gemv_int8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> to
     """x (M, K) bf16, weight (N, K) int8, scales (N,) float32/bf16 -> x @ (weight * scales[:, None]).T, bf16."""
     _require()
     return torch.ops.llama_kernels.gemv_int8(x, weight, scales)
+
+
+def gemv_q8_0(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x (M, K) bf16, weight (N, K) int8, scales (N, K/32) float16 -> x @ W.T with W = weight * scales
+    per block of 32 (GGUF's Q8_0), summed in float32, (M, N) bf16."""
+    _require()
+    return torch.ops.llama_kernels.gemv_q8_0(x, weight, scales)
 
 
 def pack_int4(weight: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -290,6 +306,25 @@ class NativeInt8Linear(Int8Linear):
         return f"{super().extra_repr()}, native max_rows={self.max_rows}"
 
 
+class NativeInt8BlockLinear(Int8BlockLinear):
+    """Int8BlockLinear (GGUF's Q8_0) whose decode-sized calls go to gemv_q8_0; shares the original's
+    weight and scales."""
+
+    def __init__(self, module: Int8BlockLinear, max_rows: int = MAX_ROWS["q8_0"]):
+        super().__init__(module.in_features, module.out_features, device="meta")
+        self.weight, self.scales = module.weight, module.scales  # the same tensors
+        self.max_rows = max_rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.device.type == "cpu" and _takes_kernel(x, self.in_features, self.max_rows, self.weight):
+            y = torch.ops.llama_kernels.gemv_q8_0(x.reshape(-1, self.in_features), self.weight, self.scales)
+            return y.view(*x.shape[:-1], self.out_features)  # (..., N)
+        return super().forward(x)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, native max_rows={self.max_rows}"
+
+
 class NativeInt4Linear(Int4Linear):
     """Int4Linear whose decode-sized calls go to gemv_int4 on its own packing of the weights (the
     non-persistent buffer `packed`, remade when weights are loaded through load_state_dict or
@@ -326,7 +361,7 @@ class NativeInt4Linear(Int4Linear):
         return f"{super().extra_repr()}, native max_rows={self.max_rows}"
 
 
-NATIVE_MODULES = (NativeLinear, NativeInt8Linear, NativeInt4Linear)
+NATIVE_MODULES = (NativeLinear, NativeInt8Linear, NativeInt4Linear, NativeInt8BlockLinear)
 
 
 def _native_version(module: nn.Module, max_rows: int | None = None) -> nn.Module | None:
@@ -344,6 +379,9 @@ def _native_version(module: nn.Module, max_rows: int | None = None) -> nn.Module
     elif type(module) is Int4Linear:
         if module.weight.device.type == "cpu" and module.scales_and_zeros.dtype == torch.bfloat16:
             return NativeInt4Linear(module, MAX_ROWS["int4"] if max_rows is None else max_rows)
+    elif type(module) is Int8BlockLinear:
+        if module.weight.device.type == "cpu":
+            return NativeInt8BlockLinear(module, MAX_ROWS["q8_0"] if max_rows is None else max_rows)
     return None
 
 
@@ -358,6 +396,8 @@ def _candidates(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
                 scales = child.scales if type(child) is Int8Linear else child.scales_and_zeros
                 if scales.dtype == torch.bfloat16:
                     found.append((parent, name, child))
+            elif type(child) is Int8BlockLinear:  # fp16 scales whatever the model's dtype: x decides at run time
+                found.append((parent, name, child))
     return [(p, n, c) for p, n, c in found if c.weight.device.type == "cpu"]
 
 
@@ -368,9 +408,10 @@ def swap_native_linears(model: nn.Module, max_rows: int | None = None) -> list[s
 
     Served: bias-free bfloat16 nn.Linear (wq.., the fused wqkv / w13 of kernels.optimize, output),
     Int8Linear and Int4Linear with bfloat16 scales (a bfloat16 model quantized by llama/quantization/),
-    on the CPU. Other modules, and everything when the kernels cannot be built (a warning says why),
-    stay as they are. Apply after kernels.optimize's fusions (fuse_linears takes only plain nn.Linear),
-    which kernels.optimize(native=True) does. Swapping twice is harmless.
+    and Int8BlockLinear (GGUF's Q8_0; the kernel takes bfloat16 inputs), on the CPU. Other modules,
+    and everything when the kernels cannot be built (a warning says why), stay as they are. Apply
+    after kernels.optimize's fusions (fuse_linears takes only plain nn.Linear), which
+    kernels.optimize(native=True) does. Swapping twice is harmless.
     """
     if max_rows is not None and max_rows < 0:
         raise ValueError(f"max_rows must be >= 0, got {max_rows}")

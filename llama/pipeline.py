@@ -20,8 +20,8 @@ import torch
 from .core.generation import GenerationError, default_new_tokens, stream
 from .core.model import Transformer
 from .core.stops import StopMatcher
-from .core.tokenizer import Message, Tokenizer, check_vocabulary, load_tokenizer
-from .loading import load
+from .core.tokenizer import Message, Tokenizer, check_vocabulary
+from .loading import load, load_tokenizer
 
 
 class Llama:

@@ -39,7 +39,7 @@ def _ranged(kind, low=None, high=None, low_open=False):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None,
-                   help="checkpoint directory (Meta or Hugging Face layout, with its tokenizer); "
+                   help="checkpoint directory (Meta or Hugging Face layout, with its tokenizer) or GGUF file; "
                         "default: the small model bundled with the project (weights/kjv)")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--prompt", help='the prompt text (default: "In the beginning")')

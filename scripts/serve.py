@@ -27,7 +27,7 @@ from pathlib import Path
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None,
-                   help="checkpoint directory (Meta or Hugging Face layout, with its tokenizer); "
+                   help="checkpoint directory (Meta or Hugging Face layout, with its tokenizer) or GGUF file; "
                         "default: the small model bundled with the project (weights/kjv)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it to the network)")
