@@ -1,8 +1,10 @@
 """`llama.load`: one entry point for every kind of checkpoint this project reads.
 
 It only dispatches: a float checkpoint (Meta or Hugging Face layout) goes to llama.core.checkpoint,
-a request to quantize or an already quantized checkpoint to llama.quantization. Keeping the choice
-here lets the core loader know nothing of quantization (the dependency runs one way).
+a request to quantize or an already quantized checkpoint to llama.quantization, a GGUF file (by its
+first bytes: Ollama's blobs have no suffix) to llama.core.gguf, or llama.quantization.gguf when
+quantized. Keeping the choice here lets the core loader know nothing of quantization (the dependency
+runs one way).
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ import torch
 
 import weights
 from weights import CheckpointError
+from weights.gguf import is_gguf
 
 from . import quantization
-from .core import checkpoint
+from .core import checkpoint, gguf
+from .core import tokenizer as tokenizers
 from .core.cache import check_kv_cache_dtype
 from .core.model import Transformer
 
@@ -32,7 +36,7 @@ def load(
     kv_cache_dtype: str | None = None,
     rope_scaling=None,
 ) -> Transformer:
-    """Load a checkpoint directory; returns the model in eval mode.
+    """Load a checkpoint directory or a GGUF file; returns the model in eval mode.
 
     dtype: float32, bfloat16 or float16 (default: the dtype the weights are stored in).
     progress: show a progress bar (default: for checkpoints over 1 GB when stderr is a terminal).
@@ -40,7 +44,9 @@ def load(
         as it is read (see llama/quantization), and so is the output projection unless
         quantize_output is False (a tied one as a quantized copy). A checkpoint written by
         llama.quantization.save_quantized loads already quantized, and then quantize must be None or
-        its own mode.
+        its own mode. A GGUF file's Q8_0 weights load as they are stored with "int8", its Q4_0
+        weights with "int4" (see llama/quantization/gguf.py); without quantize, every weight is
+        dequantized to dtype (default: float32 for quantized files).
     kv_cache_dtype: how the model's KV caches store keys and values unless a call says otherwise:
         "int8" / "fp8" (quantized, see llama/core/cache.py) or a float dtype; None: the weights' dtype.
     rope_scaling: run the weights with another RoPE scaling and context (Transformer.set_rope_scaling:
@@ -58,6 +64,11 @@ def load(
 def _load(path, *, dtype, device, progress, quantize, group_size, quantize_output) -> Transformer:
     if quantize is not None:
         quantization.check_mode(quantize, group_size)
+    if is_gguf(path):
+        if quantize is not None:
+            return quantization.gguf.load(path, quantize, group_size=group_size, include_output=quantize_output,
+                                          dtype=dtype, device=device, progress=progress)  # fmt: skip
+        return gguf.load(path, dtype=dtype, device=device, progress=progress)
     weights.detect_format(path)  # a readable directory and config file, before anything reads them
     stored = quantization.read_quantization(path)
     if stored is not None:
@@ -68,3 +79,10 @@ def _load(path, *, dtype, device, progress, quantize, group_size, quantize_outpu
         return quantization.load(path, quantize, group_size=group_size, include_output=quantize_output,
                                  dtype=dtype, device=device, progress=progress)  # fmt: skip
     return checkpoint.load(path, dtype=dtype, device=device, progress=progress)
+
+
+def load_tokenizer(path: str | os.PathLike) -> tokenizers.Tokenizer:
+    """The tokenizer of a checkpoint directory, a tokenizer file, or a GGUF file (its metadata)."""
+    if is_gguf(path):
+        return gguf.load_tokenizer(path)
+    return tokenizers.load_tokenizer(path)

@@ -20,12 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
-import kernels
-import llama
-from llama.core.device import pick_device, set_threads
-from llama.core.generation import prefill
+# torch and the project are imported in main(), after the arguments are parsed: --help and usage
+# errors do not wait for torch.
 
 STATUS = Path("/proc/self/status")
 
@@ -48,10 +44,10 @@ def reset_peak() -> bool:
         return False
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (Meta or HF layout)")
-    p.add_argument("--tokens", type=int, default=4096, help="prompt length in tokens (default 4096)")
+    p.add_argument("--tokens", type=int, help="prompt length in tokens (default 4096, or what the model's context leaves)")
     p.add_argument("--chunk", type=int, default=512,
                    help="positions per forward; 0: the whole prompt in one forward, as before chunked prefill (default 512)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16", help="weight dtype (default bfloat16)")
@@ -60,15 +56,29 @@ def main(argv: list[str] | None = None) -> int:
                    help="swap in kernels.optimize's modules (SDPA attention ...); default off: the plain model")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="cpu", help="where to run (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
-    if args.tokens < 1 or args.chunk < 0:
+    if (args.tokens is not None and args.tokens < 1) or args.chunk < 0:
         p.error("--tokens must be positive and --chunk at least 0")
+    import torch
+
+    import kernels
+    import llama
+    from llama.core.device import pick_device, set_threads
+    from llama.core.generation import prefill
+
     try:
         set_threads(args.threads)
         device = pick_device(args.device)
         model = llama.load(args.checkpoint, dtype=args.dtype, device=device, kv_cache_dtype=args.kv_cache_dtype)
         if args.kernels:
             kernels.optimize(model, native=False)
+        if args.tokens is None:
+            args.tokens = min(4096, model.config.max_seq_len - 1)
         if args.tokens + 1 > model.config.max_seq_len:
             raise ValueError(f"--tokens {args.tokens} does not fit the model's context of {model.config.max_seq_len}")
     except (llama.CheckpointError, llama.ConfigError, ValueError) as e:

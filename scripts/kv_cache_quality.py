@@ -20,22 +20,18 @@ import argparse
 import math
 import sys
 
-import torch
+# torch and the project are imported in main(), after the arguments are parsed: --help and usage
+# errors do not wait for torch.
 
-import llama
-import weights
-from llama.core.cache import KV_CACHE_DTYPES
-from llama.core.device import set_threads
-from llama.core.tokenizer import TokenizerFormatError, TokenizerNotFoundError
-from llama.training.long_context import kv_cache_greedy_agreement, position_nll, windows
-from llama.training.pretrain import DOCUMENT_SPLITS, encode_documents
-
+DOCUMENT_SPLITS = ("line", "paragraph", "file")  # llama.training.pretrain.DOCUMENT_SPLITS
 PROMPTS = ["In the beginning", "And Jesus said unto them", "The LORD is my shepherd", "And it came to pass"]
 
 
 def logit_error(model, positions: int, caches: list[str], reference: str, chunk: int = 256, block: int = 512):
     """{cache: [(first position of the block, worst relative logit error, top-1 agreement)]}: every
     cache kind fed the same random tokens side by side, chunk by chunk."""
+    import torch
+
     tokens = torch.randint(0, model.config.vocab_size, (1, positions), generator=torch.Generator().manual_seed(0))
     kinds = [reference] + [c for c in caches if c != reference]
     stores = {}
@@ -63,23 +59,37 @@ def logit_error(model, positions: int, caches: list[str], reference: str, chunk:
     return {k: [(b * block, worst[k][b], agree[k][b] / sizes[b]) for b in range(len(sizes))] for k in caches}
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the bundled model)")
-    p.add_argument("--caches", default=",".join(KV_CACHE_DTYPES),
-                   help=f"comma-separated cache kinds to compare (default: all this torch has: {','.join(KV_CACHE_DTYPES)})")
+    p.add_argument("--caches", help="comma-separated cache kinds to compare: float32, bfloat16, float16, int8, fp8 "
+                                     "(default: all this torch has)")
     p.add_argument("--reference", default="bfloat16", help="the cache kind the others are compared with (default bfloat16)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weight dtype (default float32)")
     p.add_argument("--text-file", help="text for the perplexity column (default: no perplexity)")
     p.add_argument("--documents", choices=DOCUMENT_SPLITS, default="line", help="how --text-file is cut into BOS ... EOS documents (default line)")
     p.add_argument("--context", type=int, help="tokens per perplexity window (default: the model's max_seq_len)")
     p.add_argument("--max-windows", type=int, default=64, help="perplexity windows at most (default 64)")
-    p.add_argument("--new-tokens", type=int, default=200, help="greedy tokens per prompt for the agreement column; 0: none (default 200)")
+    p.add_argument("--new-tokens", type=int,
+                   help="greedy tokens per prompt for the agreement column; 0: none (default 200, or what the context leaves)")
     p.add_argument("--prompts", nargs="*", default=PROMPTS, help="prompts for the agreement column (default: four KJV openings)")
     p.add_argument("--positions", type=int, default=0, help="positions for the logit-error table; 0: none (default 0)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
-    caches = [c.strip() for c in args.caches.split(",") if c.strip()]
+    import llama
+    import weights
+    from llama.core.cache import KV_CACHE_DTYPES
+    from llama.core.device import set_threads
+    from llama.core.tokenizer import TokenizerFormatError, TokenizerNotFoundError
+    from llama.training.long_context import kv_cache_greedy_agreement, position_nll, windows
+    from llama.training.pretrain import encode_documents
+
+    caches = [c.strip() for c in (args.caches or ",".join(KV_CACHE_DTYPES)).split(",") if c.strip()]
     unknown = [c for c in caches + [args.reference] if c not in KV_CACHE_DTYPES]
     if unknown:
         p.error(f"unknown cache kinds {unknown}; this torch has {', '.join(KV_CACHE_DTYPES)}")
@@ -87,9 +97,16 @@ def main(argv: list[str] | None = None) -> int:
         set_threads(args.threads)
         checkpoint = args.checkpoint or weights.BUNDLED_MODEL
         model = llama.load(checkpoint, dtype=args.dtype)
-        tokenizer = llama.load_tokenizer(checkpoint) if args.text_file or args.new_tokens else None
+        tokenizer = llama.load_tokenizer(checkpoint) if args.text_file or args.new_tokens != 0 else None
         if args.positions > model.config.max_seq_len:
             raise ValueError(f"--positions {args.positions} is beyond the model's context of {model.config.max_seq_len}")
+        prompts = [tokenizer.encode(t, bos=True, eos=False) for t in args.prompts] if tokenizer else []
+        room = model.config.max_seq_len - max(map(len, prompts), default=0)
+        if args.new_tokens is None:
+            args.new_tokens = max(0, min(200, room))
+        elif args.new_tokens > room:
+            raise ValueError(f"--new-tokens {args.new_tokens} after the longest prompt is beyond the model's context of "
+                             f"{model.config.max_seq_len}")
         rows = None
         if args.text_file:
             with open(args.text_file, encoding="utf-8") as f:
@@ -110,7 +127,6 @@ def main(argv: list[str] | None = None) -> int:
         head += f" greedy tokens equal to {args.reference}'s (of {args.new_tokens}, per prompt) |"
         rule += "---|"
     print(head + "\n" + rule)
-    prompts = [tokenizer.encode(t, bos=True, eos=False) for t in args.prompts] if args.new_tokens else []
     ref_ppl = None
     for kind in [args.reference] + [c for c in caches if c != args.reference]:
         row = f"| {kind} | {model.config.kv_cache_bytes_per_token(kind):,} | " \

@@ -19,11 +19,10 @@ import json
 import sys
 import time
 
-import llama
-from llama.core.device import set_threads
-from llama.core.tokenizer import TokenizerFormatError, TokenizerNotFoundError
-from llama.training.long_context import bucket_perplexity, plot_position_perplexity, position_nll, windows
-from llama.training.pretrain import DOCUMENT_SPLITS, encode_documents
+# torch and the project are imported in main(), after the arguments are parsed: --help and usage
+# errors do not wait for torch.
+
+DOCUMENT_SPLITS = ("line", "paragraph", "file")  # llama.training.pretrain.DOCUMENT_SPLITS
 
 
 def parse_model(text: str) -> tuple[str, str, str | None]:
@@ -34,14 +33,14 @@ def parse_model(text: str) -> tuple[str, str, str | None]:
     return label.strip(), path.strip(), scaling.strip() or None
 
 
-def describe(config: llama.ModelConfig) -> str:
+def describe(config) -> str:
     s = config.rope_scaling
     if s is None:
         return f"no RoPE scaling, context {config.max_seq_len}"
     return f"{s.kind} RoPE scaling x{s.factor:g} of {config.trained_context} positions, context {config.max_seq_len}"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--text-file", required=True, help="the text to score (UTF-8)")
     p.add_argument("--model", action="append", type=parse_model, required=True, metavar="LABEL=CHECKPOINT[@SCALING]",
@@ -57,9 +56,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="write the per-position losses and the table to this JSON file")
     p.add_argument("--title", default="", help="the plot's title")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.length < 2 or args.bucket < 1 or args.table_block < 1:
         p.error("--length must be at least 2, --bucket and --table-block at least 1")
+    import llama
+    from llama.core.device import set_threads
+    from llama.core.tokenizer import TokenizerFormatError, TokenizerNotFoundError
+    from llama.training.long_context import bucket_perplexity, plot_position_perplexity, position_nll, windows
+    from llama.training.pretrain import encode_documents
+
     try:
         set_threads(args.threads)
         tokenizer = llama.load_tokenizer(args.model[0][1])
