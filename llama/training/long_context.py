@@ -109,7 +109,8 @@ def plot_position_perplexity(curves: dict[str, torch.Tensor], path, *, trained_c
         ax.annotate("trained context", (trained_context, 1), xycoords=("data", "axes fraction"), xytext=(4, -14),
                     textcoords="offset points", fontsize=8, color="grey")  # fmt: skip
     ax.set_xlabel(f"position in the window (mean over blocks of {bucket})")
-    ax.set_ylabel("perplexity")
+    ax.set_yscale("log")
+    ax.set_ylabel("perplexity (log scale)")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
