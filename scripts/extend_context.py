@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         run([sys.executable, str(HERE / "train.py"), "--data", args.data, "--valid", args.valid, "--documents",
              args.documents, "--init-from", str(checkpoint), "--rope-scaling", f"{kind}:{factor}", "--context",
              str(length), "--out", str(target), "--max-steps", str(args.max_steps), "--batch-size",
-             str(args.batch_size), "--lr", str(args.lr), "--warmup-steps", str(args.warmup_steps), "--eval-every",
+             str(args.batch_size), "--lr", str(args.lr), "--warmup-steps", str(min(args.warmup_steps, args.max_steps)), "--eval-every",
              str(max(1, args.max_steps // 2)), "--eval-batches", "2", "--save-every", str(max(1, args.max_steps // 4)),
              "--device", args.device, "--no-progress", *threads, *resume,
              *(["--time-limit", str(args.time_limit)] if args.time_limit else [])])  # fmt: skip

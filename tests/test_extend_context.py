@@ -41,7 +41,7 @@ def load_script(name: str):
     return module
 
 
-def script(name: str, *args, timeout: float = 300) -> subprocess.CompletedProcess:
+def script(name: str, *args, timeout: float = 1200) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     return subprocess.run([sys.executable, str(SCRIPTS / f"{name}.py"), *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=env)  # fmt: skip

@@ -26,7 +26,7 @@ from llama.core.cache import KV_CACHE_DTYPES, LayerCache, QuantizedLayerCache
 from llama.core.generation import GenerationError, compiled_decode_step, generate
 from llama.core.recording import Recorder
 from llama.serving.engine import Engine, Request
-from llama.training.long_context import kv_cache_greedy_agreement
+from llama.training.long_context import cached_forward
 from random_models import random_model
 
 CONFIG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, ffn_dim=128, max_seq_len=256)
@@ -224,12 +224,33 @@ def generate_steps(model, kind):
 # ---- quality on the bundled model --------------------------------------------------------------------
 
 PROMPTS = ["In the beginning", "And Jesus said unto them", "The LORD is my shepherd", "And it came to pass"]
-AGREE = 32  # greedy tokens identical to the bfloat16 cache's, for every prompt (measured: see README)
+MARGIN = 0.05  # logits: a greedy choice clearer than this must not change with the int8 cache
 
 
-def test_int8_greedy_agrees_with_bf16_cache_on_the_bundled_model():
+def test_int8_cache_keeps_the_bundled_models_clear_greedy_choices():
+    """On the bundled model (float32 weights), the int8 cache picks the bfloat16 cache's greedy token
+    at every position where that choice is clear (its top two logits more than MARGIN apart), over
+    the bfloat16 cache's own greedy continuation of each prompt to the end of the context (teacher-
+    forced, so one near-tie does not end the comparison). Whatever the model's weights (it is
+    retrained from time to time), nothing here is a number it produced. How many tokens free-running
+    int8 decoding keeps equal is measured by scripts/kv_cache_quality.py (README)."""
     model = llama.load(weights.BUNDLED_MODEL, dtype="float32")
     tokenizer = llama.load_tokenizer(weights.BUNDLED_MODEL)
     prompts = [tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS]
-    agreement = kv_cache_greedy_agreement(model, prompts, AGREE, "int8", reference="bfloat16")
-    assert agreement == [AGREE] * len(PROMPTS)
+    n_new = model.config.max_seq_len - max(map(len, prompts))
+    outputs = generate(model, prompts, n_new, temperature=0, stop_tokens=[], kv_cache_dtype="bfloat16")
+    clear_total = same_total = 0
+    for prompt, out in zip(prompts, outputs):
+        seq = torch.tensor([prompt + out])
+        ref, q = (torch.cat(list(cached_forward(model, seq, kv_cache_dtype=kind)), dim=1)[0, len(prompt) - 1 : -1]
+                  for kind in ("bfloat16", "int8"))  # fmt: skip
+        assert torch.equal(ref.argmax(-1), torch.tensor(out))  # teacher forcing reproduces the greedy run
+        assert rel_err(q, ref) <= TOLERANCE["int8"]
+        top2 = ref.topk(2, dim=-1).values
+        clear = (top2[:, 0] - top2[:, 1]) > MARGIN
+        same = q.argmax(-1) == ref.argmax(-1)
+        assert bool(same[clear].all()), f"int8 changed a clear greedy choice at positions {(~same & clear).nonzero().flatten().tolist()}"
+        clear_total, same_total = clear_total + int(clear.sum()), same_total + int(same.sum())
+    total = len(prompts) * n_new
+    print(f"bundled model, int8 vs bfloat16 cache: {same_total}/{total} greedy choices equal; {clear_total} clear")
+    assert clear_total > total // 2  # the comparison covers most positions
