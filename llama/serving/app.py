@@ -1004,7 +1004,8 @@ class _ChatCompletions(_Response):
             return {"token": token_text(self.tokenizer, token_id), "logprob": logprob,
                     "bytes": list(self.tokenizer.token_bytes(token_id))}  # fmt: skip
 
-        return [{**entry(t.id, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in t.top]} for t in delta.logprobs]
+        generated = delta.logprobs[: len(delta.tokens)]  # without the stop token (not part of the message)
+        return [{**entry(t.id, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in t.top]} for t in generated]
 
     def _call(self, index: int) -> dict | None:
         """Choice `index`'s tool call in OpenAI's shape, if its (complete) output is one."""

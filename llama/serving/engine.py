@@ -185,8 +185,8 @@ class Stats:
 @dataclass(frozen=True)
 class Delta:
     """What one sequence produced since its previous Delta: `text` (whole characters only), the `tokens`
-    behind it (and their `logprobs` if requested; the first Delta also carries `prompt_logprobs`
-    if requested). The last Delta has finish_reason "stop" (a stop
+    behind it (and their `logprobs` if requested, then that of the stop token that ended it, if one
+    did; the first Delta also carries `prompt_logprobs` if requested). The last Delta has finish_reason "stop" (a stop
     token or string) or "length" (max_tokens), or "error" with an `error` message and its
     `error_kind` ("internal": something failed while generating it; "shutdown": the server is
     shutting down), and `stats`."""
@@ -617,7 +617,9 @@ class Engine:
     def _accept(self, seq: _Sequence, token: int, info: TokenLogprob | None) -> None:
         if seq.first_token is None:
             seq.first_token = time.perf_counter()
-        if token in seq.stop_tokens:
+        if token in seq.stop_tokens:  # not part of the text, but of the logprobs (as OpenAI reports <|endoftext|>)
+            if info is not None:
+                seq.unsent_logprobs.append(info)
             self._finish(seq, "stop", "")
             return
         self.counters["generated_tokens"] += 1
