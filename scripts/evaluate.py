@@ -21,11 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-import llama
-import weights
-from llama.core.device import DeviceError, pick_device, set_threads
-from llama.core.tokenizer import TokenizerFormatError, TokenizerMismatchError, TokenizerNotFoundError
-
 
 def _limit(value: str) -> int | float:
     number = float(value)
@@ -56,11 +51,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="auto: cuda, then mps, then cpu (default auto)")
     p.add_argument("--quantize", choices=["none", "int8", "int4"], default="none", help="weight-only quantization while loading (default none)")
     p.add_argument("--group-size", type=int, default=128, help="int4 group size: 32, 64, 128 or 256 (default 128)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice; 1 is fastest on a busy machine)")
+    p.add_argument("--threads", type=_positive, help="CPU threads for torch (default: one per core, less the cores other "
+                                                     "processes kept busy over the last minute, at least 1)")  # fmt: skip
     p.add_argument("--seed", type=int, default=1234, help="lm-eval's random seeds (few-shot draws, sampling; default 1234)")
     p.add_argument("--output", help="write lm-eval's results JSON to this file")
     p.add_argument("--verbose", action="store_true", help="show lm-eval's log messages")
     args = p.parse_args(argv)
+    # imported after the arguments are parsed: --help answers without waiting for torch
+    import llama
+    import weights
+    from llama.core.device import DeviceError, idle_threads, pick_device, set_threads
+    from llama.core.tokenizer import TokenizerFormatError, TokenizerMismatchError, TokenizerNotFoundError
+
     try:
         from llama.training import harness  # needs lm-eval: the [eval] extra
     except ImportError as e:
@@ -75,8 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         for folder in args.include_path:
             if not Path(folder).is_dir():
                 raise FileNotFoundError(f"--include-path {folder}: no such directory")
-        set_threads(args.threads)
         device = pick_device(args.device)
+        if device.type == "cpu":
+            set_threads(args.threads or idle_threads())
         checkpoint = args.checkpoint or weights.BUNDLED_MODEL
         started = time.perf_counter()
         lm = harness.LlamaLM.load(checkpoint, batch_size=args.batch_size, add_bos_token=not args.no_bos,

@@ -29,13 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
-import torch
-
-import llama
-import weights
-
-ROOT = Path(__file__).parents[1]
+SERVE = Path(__file__).with_name("serve.py")  # scripts/serve.py, or llama_cli/serve.py when installed
 TASK = "kjv"
 COLUMNS = [  # (task, metric key, heading)
     ("kjv_cloze", "acc,none", "cloze acc"), ("kjv_cloze", "acc_norm,none", "cloze acc_norm"),
@@ -81,11 +75,13 @@ class ServeProcess:
     def __init__(self, checkpoint: Path, threads: int, batch: int):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.command = [sys.executable, str(ROOT / "scripts" / "serve.py"), "--checkpoint", str(checkpoint), "--port",
+        self.command = [sys.executable, str(SERVE), "--checkpoint", str(checkpoint), "--port",
                         str(self.port), "--dtype", "float32", "--threads", str(threads), "--max-batch-size", str(batch),
                         "--served-model-name", "kjv", "--log-level", "warning"]  # fmt: skip
 
     def __enter__(self) -> "ServeProcess":
+        import httpx
+
         self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
@@ -145,17 +141,30 @@ def replace_block(text: str, block: str) -> str:
     return pattern.sub(lambda _: f"{BEGIN}\n{block}\n{END}", text)
 
 
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return number
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="checkpoint directory with a sentencepiece tokenizer.model (default: the bundled model)")
-    p.add_argument("--limit", type=int, help="only the first N items of each task (default: all)")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass, and the server's slots (default 16)")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads for torch, here and in the server (default 1)")
+    p.add_argument("--limit", type=_positive, help="only the first N items of each task (default: all)")
+    p.add_argument("--batch-size", type=_positive, default=16, help="sequences per forward pass, and the server's slots (default 16)")
+    p.add_argument("--threads", type=_positive, default=1, help="CPU threads for torch, here and in the server (default 1)")
     p.add_argument("--no-server", action="store_true", help="skip the rows over scripts/serve.py")
     p.add_argument("--no-hf", action="store_true", help="skip lm-eval's hf backend (needs transformers)")
     p.add_argument("--readme", help="rewrite the block of scores in this README")
     p.add_argument("--output", help="write every run's lm-eval results JSON (without samples) to this file")
     args = p.parse_args(argv)
+    # imported after the arguments are parsed: --help answers without waiting for torch
+    import torch
+
+    import llama
+    import weights
+
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     try:
         from llama.training import harness

@@ -78,7 +78,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..core.generation import GenerationError, SamplingParams
+from ..core.generation import GenerationError, SamplingParams, default_new_tokens
 from ..core.tokenizer import ChatFormatError, InvalidTextError, check_text
 from . import tools as tool_format
 from .constrained import SchemaError, TokenConstraint, Vocabulary, json_object_grammar, schema_grammar
@@ -520,7 +520,9 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
             lambda: [tokenizer.encode(p, bos=True, eos=False) if isinstance(p, str) else list(p) for p in prompts]
         )
         constraint = await grammars.constraint(body.response_format)
-        max_tokens = DEFAULT_COMPLETION_TOKENS if body.max_tokens is None else body.max_tokens
+        # OpenAI's default, or what the context leaves after the longest prompt when that is less
+        max_tokens = (default_new_tokens(engine.context_len, max(map(len, ids)), DEFAULT_COMPLETION_TOKENS)
+                      if body.max_tokens is None else body.max_tokens)  # fmt: skip
         prompt_k = body.logprobs if body.echo and body.logprobs is not None else None
         if body.prompt_logprobs is not None:
             prompt_k = max(prompt_k or 0, body.prompt_logprobs)
