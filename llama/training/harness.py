@@ -21,8 +21,14 @@ What lm-eval asks of a model, and how it is answered here:
   fills one KV-cache row, which is copied to a row per continuation (KVCache.copy_prefix), and the
   continuations run together from there. Contexts of several questions are prefilled together,
   right-padded (as the serving engine does).
-- loglikelihood_rolling(text): the text in windows of the model's context, each token predicted
-  once (lm-eval's get_rolling_token_windows), scored as loglikelihood requests.
+- loglikelihood_rolling(text): the text, without BOS, in windows of the model's context, each
+  token predicted once (lm-eval's get_rolling_token_windows), the first conditioned on BOS (the
+  prefix token), scored as loglikelihood requests. lm-eval's `hf` backend on a Llama tokenizer
+  encodes the text with BOS and then conditions on BOS as well, so it scores the text after two
+  BOS, the second one included (lm-eval issue #3333): on short documents such as the shipped
+  verses its perplexities are much higher. Here each token of the text is scored once, after one
+  BOS: the result is the same with and without add_bos_token, and equals lm-eval's API models
+  over scripts/serve.py with its remote tokenizer (which adds no BOS).
 - generate_until(context, until, max_gen_toks): batched llama.generate, greedy unless the task
   asks to sample; the text is cut at the first stop string.
 
@@ -61,7 +67,8 @@ class LlamaLM(TemplateLM):
 
     batch_size: sequences per forward pass. add_bos_token: put BOS in front of encoded text (see
     the module docstring). max_length: the longest input (default: the model's context).
-    max_gen_toks: the default generation length when a task gives none (256, as lm-eval's).
+    max_gen_toks: the default generation length when a task gives none (256, as lm-eval's; at most
+    half of max_length).
     """
 
     def __init__(self, model=None, tokenizer=None, *, checkpoint: str | os.PathLike | None = None, batch_size: int = 8,
@@ -199,7 +206,7 @@ class LlamaLM(TemplateLM):
         windows, owners = [], []
         for index, (text,) in enumerate(req.args for req in requests):
             for context, prediction in map(lm_utils.make_disjoint_window, lm_utils.get_rolling_token_windows(
-                    token_list=self.tok_encode(text), prefix_token=self.prefix_token_id, max_seq_len=self.max_length,
+                    token_list=self.tok_encode(text, add_special_tokens=False), prefix_token=self.prefix_token_id, max_seq_len=self.max_length,
                     context_len=1)):  # fmt: skip
                 windows.append((None, context, prediction))
                 owners.append(index)
@@ -237,7 +244,10 @@ class LlamaLM(TemplateLM):
         if eos_text and eos_text not in until:  # lm-eval adds the EOS text to the stop strings, as hf does
             until.append(eos_text)
         sampling = bool(kwargs.get("do_sample")) and float(kwargs.get("temperature", 1.0)) > 0
-        return {"until": until, "max_gen_toks": int(kwargs.get("max_gen_toks", self.max_gen_toks)),
+        # a task without max_gen_toks gets the default, capped to half the context (else a short
+        # context, such as the bundled model's 256, would leave no room for the prompt)
+        max_gen_toks = int(kwargs["max_gen_toks"]) if "max_gen_toks" in kwargs else min(self.max_gen_toks, self.max_length // 2)
+        return {"until": until, "max_gen_toks": max_gen_toks,
                 "temperature": float(kwargs.get("temperature", 1.0)) if sampling else 0.0,
                 "top_p": float(kwargs.get("top_p", 1.0)), "top_k": kwargs.get("top_k")}  # fmt: skip
 
