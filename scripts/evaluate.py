@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="auto: cuda, then mps, then cpu (default auto)")
     p.add_argument("--quantize", choices=["none", "int8", "int4"], default="none", help="weight-only quantization while loading (default none)")
     p.add_argument("--group-size", type=int, default=128, help="int4 group size: 32, 64, 128 or 256 (default 128)")
+    p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter (peft layout) applied to the checkpoint; needs llama.load's "
+                                                   "adapter support (scripts/finetune.py's)")  # fmt: skip
     p.add_argument("--threads", type=_positive, help="CPU threads for torch (default: one per core, less the cores other "
                                                      "processes kept busy over the last minute, at least 1)")  # fmt: skip
     p.add_argument("--seed", type=int, default=1234, help="lm-eval's random seeds (few-shot draws, sampling; default 1234)")
@@ -84,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         lm = harness.LlamaLM.load(checkpoint, batch_size=args.batch_size, add_bos_token=not args.no_bos,
                                   dtype=args.dtype, device=str(device),
-                                  quantize=None if args.quantize == "none" else args.quantize, group_size=args.group_size)  # fmt: skip
+                                  quantize=None if args.quantize == "none" else args.quantize, group_size=args.group_size,
+                                  adapter=args.adapter)  # fmt: skip
         results = harness.evaluate(lm, tasks, include_path=args.include_path, limit=args.limit,
                                    num_fewshot=args.num_fewshot, seed=args.seed)  # fmt: skip
     except (llama.CheckpointError, llama.ConfigError, TokenizerNotFoundError, TokenizerFormatError, TokenizerMismatchError,

@@ -300,7 +300,8 @@ def test_evaluate_script_writes_lm_evals_results(tmp_path):
 def test_evaluate_script_errors(tmp_path):
     for args, message in ((["--tasks", "kjv", "--include-path", str(tmp_path / "none")], "no such directory"),
                           (["--tasks", "kjv", "--checkpoint", str(tmp_path)], "error:"),
-                          (["--tasks", " , "], "names no task")):  # fmt: skip
+                          (["--tasks", " , "], "names no task"),
+                          (["--tasks", "kjv", "--adapter", str(tmp_path / "no-adapter")], "adapter")):  # fmt: skip
         done = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), *args], capture_output=True,
                               text=True, timeout=300)  # fmt: skip
         assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr[-1000:]

@@ -39,6 +39,7 @@ BOS; add_bos_token=False evaluates in-process the way they do.
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -65,6 +66,8 @@ class HarnessError(ValueError):
 class LlamaLM(TemplateLM):
     """An lm-eval model over a llama.Transformer and its tokenizer.
 
+    checkpoint: a checkpoint directory or GGUF file, loaded with dtype, device, quantize, group_size
+    and adapter (a LoRA adapter directory) as llama.load takes them.
     batch_size: sequences per forward pass. add_bos_token: put BOS in front of encoded text (see
     the module docstring). max_length: the longest input (default: the model's context).
     max_gen_toks: the default generation length when a task gives none (256, as lm-eval's; at most
@@ -73,7 +76,8 @@ class LlamaLM(TemplateLM):
 
     def __init__(self, model=None, tokenizer=None, *, checkpoint: str | os.PathLike | None = None, batch_size: int = 8,
                  add_bos_token: bool = True, max_length: int | None = None, max_gen_toks: int = 256,
-                 dtype: str | None = None, device: str = "cpu", quantize: str | None = None, group_size: int = 128):  # fmt: skip
+                 dtype: str | None = None, device: str = "cpu", quantize: str | None = None, group_size: int = 128,
+                 adapter: str | os.PathLike | None = None):  # fmt: skip
         super().__init__()
         if checkpoint is not None:
             if model is not None or tokenizer is not None:
@@ -81,7 +85,14 @@ class LlamaLM(TemplateLM):
             from .. import loading
             from ..core.tokenizer import load_tokenizer
 
-            model = loading.load(checkpoint, dtype=dtype, device=device, quantize=quantize, group_size=group_size)
+            options = {"dtype": dtype, "device": device, "quantize": quantize, "group_size": group_size}
+            if adapter is not None:
+                # LoRA adapters are applied by llama.load(adapter=DIR) (llama/training/lora.py, issue 10);
+                # a build without them says so instead of evaluating the base model
+                if "adapter" not in inspect.signature(loading.load).parameters:
+                    raise HarnessError(f"adapter={adapter}: this build of llama.load cannot apply LoRA adapters")
+                options["adapter"] = adapter
+            model = loading.load(checkpoint, **options)
             tokenizer = load_tokenizer(checkpoint)
         if model is None or tokenizer is None:
             raise HarnessError("LlamaLM needs a model and its tokenizer, or checkpoint=DIR")
