@@ -17,6 +17,7 @@ transformers (for the hf rows), which the package itself never imports.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -70,30 +71,37 @@ def free_port() -> int:
 
 
 class ServeProcess:
-    """scripts/serve.py in a subprocess, until the `with` ends (then SIGTERM: a graceful shutdown)."""
+    """scripts/serve.py in a subprocess, started when the `with` begins (it loads while the in-process
+    runs compute) and stopped when it ends (SIGTERM: a graceful shutdown); ready() waits for it."""
 
-    def __init__(self, checkpoint: Path, threads: int, batch: int):
+    def __init__(self, checkpoint: Path, threads: int, batch: int, log: Path):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
         self.command = [sys.executable, str(SERVE), "--checkpoint", str(checkpoint), "--port",
                         str(self.port), "--dtype", "float32", "--threads", str(threads), "--max-batch-size", str(batch),
                         "--served-model-name", "kjv", "--log-level", "warning"]  # fmt: skip
 
     def __enter__(self) -> "ServeProcess":
+        with open(self.log, "w") as log:
+            self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=log)
+        return self
+
+    def ready(self, timeout: float = 1200) -> None:
+        """Waits until /health answers (a busy machine can take minutes to import and load)."""
         import httpx
 
-        self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"scripts/serve.py exited: {self.process.stderr.read()[-2000:]}")
+                raise RuntimeError(f"scripts/serve.py exited: {self.log.read_text()[-2000:]}")
             try:
                 if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return self
+                    return
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
-        raise RuntimeError("scripts/serve.py did not start within 300 s")
+        raise RuntimeError(f"scripts/serve.py did not start within {timeout:.0f} s")
 
     def __exit__(self, *exc) -> None:
         self.process.terminate()
@@ -196,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: {times[name]:.0f} s", file=sys.stderr)
         return rows[name]
 
-    with tempfile.TemporaryDirectory(prefix="kjv-scores-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="kjv-scores-") as tmp, contextlib.ExitStack() as stack:
+        if not args.no_server:
+            server = stack.enter_context(ServeProcess(checkpoint, args.threads, args.batch_size, Path(tmp) / "serve.log"))
         with_bos = timed("in-process, BOS", harness.LlamaLM.load(checkpoint, batch_size=args.batch_size, dtype="float32"))
         double_bos = (" (on whole verses lm-eval's tokenizers put BOS in front of the verse and condition on BOS"
                       " as well: the verse is scored after two BOS, the second one included; lm-eval issue #3333)")
@@ -210,17 +220,17 @@ def main(argv: list[str] | None = None) -> int:
         no_bos = timed("in-process, no BOS", harness.LlamaLM.load(checkpoint, batch_size=args.batch_size,
                                                                   add_bos_token=False, dtype="float32"))  # fmt: skip
         if not args.no_server:
-            with ServeProcess(checkpoint, args.threads, args.batch_size) as server:
-                url = f"{server.url}/v1/completions"
-                remote = timed("server, lm-eval remote tokenizer (no BOS)", LocalCompletionsAPI(
-                    base_url=url, model="kjv", tokenizer_backend="remote", custom_prefix_token_id=bos,
-                    batch_size=args.batch_size, max_length=context))  # fmt: skip
-                notes.append(f"server (remote tokenizer) vs in-process (no BOS): {compare(remote, no_bos)}")
-                if not args.no_hf:
-                    over_bos = timed("server, HF tokenizer with BOS", LocalCompletionsAPI(
-                        base_url=url, model="kjv", tokenizer_backend="huggingface", tokenizer=str(tokenizer_dir),
-                        add_bos_token=True, batch_size=args.batch_size, max_length=context))  # fmt: skip
-                    notes.append(f"server (HF tokenizer, BOS) vs in-process (BOS): {compare(over_bos, with_bos)}{double_bos}")
+            server.ready()
+            url = f"{server.url}/v1/completions"
+            remote = timed("server, lm-eval remote tokenizer (no BOS)", LocalCompletionsAPI(
+                base_url=url, model="kjv", tokenizer_backend="remote", custom_prefix_token_id=bos,
+                batch_size=args.batch_size, max_length=context))  # fmt: skip
+            notes.append(f"server (remote tokenizer) vs in-process (no BOS): {compare(remote, no_bos)}")
+            if not args.no_hf:
+                over_bos = timed("server, HF tokenizer with BOS", LocalCompletionsAPI(
+                    base_url=url, model="kjv", tokenizer_backend="huggingface", tokenizer=str(tokenizer_dir),
+                    add_bos_token=True, batch_size=args.batch_size, max_length=context))  # fmt: skip
+                notes.append(f"server (HF tokenizer, BOS) vs in-process (BOS): {compare(over_bos, with_bos)}{double_bos}")
 
     summary = checkpoint / "train_summary.json"
     valid = ""
