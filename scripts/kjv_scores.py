@@ -186,6 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as e:
         print(f"error: {e}; pip install -e \".[eval]\"", file=sys.stderr)
         return 2
+    if not args.no_hf:
+        try:
+            import transformers  # noqa: F401  (lm-eval's hf backend, and the server row's tokenizer)
+        except ImportError as e:
+            print(f"error: {e}; pip install -e \".[test]\", or pass --no-hf", file=sys.stderr)
+            return 2
     checkpoint = Path(args.checkpoint or weights.BUNDLED_MODEL)
     if not (checkpoint / "tokenizer.model").is_file():
         print(f"error: {checkpoint}/tokenizer.model not found", file=sys.stderr)
