@@ -1,7 +1,8 @@
 """`llama.load`: one entry point for every kind of checkpoint this project reads.
 
 It only dispatches: a float checkpoint (Meta or Hugging Face layout) goes to llama.core.checkpoint,
-a request to quantize or an already quantized checkpoint to llama.quantization. Keeping the choice
+a request to quantize or an already quantized checkpoint to llama.quantization, and a LoRA
+adapter, once the model is loaded, to llama.training.lora. Keeping the choice
 here lets the core loader know nothing of quantization (the dependency runs one way).
 """
 
@@ -16,6 +17,7 @@ from weights import CheckpointError
 from . import quantization
 from .core import checkpoint
 from .core.model import Transformer
+from .training import lora
 
 
 def load(
@@ -27,6 +29,7 @@ def load(
     quantize: str | None = None,
     group_size: int = 128,
     quantize_output: bool = True,
+    adapter: str | os.PathLike | None = None,
 ) -> Transformer:
     """Load a checkpoint directory; returns the model in eval mode.
 
@@ -37,7 +40,14 @@ def load(
         quantize_output is False (a tied one as a quantized copy). A checkpoint written by
         llama.quantization.save_quantized loads already quantized, and then quantize must be None or
         its own mode.
+    adapter: a LoRA adapter directory in peft's layout (scripts/finetune.py's output, or peft's),
+        applied after loading: merged into float weights (the model stays a plain Transformer, as
+        fast as the base), kept as an unmerged adapter beside quantized ones (llama.training.lora).
     """
+    if adapter is not None:
+        model = load(path, dtype=dtype, device=device, progress=progress, quantize=quantize, group_size=group_size,
+                     quantize_output=quantize_output)  # fmt: skip
+        return _with_adapter(model, adapter)
     if quantize is not None:
         quantization.check_mode(quantize, group_size)
     stored = quantization.read_quantization(path)
@@ -49,3 +59,11 @@ def load(
         return quantization.load(path, quantize, group_size=group_size, include_output=quantize_output,
                                  dtype=dtype, device=device, progress=progress)  # fmt: skip
     return checkpoint.load(path, dtype=dtype, device=device, progress=progress)
+
+
+def _with_adapter(model: Transformer, adapter: str | os.PathLike) -> Transformer:
+    lora.load_adapter(model, adapter)
+    if not any(isinstance(m.base, (quantization.Int8Linear, quantization.Int4Linear)) for _, m in lora.lora_modules(model)):
+        lora.merge_lora(model)
+        lora.unload_lora(model)
+    return model.eval()

@@ -1,0 +1,170 @@
+"""Fine-tuning a released checkpoint: which weights train, in which form, with how much memory.
+
+    spec = FinetuneSpec(method="qlora", quantize="int4", gradient_checkpointing=True)
+    model = load_for_finetuning("path/to/Llama-3.2-1B", spec, dtype="bfloat16")
+    result = loop.train(model, InstructionBatches(...), TrainConfig(...), run=spec.describe())
+    save_adapter(model, "out")                       # lora / qlora; `full` saves the whole checkpoint
+
+Three methods:
+
+- full:  every weight trains (or only the blocks in `layers`); AdamW keeps two moments per weight,
+         so memory is about 4x the weights (weights, gradients, two moments) plus activations.
+- lora:  the checkpoint frozen in its dtype, low-rank adapters on the chosen projections train
+         (llama/training/lora.py); gradients and optimiser state exist only for the adapters.
+- qlora: as lora, with the frozen base quantized to int8 or int4 while loading
+         (llama/quantization/; Dettmers et al., 2023, who use a 4-bit NormalFloat where this
+         project has its own int4). The base's gradients flow to its inputs through QuantizedMatmul,
+         which dequantizes one layer at a time; no float copy of the base is ever whole in memory.
+
+Activation checkpointing (any method) keeps only each block's input during the forward pass and
+recomputes the block's insides during the backward pass: activation memory falls from
+"every block's intermediate tensors" to "one block's plus the block inputs", for about one more
+forward pass of compute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..core.config import ModelConfig
+from ..core.model import Transformer, TransformerBlock, rope_frequencies
+from ..loading import load
+from ..quantization.linear import Int4Linear, Int8Linear
+from .lora import DEFAULT_TARGETS, apply_lora, resolve_targets
+
+METHODS = ("lora", "qlora", "full")
+# ModelConfig fields fine-tuning may change on a loaded checkpoint: they change no weight's shape,
+# and set_fields below updates everything the model derived from them.
+SETTABLE_FIELDS = ("rope_theta", "rope_scaling", "max_seq_len")
+
+
+@dataclass(frozen=True)
+class FinetuneSpec:
+    """What trains, and how the frozen part is held."""
+
+    method: str = "lora"  # lora | qlora | full
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = DEFAULT_TARGETS  # HF or Meta names (lora.TARGETS)
+    rslora: bool = False  # scaling alpha / sqrt(rank) instead of alpha / rank
+    quantize: str | None = None  # qlora: int8 | int4
+    group_size: int = 64  # int4 group size
+    layers: tuple[int, ...] | None = None  # blocks that train (full) or get adapters (lora); None: all
+    gradient_checkpointing: bool = False
+    adapter_dtype: str = "float32"  # of LoRA's A and B
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown fine-tuning method {self.method!r}; expected one of {', '.join(METHODS)}")
+        if self.method == "qlora" and self.quantize not in ("int8", "int4"):
+            raise ValueError(f"qlora needs quantize int8 or int4, got {self.quantize!r}")
+        if self.method != "qlora" and self.quantize is not None:
+            raise ValueError(f"quantize={self.quantize!r} is for method qlora (the frozen base quantized), not {self.method}")
+        if self.method != "full":
+            resolve_targets(self.lora_targets)  # unknown names refused now, before loading anything
+        if self.adapter_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"adapter_dtype must be float32 or bfloat16, got {self.adapter_dtype!r}")
+
+    def describe(self) -> dict[str, Any]:
+        """The fields that matter to this method (for summaries and the resume check)."""
+        data = dataclasses.asdict(self)
+        if self.method == "full":
+            return {k: data[k] for k in ("method", "layers", "gradient_checkpointing")}
+        if self.method == "lora":
+            data = {k: v for k, v in data.items() if k not in ("quantize", "group_size")}
+        return data
+
+
+def load_for_finetuning(path: str | os.PathLike, spec: FinetuneSpec, *, dtype: str | torch.dtype | None = None,
+                        device: str | torch.device = "cpu", set_fields: Sequence[str] = (), seed: int = 0) -> Transformer:
+    """Load a checkpoint prepared for `spec`: quantized (qlora), with fresh adapters (lora, qlora;
+    seeded by `seed`) or with the chosen blocks trainable (full), with activation checkpointing if
+    asked, in train mode. set_fields: ModelConfig `field=value` assignments (SETTABLE_FIELDS only)."""
+    quantize = spec.quantize if spec.method == "qlora" else None
+    model = load(path, dtype=dtype, device=device, quantize=quantize, group_size=spec.group_size)
+    if set_fields:
+        model = set_config_fields(model, set_fields)
+    if quantize is not None:
+        for module in model.modules():
+            if isinstance(module, (Int8Linear, Int4Linear)):
+                module.use_kernel = False  # training's inputs are many rows: the dequantizing path
+                if isinstance(module, Int4Linear):
+                    module._packed = None  # the kernel's second copy of the weights is not needed
+    if spec.method == "full":
+        blocks = None if spec.layers is None else {f"layers.{i}." for i in spec.layers}
+        for name, p in model.named_parameters():
+            p.requires_grad_(blocks is None or name.startswith(tuple(blocks)))
+    else:
+        apply_lora(model, spec.lora_targets, rank=spec.lora_rank, alpha=spec.lora_alpha, dropout=spec.lora_dropout,
+                   rslora=spec.rslora, layers=spec.layers, dtype=getattr(torch, spec.adapter_dtype), seed=seed)  # fmt: skip
+    if spec.gradient_checkpointing:
+        checkpoint_activations(model)
+    return model.train()
+
+
+def set_config_fields(model: Transformer, assignments: Sequence[str]) -> Transformer:
+    """Apply `field=value` assignments (the CLI's --set) to a loaded model. Only SETTABLE_FIELDS:
+    a checkpoint's weights fix every other field (their shapes, or modules built from them)."""
+    config = model.config.override(assignments)
+    changed = [f.name for f in dataclasses.fields(ModelConfig) if getattr(config, f.name) != getattr(model.config, f.name)]
+    refused = [name for name in changed if name not in SETTABLE_FIELDS]
+    if refused:
+        raise ValueError(f"--set {', '.join(refused)}: a loaded checkpoint keeps its architecture; "
+                         f"fine-tuning can set only {', '.join(SETTABLE_FIELDS)}")  # fmt: skip
+    model.config = config
+    # The only state the model derived from these fields: the rotary frequencies (max_seq_len is
+    # read from the config when a cache is made).
+    freqs = rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
+    model.rope_freqs = freqs.to(model.rope_freqs.device)
+    return model
+
+
+# ---- activation checkpointing --------------------------------------------------------------------
+
+
+class CheckpointedBlock(TransformerBlock):
+    """A TransformerBlock whose forward, while training, keeps no intermediate tensors: only its
+    inputs are saved, and torch.utils.checkpoint runs the block again during the backward pass.
+
+    Takes over the block's four submodules, so parameter names do not change, and inherits its
+    forward (an edit to TransformerBlock reaches it)."""
+
+    def __init__(self, block: TransformerBlock):
+        nn.Module.__init__(self)
+        self.attention_norm, self.attention = block.attention_norm, block.attention
+        self.ffn_norm, self.feed_forward = block.ffn_norm, block.feed_forward
+
+    def forward(self, x, cos, sin, positions, mask, rows=None) -> torch.Tensor:
+        if self.training and torch.is_grad_enabled():
+            # Non-reentrant checkpointing: works when x needs no gradient (frozen embeddings) and
+            # replays the random state, so dropout masks are the same in the replay.
+            return checkpoint(super().forward, x, cos, sin, positions, mask, rows, use_reentrant=False)
+        return super().forward(x, cos, sin, positions, mask, rows)
+
+
+def checkpoint_activations(model: Transformer) -> Transformer:
+    """Swap every block for a CheckpointedBlock, in place."""
+    for i, block in enumerate(model.layers):
+        if type(block) is TransformerBlock:
+            model.layers[i] = CheckpointedBlock(block)
+        elif not isinstance(block, CheckpointedBlock):
+            raise ValueError(f"activation checkpointing wraps plain TransformerBlocks; layer {i} is a {type(block).__name__}")
+    return model
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, all) parameters; a tied matrix counts once, quantized weights count their values."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    for module in model.modules():
+        if isinstance(module, (Int8Linear, Int4Linear)):
+            total += module.in_features * module.out_features
+    return trainable, total
