@@ -62,6 +62,11 @@ def load(
 
 
 def _with_adapter(model: Transformer, adapter: str | os.PathLike) -> Transformer:
+    settings = lora.read_base_settings(adapter)
+    if settings:  # the base's RoPE / context settings the adapter was trained with
+        from .training.finetune import set_config_fields  # (finetune.py itself imports this module)
+
+        model = set_config_fields(model, settings)
     lora.load_adapter(model, adapter)
     if not any(isinstance(m.base, (quantization.Int8Linear, quantization.Int4Linear)) for _, m in lora.lora_modules(model)):
         lora.merge_lora(model)

@@ -19,14 +19,15 @@ import torch
 from .loop import STATE_FILE, TrainConfig, TrainResult, plot_losses
 
 
-def add_loop_arguments(p: argparse.ArgumentParser, *, lr: float, batch_size: int, max_steps: int,
-                       weight_decay: float) -> None:
-    """The optimisation and run flags of loop.train, with the script's defaults."""
+def add_loop_arguments(p: argparse.ArgumentParser, *, lr: float | None, batch_size: int, max_steps: int,
+                       weight_decay: float, lr_help: str | None = None) -> None:
+    """The optimisation and run flags of loop.train, with the script's defaults (lr None: the script
+    picks one; lr_help says how)."""
     g = p.add_argument_group("optimisation")
     g.add_argument("--max-steps", type=int, default=max_steps, help=f"optimiser steps (default {max_steps})")
     g.add_argument("--batch-size", type=int, default=batch_size, help=f"rows per micro-batch (default {batch_size})")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step (default 1)")
-    g.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr:g})")
+    g.add_argument("--lr", type=float, default=lr, help=lr_help or f"peak learning rate (default {lr:g})")
     g.add_argument("--min-lr", type=float, help="learning rate at the end of the cosine decay (default --lr / 10)")
     g.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default: --max-steps / 10, at most 100)")
     g.add_argument("--weight-decay", type=float, default=weight_decay,

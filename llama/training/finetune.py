@@ -26,18 +26,25 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..core.checkpoint import save_state_dict
 from ..core.config import ModelConfig
 from ..core.model import Transformer, TransformerBlock, rope_frequencies
 from ..loading import load
 from ..quantization.linear import Int4Linear, Int8Linear
 from .lora import DEFAULT_TARGETS, apply_lora, resolve_targets
+
+# A checkpoint's tokenizer and generation settings, copied beside a checkpoint fine-tuning writes.
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "original/tokenizer.model")  # fmt: skip
 
 METHODS = ("lora", "qlora", "full")
 # ModelConfig fields fine-tuning may change on a loaded checkpoint: they change no weight's shape,
@@ -168,3 +175,30 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
         if isinstance(module, (Int8Linear, Int4Linear)):
             total += module.in_features * module.out_features
     return trainable, total
+
+
+# ---- writing the results -------------------------------------------------------------------------
+
+
+def save_checkpoint(model: Transformer, out: str | os.PathLike, *, format: str = "hf", dtype: str = "bfloat16",
+                    tokenizer_from: str | os.PathLike | None = None) -> list[Path]:
+    """A fine-tuned model as an ordinary checkpoint (HF or Meta layout, weights in `dtype`), with the
+    tokenizer files of `tokenizer_from` copied beside it."""
+    state = {name: t.detach().to("cpu", getattr(torch, dtype)) for name, t in model.state_dict().items()}
+    written = save_state_dict(model.config, state, out, format=format)
+    if tokenizer_from is not None:
+        for name in TOKENIZER_FILES:
+            source = Path(tokenizer_from) / name
+            if source.is_file():
+                target = Path(out) / Path(name).name
+                shutil.copyfile(source, target)
+                written.append(target)
+    return written
+
+
+def save_merged(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.PathLike, *, format: str = "hf",
+                dtype: str = "bfloat16") -> list[Path]:
+    """The float base with the adapter merged into its weights, written as a checkpoint to `out`.
+    The base is loaded again in float (a QLoRA adapter merges into the weights it approximates)."""
+    model = load(base, dtype="float32", adapter=adapter)
+    return save_checkpoint(model, out, format=format, dtype=dtype, tokenizer_from=base)

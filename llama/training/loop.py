@@ -246,8 +246,12 @@ def train(
         if state_path is None or not state_path.is_file():
             raise FileNotFoundError(f"nothing to resume: {state_path} does not exist")
         result = _load_state(state_path, model, optimizer, config, identity, result)
-    elif state_path is not None and state_path.exists():
-        raise FileExistsError(f"{state_path} exists: resume that run, or choose another output directory")
+    else:
+        if state_path is not None and state_path.exists():
+            raise FileExistsError(f"{state_path} exists: resume that run, or choose another output directory")
+        # A new run draws its random numbers (dropout) from config.seed, not from whatever the
+        # process did before; a resumed run restores the generator's state instead.
+        torch.manual_seed(config.seed)
 
     def save():
         if state_path is not None:

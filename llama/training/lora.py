@@ -29,6 +29,7 @@ row adds its adapter's low-rank product). Merging adds s * B @ A into the float 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 from pathlib import Path
@@ -53,6 +54,9 @@ TARGETS = {
     "wq": "attention.wq", "wk": "attention.wk", "wv": "attention.wv", "wo": "attention.wo",
     "w1": "feed_forward.w1", "w3": "feed_forward.w3", "w2": "feed_forward.w2", "output": "output",
 }  # fmt: skip
+# Beside peft's two files: ModelConfig settings the base was fine-tuned with (finetune.py's --set),
+# which peft's config has no place for.
+BASE_SETTINGS = "llama_base_settings.json"
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # all but lm_head
 BASE_TYPES = (nn.Linear, Int8Linear, Int4Linear)
 
@@ -310,10 +314,13 @@ def unload_lora(model: nn.Module) -> None:
 
 
 def save_adapter(model: Transformer, directory: str | os.PathLike, name: str | None = None, *,
-                 base_model: str | None = None, dtype: torch.dtype | None = None) -> list[Path]:
+                 base_model: str | None = None, dtype: torch.dtype | None = None,
+                 base_settings: Sequence[str] = ()) -> list[Path]:
     """Write adapter `name` (default: the active one) as peft's adapter_config.json +
     adapter_model.safetensors, in Hugging Face's names and row order. dtype: of the saved A and B
-    (default: as trained). Returns the files written."""
+    (default: as trained). base_settings: the `field=value` settings the base was trained with
+    (finetune's --set), written to BASE_SETTINGS for llama.load(..., adapter=) to apply again.
+    Returns the files written."""
     name = name or next((m.active for _, m in lora_modules(model) if m.active is not None), None)
     if name is None or name not in adapter_names(model):
         raise ValueError(f"no adapter {name!r} to save; the model has {adapter_names(model)}")
@@ -339,7 +346,25 @@ def save_adapter(model: Transformer, directory: str | os.PathLike, name: str | N
         alpha_pattern={_exact(hf[m]): _number(v) for m, v in alphas.items() if v != alpha},
         base_model_name_or_path=base_model,
     )  # fmt: skip
-    return peft_format.save_adapter(directory, config, modules, model.config.n_heads, model.config.n_kv_heads)
+    written = peft_format.save_adapter(directory, config, modules, model.config.n_heads, model.config.n_kv_heads)
+    settings = Path(directory) / BASE_SETTINGS
+    if base_settings:
+        settings.write_text(json.dumps({"set": list(base_settings)}, indent=2) + "\n", encoding="utf-8")
+        written.insert(0, settings)
+    elif settings.exists():
+        settings.unlink()
+    return written
+
+
+def read_base_settings(directory: str | os.PathLike) -> list[str]:
+    """The `field=value` settings save_adapter recorded for the base (none: [])."""
+    path = Path(directory) / BASE_SETTINGS
+    if not path.is_file():
+        return []
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict) or not isinstance(data.get("set"), list) or not all(isinstance(x, str) for x in data["set"]):
+        raise CheckpointError(f"{path}: expected {{\"set\": [\"field=value\", ...]}}")
+    return data["set"]
 
 
 def _exact(hf_module: str) -> str:
