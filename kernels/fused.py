@@ -1,7 +1,8 @@
 """Fused drop-in replacements for the plain modules of llama/core/model.py, in plain PyTorch.
 
-Each replacement keeps the forward signature of the module it replaces, takes over (shares) that
-module's weights, and computes the same function; kernels.optimize() swaps them into a loaded model.
+Each replacement subclasses the module it replaces and overrides only the named step it makes
+faster (Attention.project_qkv / rotate / attend, FeedForward.gate_up); it takes over (shares) that
+module's weights and computes the same function. kernels.optimize() swaps them into a loaded model.
 What each one saves:
 
 - Fused q/k/v projection (FastAttention with fuse_qkv): one matmul against [wq; wk; wv] (the rows
@@ -25,12 +26,9 @@ What each one saves:
   prefill of 1024 tokens got 1.3-1.5x faster in both dtypes. Measure on the target device.
 - Fused gate/up (FusedFeedForward): one matmul against [w1; w3] instead of two, then
   w2(silu(gate) * up).
-- Residual add + RMSNorm (FusedNormBlock, add_rms_norm): the attention residual and the ffn norm of
-  its result are computed in one function. In eager mode this is the same sequence of kernels as
-  the plain block (no speed-up, bitwise-equal output); the point is that the pair sits in one
-  small, branch-free function that torch.compile turns into a single kernel (one read of x and the
-  attention output, one write of h and of the normed h) instead of an add and a norm that each
-  stream the residual through memory.
+
+(An earlier "residual add + RMSNorm in one function" swap is gone: the plain block's add_and_norm
+step is already that function, which torch.compile fuses the same way.)
 
 The swaps target inference but stay differentiable: under autograd the rotation falls back to the
 out-of-place apply_rope.
@@ -42,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama.core.model import Attention, FeedForward, RMSNorm, TransformerBlock, apply_rope
+from llama.core.model import Attention, Context, FeedForward, apply_rope
 
 _SDPA_HAS_GQA = torch.__version__ >= "2.5"  # TorchVersion compares as a version, not a string
 
@@ -91,103 +89,65 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return x
 
 
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
-    """h = x + residual and RMSNorm(h), same numerics as RMSNorm (float32 statistics, cast back, weight)."""
-    h = x + residual
-    h32 = h.float()
-    normed = h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + norm.eps)
-    return h, normed.type_as(h) * norm.weight
+class FastAttention(Attention):
+    """Attention with any of: fused q/k/v projection, in-place RoPE, SDPA.
 
-
-class FastAttention(nn.Module):
-    """Attention with any of: fused q/k/v projection, in-place RoPE, SDPA. Same forward as Attention.
-
-    Built from a plain Attention, whose wo (and wq, wk, wv when not fused) and KV cache it takes over.
+    A subclass of the plain Attention that overrides only the steps it makes faster (project_qkv,
+    rotate, attend) and inherits forward and every other step, so a variant written in
+    llama/core/model.py (per-head norms, NoPE layers, sliding windows ...) reaches it unchanged.
+    Built from a plain Attention, whose submodules and settings it takes over.
     """
 
     def __init__(self, attention: Attention, *, fuse_qkv: bool, sdpa: bool, inplace_rope: bool):
-        super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = attention.n_heads, attention.n_kv_heads, attention.head_dim
+        nn.Module.__init__(self)
+        for name, value in vars(attention).items():  # settings: layer, heads, use_rope, window, ...
+            if not name.startswith("_"):
+                setattr(self, name, value)
+        for name, module in attention._modules.items():  # wq, wk, wv, wo, and q_norm/k_norm (maybe None)
+            setattr(self, name, module)
         self.fused_qkv, self.sdpa = fuse_qkv, sdpa
         self.rope = rope_ if inplace_rope else apply_rope
         if fuse_qkv:
             self.wqkv = fuse_linears(attention.wq, attention.wk, attention.wv)
+            del self.wq, self.wk, self.wv
             self.split_sizes = [self.n_heads * self.head_dim] + [self.n_kv_heads * self.head_dim] * 2
-        else:
-            self.wq, self.wk, self.wv = attention.wq, attention.wk, attention.wv
-        self.wo = attention.wo
-        self.cache = attention.cache
 
-    def forward(self, x, cos, sin, positions, mask, rows=None) -> torch.Tensor:
-        """x: (B, T, D); cos, sin: (B, T, hd/2); positions: (B, T); mask: (B, 1, T, S) bool, True = attend;
-        rows: (B,) cache rows, None for 0..B-1."""
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not self.fused_qkv:
+            return super().project_qkv(x)
         B, T, _ = x.shape
-        if self.fused_qkv:
-            q, k, v = self.wqkv(x).split(self.split_sizes, dim=-1)  # (B, T, H*hd), (B, T, Hkv*hd) x 2: views
-        else:
-            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q, k, v = self.wqkv(x).split(self.split_sizes, dim=-1)  # (B, T, H*hd), (B, T, Hkv*hd) x 2: views
         q = q.view(B, T, self.n_heads, self.head_dim)  # (B, T, H, hd)
         k = k.view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, hd)
         v = v.view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, hd)
-        q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or Hkv, T, hd)
+        return q, k, v
 
-        if self.cache is not None:
-            k, v = self.cache.update(positions, k, v, mask.shape[-1], rows)  # (B, Hkv, S, hd)
+    def rotate(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
+        return self.rope(x, ctx.cos, ctx.sin)
 
-        if self.sdpa:
-            out = self._sdpa(q, k, v, mask)  # (B, H, T, hd)
-        else:
-            out = self._plain_attention(q, k, v, mask)  # (B, H, T, hd)
-        out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*hd)
-        return self.wo(out)
-
-    def _sdpa(self, q, k, v, mask):
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Context) -> torch.Tensor:
+        """q: (B, H, T, hd), k, v: (B, Hkv, S, hd) -> (B, H, T, hd)."""
+        if not self.sdpa:
+            return super().attend(q, k, v, ctx)
         # Never is_causal: with a cache the T queries sit at positions start_pos.., not 0.., and
-        # rows may have different start positions; the mask encodes both.
+        # rows may have different start positions; the mask encodes both (and any sliding window).
+        mask = ctx.mask(self.window)
         if _SDPA_HAS_GQA:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads)
         n_rep = self.n_heads // self.n_kv_heads
         k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)  # (B, H, S, hd)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
-    def _plain_attention(self, q, k, v, mask):
-        """Attention.forward's core, unchanged (float32 softmax)."""
-        n_rep = self.n_heads // self.n_kv_heads
-        k = k.repeat_interleave(n_rep, dim=1)  # (B, H, S, hd)
-        v = v.repeat_interleave(n_rep, dim=1)  # (B, H, S, hd)
-        scores = (q @ k.transpose(2, 3)) / self.head_dim**0.5  # (B, H, T, S)
-        scores = scores.float().masked_fill(~mask, float("-inf"))
-        probs = F.softmax(scores, dim=-1).type_as(q)  # (B, H, T, S)
-        return probs @ v  # (B, H, T, hd)
 
-
-class FusedFeedForward(nn.Module):
-    """SwiGLU with the gate (w1) and up (w3) projections in one matmul. Same forward as FeedForward."""
+class FusedFeedForward(FeedForward):
+    """SwiGLU with the gate (w1) and up (w3) projections in one matmul: overrides FeedForward.gate_up."""
 
     def __init__(self, ffn: FeedForward):
-        super().__init__()
+        nn.Module.__init__(self)
         self.hidden_dim = ffn.w1.out_features
         self.w13 = fuse_linears(ffn.w1, ffn.w3)
         self.w2 = ffn.w2
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         gate, up = self.w13(x).split(self.hidden_dim, dim=-1)  # (B, T, F) each, views
-        return self.w2(F.silu(gate) * up)
-
-
-class FusedNormBlock(nn.Module):
-    """TransformerBlock computing the attention residual and the ffn norm in one function.
-
-    Takes over the block's four submodules (whatever they have been swapped for), so state-dict names
-    stay `attention_norm`, `attention`, `ffn_norm`, `feed_forward`.
-    """
-
-    def __init__(self, block: TransformerBlock):
-        super().__init__()
-        self.attention_norm, self.attention = block.attention_norm, block.attention
-        self.ffn_norm, self.feed_forward = block.ffn_norm, block.feed_forward
-
-    def forward(self, x, cos, sin, positions, mask, rows=None) -> torch.Tensor:
-        h, normed = add_rms_norm(x, self.attention(self.attention_norm(x), cos, sin, positions, mask, rows), self.ffn_norm)
-        return h + self.feed_forward(normed)
+        return gate, up

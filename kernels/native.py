@@ -66,6 +66,9 @@ from torch import nn
 
 from llama.quantization import Int4Linear, Int8Linear
 
+from .fused import FastAttention, FusedFeedForward
+from .support import check_supported
+
 __all__ = [
     "MAX_ROWS",
     "NativeInt4Linear",
@@ -297,6 +300,9 @@ class NativeInt4Linear(Int4Linear):
         return f"{super().extra_repr()}, native max_rows={self.max_rows}"
 
 
+NATIVE_MODULES = (NativeLinear, NativeInt8Linear, NativeInt4Linear)
+
+
 def _native_version(module: nn.Module, max_rows: int | None = None) -> nn.Module | None:
     """The swapped module for `module` (max_rows None: MAX_ROWS of its kind), or None when the
     kernels cannot serve it."""
@@ -342,6 +348,7 @@ def swap_native_linears(model: nn.Module, max_rows: int | None = None) -> list[s
     """
     if max_rows is not None and max_rows < 0:
         raise ValueError(f"max_rows must be >= 0, got {max_rows}")
+    check_supported(model, "kernels.native", (FastAttention, FusedFeedForward, *NATIVE_MODULES))
     candidates = _candidates(model)
     if not candidates or not _load():  # build only when there is something to swap
         return []

@@ -12,6 +12,7 @@ import os
 
 import torch
 
+import weights
 from weights import CheckpointError
 
 from . import quantization
@@ -50,6 +51,7 @@ def load(
         return _with_adapter(model, adapter)
     if quantize is not None:
         quantization.check_mode(quantize, group_size)
+    weights.detect_format(path)  # a readable directory and config file, before anything reads them
     stored = quantization.read_quantization(path)
     if stored is not None:
         if quantize is not None and quantize != stored.get("mode"):

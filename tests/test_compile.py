@@ -73,9 +73,9 @@ def test_compiled_logits_equal_eager_logits_and_the_cache_is_kept():
     compiled_decode_step(model, backend="aot_eager")
     generate(model, PROMPTS, 4, temperature=0, compile=True)
     assert model.cache_size == (2, CACHE_BUCKET)  # kept for the next call
-    cache_k = model.layers[0].attention.cache.k
+    cache_k = model.cache.layers[0].k
     warm_up(model, 2, 40)
-    assert model.layers[0].attention.cache.k is cache_k and compile_stats() == (1, 0)
+    assert model.cache.layers[0].k is cache_k and compile_stats() == (1, 0)
     # Logits, not just argmaxes: the step attends to kv_len masked positions, eager to max(position)+1.
     tokens = torch.tensor([[4, 5, 6, 7, 8], [9, 10, 11, 12, 13]])
     with torch.inference_mode():

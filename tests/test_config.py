@@ -421,10 +421,10 @@ def test_bad_rope_scaling(args, message):
         ({"hidden_act": "gelu"}, "config.json has hidden_act 'gelu'; Llama uses silu"),
         ({"attention_bias": True}, "config.json sets attention_bias or mlp_bias; Llama models have no biases"),
         ({"mlp_bias": True}, "config.json sets attention_bias or mlp_bias; Llama models have no biases"),
-        ({"rope_parameters": [1]}, "config.json: rope_parameters must be an object, got [1]"),
+        ({"rope_parameters": [1]}, "config.json: 'rope_parameters' must be an object, got [1]"),
         ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "config.json: unsupported RoPE scaling type 'yarn'"),
-        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "config.json rope parameters: missing key 'low_freq_factor'"),
-        ({"rope_scaling": {"type": "linear"}}, "config.json rope parameters: missing key 'factor'"),
+        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "config.json rope_scaling: missing key 'low_freq_factor'"),
+        ({"rope_scaling": {"type": "linear"}}, "config.json rope_scaling: missing key 'factor'"),
         ({"vocab_size": -1}, "vocab_size must be a positive integer, got -1"),
     ],
 )

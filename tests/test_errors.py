@@ -260,6 +260,17 @@ def test_config_json_missing_heads(ckpt):
         ("hf", "config.json", "rope_scaling", {"rope_type": "yarn", "factor": 4.0}, "unsupported RoPE scaling type 'yarn'"),
         ("meta", "params.json", "n_kv_heads", 3, "n_heads 4 is not a multiple of n_kv_heads 3"),
         ("meta", "params.json", "use_scaled_rope", "yes", "'use_scaled_rope' must be true or false, got 'yes'"),
+        ("hf", "config.json", "rope_scaling", 4.0, "'rope_scaling' must be an object or null, got 4.0"),
+        ("hf", "config.json", "rope_scaling", "llama3", "'rope_scaling' must be an object or null, got 'llama3'"),
+        ("hf", "config.json", "rope_scaling", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                "high_freq_factor": 4.0, "original_max_position_embeddings": [8192]},
+         "'original_max_position_embeddings' must be an integer, got [8192]"),
+        ("hf", "config.json", "rope_scaling", {"rope_type": "linear", "factor": "4"}, "'factor' must be a number, got '4'"),
+        # Close cousins and unknown keys: refused by name, never loaded as a Llama.
+        ("hf", "config.json", "model_type", "qwen2", "unsupported model_type 'qwen2'"),
+        ("hf", "config.json", "parallel_residual", True, "unknown keys ['parallel_residual']"),
+        ("hf", "config.json", "quantization_config", {"quant_method": "gptq"}, "has a quantization_config"),
+        ("meta", "params.json", "vision_chunk_size", 448, "unknown keys ['vision_chunk_size']"),
     ],
 )
 def test_invalid_config_value(ckpt, layout, file, key, value, message):
@@ -420,8 +431,30 @@ def test_hf_tensor_with_wrong_shape(ckpt):
 
 def test_embedding_disagreeing_with_vocab_size(ckpt):
     d = ckpt("hf")
-    edit_json(d / "config.json", lambda c: c.__setitem__("vocab_size", 51))
+
+    def edit(config):
+        config["vocab_size"] = config["llama_from_scratch"]["vocab_size"] = 51
+
+    edit_json(d / "config.json", edit)
     fails(d, CheckpointError, "'tok_embeddings.weight' has shape [50, 32], but the config expects [51, 32]")
+
+
+def test_quantization_entry_over_ordinary_tensors(ckpt):
+    """A 'quantization' block in the config.json of an ordinary checkpoint: an error naming it, not
+    a KeyError from deep inside the loader."""
+    d = ckpt("hf")
+    edit_json(d / "config.json", lambda c: c.__setitem__("quantization", {"mode": "int8", "group_size": 128}))
+    fails(d, CheckpointError, "config.json has a 'quantization' entry, but this is not a quantized checkpoint")
+    edit_json(d / "config.json", lambda c: c.__setitem__("quantization", {"mode": "int8", "bits": 3}))
+    fails(d, CheckpointError, "malformed 'quantization' entry")
+
+
+def test_config_json_edited_against_its_full_config(ckpt):
+    """config.json's HF fields and the full ModelConfig beside them must agree: an edit to one alone
+    is named, not silently overridden by the other."""
+    d = ckpt("hf")
+    edit_json(d / "config.json", lambda c: c.__setitem__("num_hidden_layers", 3))
+    fails(d, ConfigError, "'num_hidden_layers' is 3 but its llama_from_scratch entry says 2")
 
 
 def test_meta_missing_tensor(tmp_path):
@@ -464,8 +497,16 @@ def test_hf_missing_tensor(ckpt):
 
 def test_hf_unknown_tensor(ckpt):
     d = ckpt("hf")
+    edit_safetensors(d / "model.safetensors", lambda t: t.__setitem__("model.layers.0.self_attn.q_proj.bias", torch.ones(8)))
+    fails(d, CheckpointError, f"{d}: unexpected tensors", "'model.layers.0.self_attn.q_proj.bias' (in model.safetensors)")
+
+
+def test_variant_tensors_in_a_plain_llama_file(ckpt):
+    """Qwen3's per-head norms in a file whose config says llama: the config does not describe the
+    weights, so the load stops instead of dropping them."""
+    d = ckpt("hf")
     edit_safetensors(d / "model.safetensors", lambda t: t.__setitem__("model.layers.0.self_attn.q_norm.weight", torch.ones(8)))
-    fails(d, CheckpointError, f"{d}: unexpected tensors", "'model.layers.0.self_attn.q_norm.weight' (in model.safetensors)")
+    fails(d, CheckpointError, f"{d}: unexpected tensors: layers.0.attention.q_norm.weight")
 
 
 def test_hf_tensor_of_a_layer_too_many(ckpt):

@@ -334,11 +334,8 @@ def test_a_swapped_block_compiles_as_one_graph(kind):
     _, fast = model_pair(kind)
     fast.setup_cache(2, 16)
     block = fast.layers[0]
-    positions = torch.tensor([[4], [2]])  # (B, T): one decoding step per row
-    mask = torch.arange(5)[None, None, None, :] <= positions[:, None, :, None]  # (B, 1, T, S)
-    angles = positions[:, :, None].float() * fast.rope_freqs  # (B, T, hd/2)
+    tokens, starts = torch.tensor([[4], [2]]), torch.tensor([4, 2])  # one decoding step per row
     x = randn(2, 1, CONFIG.dim, seed=0).bfloat16()
-    args = (x, angles.cos(), angles.sin(), positions, mask)
     graphs = []
 
     def backend(gm, example_inputs):  # aot_eager, recording the graph
@@ -347,10 +344,10 @@ def test_a_swapped_block_compiles_as_one_graph(kind):
 
     torch._dynamo.reset()
     with torch.no_grad():
-        expected = block(*args)
+        expected = block(x, fast.context(tokens, starts, None, None))
         fast.clear_cache()
         fast.setup_cache(2, 16)
-        compiled = torch.compile(block, backend=backend, fullgraph=True)(*args)
+        compiled = torch.compile(block, backend=backend, fullgraph=True)(x, fast.context(tokens, starts, None, None))
     assert len(graphs) == 1 and "llama_kernels" in graphs[0].code
     torch.testing.assert_close(compiled, expected, rtol=0, atol=0)
 
@@ -391,7 +388,7 @@ def test_without_the_kernels_nothing_is_swapped(monkeypatch):
     model = random_model()
     before = dict(model.named_modules())
     assert native.swap_native_linears(model) == []
-    assert kernels.optimize(model, fuse_qkv=False, fuse_gate_up=False, fuse_norm_residual=False, sdpa=False,
+    assert kernels.optimize(model, fuse_qkv=False, fuse_gate_up=False, sdpa=False,
                             inplace_rope=False) is model  # fmt: skip
     assert all(module is before[name] for name, module in model.named_modules())
     with pytest.raises(RuntimeError, match="not available: RuntimeError: no compiler"):

@@ -379,3 +379,85 @@ def test_kv_cache_decode_matches_full_forward(tmp_path, prefill):
             steps.append(ours(tokens[:, pos : pos + 1], start_pos=pos))
     decoded = torch.cat(steps, dim=1)
     assert_close(decoded, hf_logits(ref, tokens), FP32_TOL, f"KV-cache decode, GQA llama3, prefill {prefill}")
+
+
+# ---- close cousins: Qwen3 (per-head q/k norms) and Mistral (sliding window) ----------------------------
+
+COUSINS = {
+    # Qwen3's q_norm / k_norm weights are per-head vectors in HF's rotary row order: loading must
+    # permute them like wq / wk (weights/hf.py ROTARY_ROWS), or logits drift by O(1).
+    "qwen3": dict(cls="Qwen3", extra={}),
+    "qwen3 sliding window on layers 1-2": dict(cls="Qwen3", extra=dict(use_sliding_window=True, sliding_window=6,
+                                                                        max_window_layers=1)),
+    "qwen3 tied": dict(cls="Qwen3", extra=dict(tie_word_embeddings=True)),
+    # A window of 6 over 48 tokens: most queries lose most of their keys.
+    "mistral window 6": dict(cls="Mistral", extra=dict(sliding_window=6)),
+    "mistral no window": dict(cls="Mistral", extra=dict(sliding_window=None)),
+}
+
+
+def cousin_model(variant: str, seed: int = 0):
+    spec = COUSINS[variant]
+    config_cls = getattr(transformers, f"{spec['cls']}Config")
+    model_cls = getattr(transformers, f"{spec['cls']}ForCausalLM")
+    config = config_cls(vocab_size=VOCAB, hidden_size=64, intermediate_size=144, num_hidden_layers=3,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=24, max_position_embeddings=64,
+                        rms_norm_eps=1e-5, rope_parameters={"rope_theta": 500.0, "rope_type": "default"},
+                        initializer_range=0.15, attn_implementation="eager",
+                        **{"tie_word_embeddings": False, **spec["extra"]})  # fmt: skip
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("variant", list(COUSINS))
+def test_close_cousins_load_and_match(tmp_path, variant):
+    """A transformers Qwen3 / Mistral checkpoint loads as the variant it is, with logits within 1e-5
+    of transformers' (the issue asked for 1e-4), and cached decoding gives the same logits."""
+    ref = cousin_model(variant)
+    ours = llama.load(saved(ref, tmp_path / "hf"))
+    config = ours.config
+    assert config.qk_norm == variant.startswith("qwen3")
+    assert config.sliding_window == ref.config.sliding_window
+    tokens = random_tokens()
+    expected = hf_logits(ref, tokens)
+    assert_close(our_logits(ours, tokens), expected, FP32_TOL, variant)
+    # The variant matters: the same weights without it compute something else.
+    plain = Transformer(config.replace(qk_norm=False, sliding_window=None, window_layers=None))
+    plain.load_state_dict({k: v for k, v in ours.state_dict().items() if "_norm.weight" not in k or "layers" not in k
+                           or k.endswith(("attention_norm.weight", "ffn_norm.weight"))})  # fmt: skip
+    if config.variants():
+        assert rel_err(our_logits(plain.eval(), tokens), expected) > MATTERS
+    ours.setup_cache(BATCH, SEQ_LEN)
+    with torch.no_grad():
+        steps = [ours(tokens[:, :10], 0)] + [ours(tokens[:, p : p + 1], p) for p in range(10, SEQ_LEN)]
+    assert_close(torch.cat(steps, dim=1), expected, FP32_TOL, f"{variant}, KV-cache decode")
+
+
+@pytest.mark.parametrize("variant", ["qwen3 sliding window on layers 1-2", "mistral window 6"])
+def test_close_cousins_round_trip_to_transformers(tmp_path, variant):
+    """Saved back in HF layout, the file is a Qwen3 / Mistral checkpoint transformers loads."""
+    ref = cousin_model(variant)
+    ours = llama.load(saved(ref, tmp_path / "hf"))
+    llama.save(ours, tmp_path / "ours", format="hf")
+    written = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert written["model_type"] == ref.config.model_type
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", dtype=torch.float32,
+                                                              attn_implementation="eager").eval()  # fmt: skip
+    assert type(back) is type(ref)
+    for name, tensor in ref.state_dict().items():
+        assert torch.equal(back.state_dict()[name], tensor), name
+
+
+def test_unsupported_model_types_are_refused(tmp_path):
+    """A cousin this project does not compute (here Qwen2, with q/k/v biases) is refused by name, not
+    loaded as a Llama."""
+    config = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=144, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    saved(transformers.Qwen2ForCausalLM(config), tmp_path / "qwen2")
+    with pytest.raises(llama.ConfigError, match="unsupported model_type 'qwen2'"):
+        llama.load(tmp_path / "qwen2")

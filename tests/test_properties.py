@@ -2,7 +2,9 @@
 
 Each property is something the math guarantees, independent of any reference implementation:
 cached decoding equals the full forward, RoPE sees only relative positions, GQA is MHA with shared
-heads, RMSNorm ignores scale, and rows of a batch never see each other.
+heads, RMSNorm ignores scale, and rows of a batch never see each other. The configs cover every
+architecture-variant field of ModelConfig (per-head q/k norms, sliding windows, NoPE layers, the
+GELU MLP) as well as plain Llama.
 """
 
 from __future__ import annotations
@@ -41,6 +43,20 @@ def rope_scalings(draw):
 
 
 @st.composite
+def variants(draw, n_layers: int) -> dict:
+    """The architecture-variant fields of ModelConfig (every one: a new field belongs here too)."""
+    layer_sets = st.lists(st.integers(0, n_layers - 1), unique=True, max_size=n_layers).map(tuple)
+    window = draw(st.one_of(st.none(), st.integers(1, 6)))
+    return dict(
+        qk_norm=draw(st.booleans()),
+        sliding_window=window,
+        window_layers=None if window is None else draw(st.one_of(st.none(), layer_sets)),
+        nope_layers=draw(layer_sets),
+        mlp=draw(st.sampled_from(["swiglu", "gelu"])),
+    )
+
+
+@st.composite
 def configs(draw, n_layers=None):
     n_kv_heads = draw(st.sampled_from([1, 2, 4]))
     n_rep = draw(st.sampled_from([1, 2, 4]))  # 1: MHA; n_kv_heads == 1: MQA; otherwise GQA
@@ -48,9 +64,12 @@ def configs(draw, n_layers=None):
     head_dim = draw(st.sampled_from([2, 4, 8, 16]))
     # dim is usually n_heads * head_dim, but head_dim may also be set independently (as HF allows).
     dim = draw(st.sampled_from([n_heads * head_dim, 24, 32]))
+    n_layers = n_layers or draw(st.integers(1, 2))
+    # Half the examples are plain Llama, half draw every variant field.
+    extra = draw(st.one_of(st.just({}), variants(n_layers)))
     return ModelConfig(
         dim=dim,
-        n_layers=n_layers or draw(st.integers(1, 2)),
+        n_layers=n_layers,
         n_heads=n_heads,
         n_kv_heads=n_kv_heads,
         vocab_size=draw(st.sampled_from([17, 64])),
@@ -59,6 +78,7 @@ def configs(draw, n_layers=None):
         rope_theta=draw(st.sampled_from([10000.0, 500000.0, 100.0])),
         rope_scaling=draw(rope_scalings()),
         max_seq_len=64,
+        **extra,
     )
 
 
@@ -174,16 +194,15 @@ def test_cache_rows_and_kv_len_give_the_same_logits(config, seed, data):
 
 
 def fill_all_with_garbage(model: Transformer) -> None:
-    for layer in model.layers:
-        layer.attention.cache.k.normal_(0, 1e3)
-        layer.attention.cache.v.normal_(0, 1e3)
+    for cache in model.cache.layers:
+        cache.k.normal_(0, 1e3)
+        cache.v.normal_(0, 1e3)
 
 
 def fill_with_garbage(model: Transformer, row: int, start: int) -> None:
     """Huge random keys and values in cache slots start.. of one row: a single leaked slot would
     dominate its softmax."""
-    for layer in model.layers:
-        cache = layer.attention.cache
+    for cache in model.cache.layers:
         cache.k[row, :, start:] = 1e3 * torch.randn_like(cache.k[row, :, start:])
         cache.v[row, :, start:] = 1e3 * torch.randn_like(cache.v[row, :, start:])
 

@@ -9,7 +9,11 @@ Two things differ from Meta's format besides the file types:
    HF row j * hd/2 + i. Since the rows of wq produce the components of q, the permuted weights
    produce permuted queries and keys, and the dot products attention takes are unchanged. This
    module undoes the reordering on the way in and redoes it on the way out; wk uses the number of
-   key/value heads, not the number of query heads.
+   key/value heads, not the number of query heads. ROTARY_ROWS lists every tensor that follows
+   the rotary layout (wq, wk, and the per-head q/k norms of Qwen3-style models).
+
+Both sides of the boundary: HF files hold HF's row order; everything this module returns or is
+given is in Meta's order, which is what llama/core/model.py computes with.
 """
 
 from __future__ import annotations
@@ -42,7 +46,20 @@ NAMES = [
     ("model.layers.{i}.mlp.gate_proj.weight", "layers.{i}.feed_forward.w1.weight"),
     ("model.layers.{i}.mlp.up_proj.weight", "layers.{i}.feed_forward.w3.weight"),
     ("model.layers.{i}.mlp.down_proj.weight", "layers.{i}.feed_forward.w2.weight"),
+    ("model.layers.{i}.self_attn.q_norm.weight", "layers.{i}.attention.q_norm.weight"),  # Qwen3's per-head norms
+    ("model.layers.{i}.self_attn.k_norm.weight", "layers.{i}.attention.k_norm.weight"),
 ]
+
+# The tensors whose rows follow the rotary layout of each head, so that HF's layout (rotating halves)
+# and Meta's (rotating interleaved pairs) order them differently: Meta name suffix -> the config.json
+# key counting the heads they hold. The per-head norms are one vector of hd shared by every head:
+# one "head" of hd rows. Everything else is stored alike in both layouts.
+ROTARY_ROWS = {
+    "attention.wq.weight": "num_attention_heads",  # (H * hd, D)
+    "attention.wk.weight": "num_key_value_heads",  # (Hkv * hd, D)
+    "attention.q_norm.weight": None,  # (hd,)
+    "attention.k_norm.weight": None,  # (hd,)
+}
 # HF files may carry these buffers; they are derived from the config, never loaded.
 IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq|model\.rotary_emb\.inv_freq")
 
@@ -76,17 +93,28 @@ def meta_to_hf_name(name: str) -> str:
 
 
 def permute_to_meta(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """HF row order (halves) -> Meta row order (interleaved pairs), per head. w: (n * hd, dim)."""
-    rows, cols = w.shape
+    """HF row order (halves) -> Meta row order (interleaved pairs), per head. w: (n * hd, dim) or (n * hd,)."""
+    rows, cols = w.shape[0], w[0].numel()
     hd = rows // n_heads
-    return w.view(n_heads, 2, hd // 2, cols).transpose(1, 2).reshape(rows, cols)
+    return w.reshape(n_heads, 2, hd // 2, cols).transpose(1, 2).reshape(w.shape)
 
 
 def permute_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Meta row order (interleaved pairs) -> HF row order (halves), per head. w: (n * hd, dim)."""
-    rows, cols = w.shape
+    """Meta row order (interleaved pairs) -> HF row order (halves), per head. w: (n * hd, dim) or (n * hd,)."""
+    rows, cols = w.shape[0], w[0].numel()
     hd = rows // n_heads
-    return w.view(n_heads, hd // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+    return w.reshape(n_heads, hd // 2, 2, cols).transpose(1, 2).reshape(w.shape)
+
+
+def rotary_heads(name: str, config: dict) -> int | None:
+    """For a Meta-named tensor in ROTARY_ROWS, the number of heads its rows hold (read from the
+    config.json dict); None for every other tensor."""
+    for suffix, key in ROTARY_ROWS.items():
+        if name.endswith(suffix):
+            if key is None:
+                return 1
+            return _heads(config, key, "num_attention_heads" if key == "num_key_value_heads" else None)
+    return None
 
 
 def read_config(directory: Path) -> dict:
@@ -151,10 +179,13 @@ class HFCheckpoint:
                 unknown.append(f"{hf_name!r} (in {file.path.name})")
                 continue
             self._where[name] = (file, hf_name)
-        if unknown:
-            raise CheckpointError(f"{self.path}: unexpected tensors {', '.join(unknown[:5])}")
+        # Reported when the tensors are first asked for, so that a config that is not a Llama's
+        # (another model family, whose tensors these are) is reported first, by the config reader.
+        self._unknown = unknown
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
+        if self._unknown:
+            raise CheckpointError(f"{self.path}: unexpected tensors {', '.join(self._unknown[:5])}")
         return {name: file.shape(hf_name) for name, (file, hf_name) in self._where.items()}
 
     def file_of(self, name: str) -> str:
@@ -169,10 +200,9 @@ class HFCheckpoint:
         """The tensor in `dtype` (default: as stored), in Meta's name and row order."""
         file, hf_name = self._where[name]
         tensor = file.read(hf_name)
-        if name.endswith("attention.wq.weight"):
-            tensor = permute_to_meta(tensor, self.n_heads)
-        elif name.endswith("attention.wk.weight"):
-            tensor = permute_to_meta(tensor, self.n_kv_heads)
+        heads = rotary_heads(name, self.config)
+        if heads is not None:
+            tensor = permute_to_meta(tensor, heads)
         if dtype is not None and tensor.dtype != dtype:
             tensor = tensor.to(dtype)
         return tensor
@@ -195,16 +225,13 @@ def save_hf(
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    n_heads = _heads(config, "num_attention_heads")
-    n_kv_heads = _heads(config, "num_key_value_heads", "num_attention_heads")
     tensors: dict[str, torch.Tensor] = {}
     for name, tensor in state_dict.items():
         if name == "output.weight" and config.get("tie_word_embeddings"):
             continue
-        if name.endswith("attention.wq.weight"):
-            tensor = permute_to_hf(tensor, n_heads)
-        elif name.endswith("attention.wk.weight"):
-            tensor = permute_to_hf(tensor, n_kv_heads)
+        heads = rotary_heads(name, config)
+        if heads is not None:
+            tensor = permute_to_hf(tensor, heads)
         tensors[meta_to_hf_name(name)] = tensor.contiguous()
 
     # Greedy sharding in name order, each shard at most max_shard_bytes (one big tensor may exceed it).

@@ -35,10 +35,9 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 def config_from_checkpoint(ckpt) -> ModelConfig:
     """The ModelConfig of an opened checkpoint, with errors naming its config file."""
-    shapes = ckpt.shapes()
     try:
         if ckpt.format == "meta":
-            vocab = shapes.get("tok_embeddings.weight", (None,))[0]
+            vocab = ckpt.shapes().get("tok_embeddings.weight", (None,))[0]
             return ModelConfig.from_meta(ckpt.config, vocab_size=vocab)
         return ModelConfig.from_hf(ckpt.config)
     except ConfigError as e:

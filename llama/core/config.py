@@ -145,11 +145,9 @@ class ModelConfig:
     def uses_rope(self, layer: int) -> bool:
         return layer not in self.nope_layers
 
-    def changed_fields(self) -> dict[str, Any]:
-        """The architecture-variant fields that differ from their defaults: {name: value}. Fast paths
-        compare this against the variants they were written for."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name in VARIANT_FIELDS and getattr(self, f.name) != f.default}  # fmt: skip
+    def variants(self) -> dict[str, Any]:
+        """The fields beyond Llama's own that differ from their defaults: {name: value}."""
+        return unsupported_fields(self, ())
 
     # ---- the whole config as plain data ----------------------------------------------------------
 
@@ -204,8 +202,8 @@ class ModelConfig:
 
     @property
     def n_params(self) -> int:
-        attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
-        ffn = 3 * self.dim * self.ffn_dim
+        attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads) + (2 * self.head_dim if self.qk_norm else 0)
+        ffn = (3 if self.mlp == "swiglu" else 2) * self.dim * self.ffn_dim
         layer = attn + ffn + 2 * self.dim
         out = 0 if self.tie_word_embeddings else self.vocab_size * self.dim
         return self.vocab_size * self.dim + self.n_layers * layer + self.dim + out
@@ -222,6 +220,10 @@ class ModelConfig:
         `vocab_size` fills in Llama 1/2's `"vocab_size": -1` (the caller reads it off the embedding).
         """
         get = _Getter(params, "params.json")
+        unknown = sorted(set(params) - set(META_KEYS))
+        if unknown:
+            raise ConfigError(f"params.json: unknown keys {unknown} (a vision, MoE or quantized model?); a key this "
+                              "project does not read could change the model (refused rather than ignored)")  # fmt: skip
         dim, n_heads = get.int("dim"), get.int("n_heads")
         n_kv_heads = get.int("n_kv_heads", n_heads)
         vocab = get.int("vocab_size", -1)
@@ -261,6 +263,10 @@ class ModelConfig:
     def to_meta(self) -> dict[str, Any]:
         """A params.json dict. Meta's format has no FFN width, so it is written through
         `multiple_of` / `ffn_dim_multiplier` values that reproduce `ffn_dim` exactly."""
+        variants = self.variants()
+        if variants:
+            raise ConfigError(f"Meta's params.json cannot express {', '.join(f'{k}={v!r}' for k, v in variants.items())}; "
+                              "save in the Hugging Face layout, whose config.json carries every field")  # fmt: skip
         multiple_of, multiplier = _meta_ffn_params(self.dim, self.ffn_dim)
         if self.head_dim != self.dim // self.n_heads:
             raise ConfigError(f"Meta's format cannot express head_dim {self.head_dim} != dim / n_heads")
@@ -289,63 +295,81 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, config: Mapping[str, Any]) -> "ModelConfig":
-        """Build from a transformers LlamaConfig dict (config.json), transformers 4 or 5 style."""
+        """Build from a config.json dict: transformers' Llama, Mistral or Qwen3 config (4.x or 5.x
+        style), or one this project wrote, whose full ModelConfig sits under HF_OWN_KEY.
+
+        Strict: an unknown model_type or key is refused by name (HF_IGNORED_KEYS lists the keys
+        knowingly ignored: they do not change what the model computes), and so is a file whose HF
+        fields disagree with its own ModelConfig (edited by hand after saving)."""
         get = _Getter(config, "config.json")
+        model_type = config.get("model_type", "llama")
+        if model_type not in HF_MODEL_TYPES:
+            raise ConfigError(f"config.json: unsupported model_type {model_type!r}; this project reads "
+                              f"{', '.join(HF_MODEL_TYPES)} (a close cousin would load and compute the wrong model)")  # fmt: skip
+        if "quantization_config" in config:
+            raise ConfigError("config.json has a quantization_config: the weights were quantized for transformers "
+                              "(GPTQ, AWQ, bitsandbytes ...); this project reads float checkpoints")  # fmt: skip
+        unknown = sorted(set(config) - set(HF_READ_KEYS) - set(HF_IGNORED_KEYS))
+        if unknown:
+            raise ConfigError(f"config.json: unknown keys {unknown}; a key this project does not read could change "
+                              "the model (refused rather than ignored)")  # fmt: skip
+        if config.get("pruned_heads"):
+            raise ConfigError(f"config.json: pruned_heads {config['pruned_heads']!r} is not supported")
         if get.bool("attention_bias", False) or get.bool("mlp_bias", False):
             raise ConfigError("config.json sets attention_bias or mlp_bias; Llama models have no biases")
+        if get.float("attention_dropout", 0.0) != 0.0:
+            raise ConfigError(f"config.json: attention_dropout {config['attention_dropout']!r} is not supported (only 0)")
         act = config.get("hidden_act", "silu")
         if act != "silu":
-            raise ConfigError(f"config.json has hidden_act {act!r}; Llama uses silu")
-        dim, n_heads = get.int("hidden_size"), get.int("num_attention_heads")
+            raise ConfigError(f"config.json has hidden_act {act!r}; Llama uses silu (SwiGLU)")
+        dim, n_heads, n_layers = get.int("hidden_size"), get.int("num_attention_heads"), get.int("num_hidden_layers")
         head_dim = config.get("head_dim")
         max_pos = get.int("max_position_embeddings", 2048)
+        rope_theta, scaling = _rope_from_hf(config, max_pos)
 
-        # transformers 5 moved rope_theta and the scaling into one `rope_parameters` dict
-        # (which says rope_type "default" when there is no scaling); older files write
-        # `rope_theta` beside `rope_scaling`, whose type key is "rope_type" or, older still, "type".
-        rope = config.get("rope_parameters")
-        if rope is None:
-            rope = dict(config.get("rope_scaling") or {})
-            rope.setdefault("rope_theta", config.get("rope_theta", 10000.0))
-        elif not isinstance(rope, Mapping):
-            raise ConfigError(f"config.json: rope_parameters must be an object, got {rope!r}")
-        rope_get = _Getter(rope, "config.json rope parameters")
-        kind = rope.get("rope_type", rope.get("type", "default"))
-        scaling = None
-        if kind not in ("default", None):
-            original = int(rope.get("original_max_position_embeddings") or max_pos)
-            if kind == "llama3":
-                scaling = RopeScaling(
-                    "llama3",
-                    rope_get.float("factor"),
-                    rope_get.float("low_freq_factor"),
-                    rope_get.float("high_freq_factor"),
-                    original,
-                )
-            elif kind == "linear":
-                scaling = RopeScaling("linear", rope_get.float("factor"))
-            elif kind == "dynamic":
-                # HF's dynamic NTK compares the sequence length with max_position_embeddings.
-                scaling = RopeScaling("dynamic", rope_get.float("factor"), original_max_seq_len=max_pos)
-            else:
-                raise ConfigError(f"config.json: unsupported RoPE scaling type {kind!r}")
-        return cls(
+        variants: dict[str, Any] = {}
+        if model_type == "qwen3":
+            variants["qk_norm"] = True
+        window = None if config.get("sliding_window") is None else get.int("sliding_window")
+        if model_type == "qwen3" and not get.bool("use_sliding_window", False):
+            window = None  # Qwen3 keeps a sliding_window value that is off unless use_sliding_window
+        if window is not None:
+            variants["sliding_window"] = window
+            if model_type == "qwen3":
+                variants["window_layers"] = _qwen3_window_layers(config, get, n_layers)
+        parsed = cls(
             dim=dim,
-            n_layers=get.int("num_hidden_layers"),
+            n_layers=n_layers,
             n_heads=n_heads,
             n_kv_heads=get.int("num_key_value_heads", n_heads),
             vocab_size=get.int("vocab_size"),
             ffn_dim=get.int("intermediate_size"),
             head_dim=-1 if head_dim is None else get.int("head_dim"),
             norm_eps=get.float("rms_norm_eps", 1e-6),
-            rope_theta=rope_get.float("rope_theta", 10000.0),
+            rope_theta=rope_theta,
             rope_scaling=scaling,
             tie_word_embeddings=get.bool("tie_word_embeddings", False),
             max_seq_len=max_pos,
+            **variants,
         )
+        if HF_OWN_KEY not in config:
+            if model_type == HF_OWN_TYPE:
+                raise ConfigError(f"config.json: model_type {HF_OWN_TYPE!r} needs its {HF_OWN_KEY!r} entry")
+            return parsed
+        own = cls.from_dict(config[HF_OWN_KEY], f"config.json: {HF_OWN_KEY}")
+        written = own.to_hf()
+        for key in sorted(set(written) & set(config) - {HF_OWN_KEY, "torch_dtype", "architectures"}):
+            if config[key] != written[key]:
+                raise ConfigError(f"config.json: {key!r} is {config[key]!r} but its {HF_OWN_KEY} entry says "
+                                  f"{written[key]!r}; edit the {HF_OWN_KEY} entry, which is the full config")  # fmt: skip
+        return own
 
     def to_hf(self, dtype: str = "bfloat16") -> dict[str, Any]:
-        """A config.json dict that transformers' LlamaForCausalLM loads (4.45+ and 5.x)."""
+        """A config.json dict: the fields transformers reads, and the whole ModelConfig under
+        HF_OWN_KEY so that every field survives a save and load. The model type is the transformers
+        family that computes this model -- llama, mistral (a sliding window on every layer) or qwen3
+        (qk_norm) -- or this project's own, which transformers refuses to load rather than load a
+        model without the variant (NoPE layers, the GELU MLP, windows on some layers only ...)."""
         rope_scaling = None
         if self.rope_scaling is not None:
             s = self.rope_scaling
@@ -356,7 +380,7 @@ class ModelConfig:
                     high_freq_factor=s.high_freq_factor,
                     original_max_position_embeddings=s.original_max_seq_len,
                 )
-        return {
+        config: dict[str, Any] = {
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
             "hidden_size": self.dim,
@@ -376,6 +400,23 @@ class ModelConfig:
             "mlp_bias": False,
             "torch_dtype": dtype,
         }
+        variants = self.variants()
+        windowed = self.sliding_window is not None
+        if set(variants) <= {"qk_norm", "sliding_window", "window_layers"} and self.qk_norm:
+            config.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3", use_sliding_window=windowed,
+                          sliding_window=self.sliding_window)  # fmt: skip
+            if windowed:
+                window_layers = range(self.n_layers) if self.window_layers is None else self.window_layers
+                config["layer_types"] = ["sliding_attention" if i in window_layers else "full_attention"
+                                         for i in range(self.n_layers)]  # fmt: skip
+            del config["mlp_bias"]
+        elif set(variants) == {"sliding_window"}:
+            config.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=self.sliding_window)
+            del config["mlp_bias"], config["attention_bias"]
+        elif variants:
+            config.update(architectures=["LlamaFromScratchForCausalLM"], model_type=HF_OWN_TYPE)
+        config[HF_OWN_KEY] = self.to_dict()
+        return config
 
     # ---- the registry ----------------------------------------------------------------------------
 
@@ -388,9 +429,106 @@ class ModelConfig:
 
 
 MLP_KINDS = ("swiglu", "gelu")
-# The fields that describe an architecture variant (ModelConfig.changed_fields).
-VARIANT_FIELDS = ("qk_norm", "sliding_window", "window_layers", "nope_layers", "mlp")
+# Llama's own fields, which every part of the project handles. Any other field is a variant: each
+# fast path and file format lists the variants it handles and refuses the rest (unsupported_fields).
+LLAMA_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim", "head_dim", "norm_eps",
+                "rope_theta", "rope_scaling", "tie_word_embeddings", "max_seq_len")  # fmt: skip
 
+
+def unsupported_fields(config: ModelConfig, handled: Sequence[str]) -> dict[str, Any]:
+    """{name: value} of the fields of `config` that are not Llama's own, not in `handled`, and not at
+    their default: what a part of the project written for `handled` must refuse."""
+    found = {}
+    for f in dataclasses.fields(config):
+        if f.name in LLAMA_FIELDS or f.name in handled:
+            continue
+        value = getattr(config, f.name)
+        if f.default is dataclasses.MISSING or value != f.default:
+            found[f.name] = value
+    return found
+
+
+
+# ---- config.json: what is read, what is knowingly ignored ----------------------------------------
+
+# params.json keys of Meta's text models (max_batch_size only sizes Meta's own cache: ignored).
+META_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier", "norm_eps",
+             "rope_theta", "use_scaled_rope", "rope_scaling_factor", "max_seq_len", "max_batch_size")  # fmt: skip
+
+HF_OWN_KEY = "llama_from_scratch"  # this project's full ModelConfig inside config.json
+HF_OWN_TYPE = "llama_from_scratch"  # the model_type of variants no transformers family computes
+HF_MODEL_TYPES = ("llama", "mistral", "qwen3", HF_OWN_TYPE)
+HF_READ_KEYS = (
+    "model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "vocab_size", "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters",
+    "max_position_embeddings", "tie_word_embeddings", "hidden_act", "attention_bias", "mlp_bias", "attention_dropout",
+    "sliding_window", "use_sliding_window", "max_window_layers", "layer_types", HF_OWN_KEY,
+)  # fmt: skip
+# Keys that do not change what the model computes: which class to instantiate, token ids (the
+# tokenizer's business; eos ids are read by the checkpoint loader), dtype, training-time settings
+# (initializer_range; pretraining_tp only slices the same matmuls), bookkeeping, and
+# "quantization", read by llama.quantization for this project's quantized checkpoints.
+HF_IGNORED_KEYS = (
+    "architectures", "bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype", "dtype", "transformers_version",
+    "use_cache", "initializer_range", "pretraining_tp", "_name_or_path", "output_attentions", "output_hidden_states",
+    "return_dict", "quantization",
+    # transformers' generic PretrainedConfig fields, which a full to_dict() (and older transformers'
+    # save_pretrained) writes for every model: task heads, generation defaults, export switches.
+    "chunk_size_feed_forward", "id2label", "label2id", "is_encoder_decoder", "problem_type", "add_cross_attention",
+    "bad_words_ids", "begin_suppress_tokens", "cross_attention_hidden_size", "decoder_start_token_id",
+    "diversity_penalty", "do_sample", "early_stopping", "encoder_no_repeat_ngram_size", "exponential_decay_length_penalty",
+    "finetuning_task", "forced_bos_token_id", "forced_eos_token_id", "is_decoder", "length_penalty", "max_length",
+    "min_length", "no_repeat_ngram_size", "num_beam_groups", "num_beams", "num_return_sequences", "output_scores",
+    "prefix", "remove_invalid_values", "repetition_penalty", "return_dict_in_generate", "sep_token_id",
+    "suppress_tokens", "task_specific_params", "temperature", "tf_legacy_loss", "tie_encoder_decoder",
+    "tokenizer_class", "top_k", "top_p", "torchscript", "typical_p", "use_bfloat16", "pruned_heads",
+)  # fmt: skip
+
+
+def _rope_from_hf(config: Mapping[str, Any], max_pos: int) -> tuple[float, RopeScaling | None]:
+    """(rope_theta, scaling) from config.json. transformers 5 moved rope_theta and the scaling into
+    one `rope_parameters` dict (rope_type "default" when there is no scaling); older files write
+    `rope_theta` beside `rope_scaling`, whose type key is "rope_type" or, older still, "type"."""
+    rope = config.get("rope_parameters")
+    key = "rope_parameters"
+    if rope is None:
+        key = "rope_scaling"
+        rope = config.get("rope_scaling")
+        if rope is not None and not isinstance(rope, Mapping):
+            raise ConfigError(f"config.json: 'rope_scaling' must be an object or null, got {rope!r}")
+        rope = dict(rope or {})
+        rope.setdefault("rope_theta", config.get("rope_theta", 10000.0))
+    elif not isinstance(rope, Mapping):
+        raise ConfigError(f"config.json: 'rope_parameters' must be an object, got {rope!r}")
+    get = _Getter(rope, f"config.json {key}")
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    theta = get.float("rope_theta", 10000.0)
+    if kind in ("default", None):
+        return theta, None
+    original = get.int("original_max_position_embeddings", None) if rope.get("original_max_position_embeddings") else max_pos
+    if kind == "llama3":
+        return theta, RopeScaling("llama3", get.float("factor"), get.float("low_freq_factor"),
+                                  get.float("high_freq_factor"), original)  # fmt: skip
+    if kind == "linear":
+        return theta, RopeScaling("linear", get.float("factor"))
+    if kind == "dynamic":
+        # HF's dynamic NTK compares the sequence length with max_position_embeddings.
+        return theta, RopeScaling("dynamic", get.float("factor"), original_max_seq_len=max_pos)
+    raise ConfigError(f"config.json: unsupported RoPE scaling type {kind!r}")
+
+
+def _qwen3_window_layers(config: Mapping[str, Any], get: "_Getter", n_layers: int) -> tuple[int, ...] | None:
+    """The layers of a Qwen3 config that use the sliding window (None: all of them)."""
+    types = config.get("layer_types")
+    if types is None:
+        first = get.int("max_window_layers", 28)
+        layers = tuple(i for i in range(n_layers) if i >= first)
+    else:
+        if not isinstance(types, list) or len(types) != n_layers or not set(types) <= {"full_attention", "sliding_attention"}:
+            raise ConfigError(f"config.json: 'layer_types' must list full_attention / sliding_attention for each of "
+                              f"{n_layers} layers, got {types!r}")  # fmt: skip
+        layers = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+    return None if len(layers) == n_layers else layers
 
 def _field_type(cls, name: str):
     import typing

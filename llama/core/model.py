@@ -26,6 +26,7 @@ weights' dtype, rotations are computed in float32, and logits are returned in fl
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -103,8 +104,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return rotated.flatten(3).type_as(x)  # (B, T, n, hd)
 
 
-class KVCache(nn.Module):
-    """Preallocated keys and values of one attention layer: (B, Hkv, S_max, hd) each.
+class LayerCache(nn.Module):
+    """Preallocated keys and values of one attention layer: (B_max, Hkv, S_max, hd) each.
 
     Row b holds its own sequence; a forward call writes the new keys/values of row b at positions
     pos[b] .. pos[b] + T - 1. Stale entries beyond a row's current position are harmless: the mask
@@ -117,21 +118,94 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int,
-               rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v: (B, Hkv, T, hd) at positions: (B, T) of cache rows `rows` (B,) (default: rows
-        0..B-1); return keys and values of positions 0..length-1 of those rows: (B, Hkv, length, hd)."""
+    def update(self, k: torch.Tensor, v: torch.Tensor, ctx: "Context") -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v: (B, Hkv, T, hd) at ctx.positions of cache rows ctx.rows (default: rows 0..B-1);
+        return keys and values of positions 0..S-1 of those rows: (B, Hkv, S, hd)."""
+        rows, S = ctx.rows, ctx.kv_len
         if rows is None:
             B = k.shape[0]
-            index = positions[:, None, :, None].expand_as(k)  # (B, Hkv, T, hd)
+            index = ctx.positions[:, None, :, None].expand_as(k)  # (B, Hkv, T, hd)
             self.k[:B].scatter_(2, index, k.to(self.k.dtype))
             self.v[:B].scatter_(2, index, v.to(self.v.dtype))
-            return self.k[:B, :, :length], self.v[:B, :, :length]  # views, no copy
+            return self.k[:B, :, :S], self.v[:B, :, :S]  # views, no copy
         # Rows picked out of a larger pool (a server's slots): index_put_ writes in place; reading
         # them back gathers a copy, of just the positions attended to.
-        self.k[rows[:, None], :, positions] = k.transpose(1, 2).to(self.k.dtype)  # target (B, T, Hkv, hd)
-        self.v[rows[:, None], :, positions] = v.transpose(1, 2).to(self.v.dtype)
-        return self.k[rows, :, :length], self.v[rows, :, :length]
+        self.k[rows[:, None], :, ctx.positions] = k.transpose(1, 2).to(self.k.dtype)  # target (B, T, Hkv, hd)
+        self.v[rows[:, None], :, ctx.positions] = v.transpose(1, 2).to(self.v.dtype)
+        return self.k[rows, :, :S], self.v[rows, :, :S]
+
+
+class KVCache(nn.Module):
+    """The KV cache of the whole model: one LayerCache per layer, sized by that layer's attention.
+
+    It also decides which positions a forward call covers (locate): where the new tokens go, which
+    cache rows they use, and how many positions the queries attend to. Those are bookkeeping, not
+    math, so they live here rather than in Transformer.forward.
+    """
+
+    def __init__(self, layers: list[tuple[int, int]], batch_size: int, max_seq_len: int, dtype, device=None):
+        """layers: (n_kv_heads, head_dim) of each layer's attention."""
+        super().__init__()
+        self.batch_size, self.max_seq_len = batch_size, max_seq_len
+        self.layers = nn.ModuleList(LayerCache(batch_size, max_seq_len, n, hd, dtype, device) for n, hd in layers)
+
+    def locate(self, positions: torch.Tensor, rows: torch.Tensor | None, kv_len: int | None) -> int:
+        """Check that tokens at positions (B, T) in cache rows `rows` fit; return S, the number of cache
+        positions the queries attend to: kv_len if given (a fixed length, so that no shape depends on
+        the positions' values and torch.compile can capture a decode step as one graph), else
+        max(position) + 1. With kv_len nothing reads the positions: the caller keeps them below it."""
+        if kv_len is not None:
+            if not 0 < kv_len <= self.max_seq_len:
+                raise ValueError(f"kv_len {kv_len} is outside the KV cache's 1..{self.max_seq_len} positions")
+            return kv_len
+        S = int(positions.max()) + 1
+        n_rows = positions.shape[0] if rows is None else int(rows.max()) + 1
+        if n_rows > self.batch_size or S > self.max_seq_len:
+            raise ValueError(
+                f"{positions.shape[0]} rows (cache rows up to {n_rows - 1}) at positions up to {S - 1} do not fit "
+                f"the KV cache of {self.batch_size} rows x {self.max_seq_len} positions"
+            )
+        return S
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, ctx: "Context") -> tuple[torch.Tensor, torch.Tensor]:
+        return self.layers[layer].update(k, v, ctx)
+
+
+@dataclass
+class Context:
+    """What every layer needs for one forward call, computed once by Transformer.forward."""
+
+    positions: torch.Tensor  # (B, T) int64: each token's position in its own sequence
+    cos: torch.Tensor  # (B, T, hd/2) float32: the rotation angles of those positions
+    sin: torch.Tensor
+    masks: dict[int | None, torch.Tensor]  # sliding window (None: plain causal) -> (B, 1, T, S) bool, True = attend
+    cache: KVCache | None = None
+    rows: torch.Tensor | None = None  # (B,) the cache row of each batch row (None: rows 0..B-1)
+
+    @property
+    def kv_len(self) -> int:
+        """S: the key positions attended to (cache slots 0..S-1, or the T new tokens without a cache)."""
+        return next(iter(self.masks.values())).shape[-1]
+
+    def mask(self, window: int | None) -> torch.Tensor:
+        return self.masks[window]
+
+
+def attention_mask(positions: torch.Tensor, kv_len: int, window: int | None) -> torch.Tensor:
+    """(B, 1, T, S) bool, True = attend: query i of row b, at position p = positions[b, i], sees keys at
+    positions j <= p (causal), and with a sliding window W only the last W of them, p - W < j <= p.
+
+    Without a cache the keys are the T new tokens (a plain causal triangle); with one they are cache
+    slots 0..S-1, where slots beyond a row's current position hold stale or unwritten entries that
+    must stay hidden. A kernel's `is_causal` flag would assume the queries start at position 0,
+    which is wrong once start_pos > 0.
+    """
+    keys = torch.arange(kv_len, device=positions.device)[None, None, None, :]  # (1, 1, 1, S)
+    query = positions[:, None, :, None]  # (B, 1, T, 1)
+    mask = keys <= query
+    if window is not None:
+        mask = mask & (keys > query - window)
+    return mask
 
 
 class Attention(nn.Module):
@@ -139,40 +213,70 @@ class Attention(nn.Module):
 
     GQA: Hkv < H key/value heads, each shared by n_rep = H / Hkv consecutive query heads. It shrinks
     the KV cache by n_rep; with Hkv = H it is ordinary multi-head attention, with Hkv = 1 multi-query.
+
+    forward() is four named steps. A fast path (kernels/fused.py) overrides only the step it makes
+    faster and inherits the rest, so a change to any step here reaches it too:
+        project_qkv   x -> q, k, v
+        transform_qk  per-head norms (qk_norm) and rotary embeddings (skipped on NoPE layers)
+        attend        softmax(q k^T / sqrt(hd) + mask) v, over the cache when there is one
+        project_out   heads -> model width
     """
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer: int = 0):
         super().__init__()
+        self.layer = layer
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         self.wq = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
         self.wk = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
         self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
         self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
-        self.cache: KVCache | None = None
+        # Qwen3's QK-norm: RMSNorm over each head's vector of q and k (one weight of hd shared by the
+        # heads), before the rotation; it keeps attention logits from growing without bound.
+        self.q_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
+        self.use_rope = config.uses_rope(layer)
+        self.window = config.window(layer)
 
-    def forward(self, x, cos, sin, positions, mask, rows=None) -> torch.Tensor:
-        """x: (B, T, D); cos, sin: (B, T, hd/2); positions: (B, T); mask: (B, 1, T, S) bool, True = attend;
-        rows: (B,) cache rows of the batch rows, None for rows 0..B-1."""
+    def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
+        """x: (B, T, D) -> (B, T, D)."""
+        q, k, v = self.project_qkv(x)  # (B, T, H, hd), (B, T, Hkv, hd) x 2
+        q, k = self.transform_qk(q, k, ctx)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or Hkv, T, hd)
+        if ctx.cache is not None:
+            k, v = ctx.cache.update(self.layer, k, v, ctx)  # (B, Hkv, S, hd)
+        out = self.attend(q, k, v, ctx)  # (B, H, T, hd)
+        return self.project_out(out)
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, hd)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, hd)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, hd)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or Hkv, T, hd)
+        return q, k, v
 
-        if self.cache is not None:
-            k, v = self.cache.update(positions, k, v, mask.shape[-1], rows)  # (B, Hkv, S, hd)
+    def transform_qk(self, q: torch.Tensor, k: torch.Tensor, ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.use_rope:
+            q, k = self.rotate(q, ctx), self.rotate(k, ctx)
+        return q, k
 
+    def rotate(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
+        return apply_rope(x, ctx.cos, ctx.sin)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Context) -> torch.Tensor:
+        """q: (B, H, T, hd), k, v: (B, Hkv, S, hd) -> (B, H, T, hd)."""
         n_rep = self.n_heads // self.n_kv_heads
         k = k.repeat_interleave(n_rep, dim=1)  # (B, H, S, hd): query head h reads kv head h // n_rep
         v = v.repeat_interleave(n_rep, dim=1)  # (B, H, S, hd)
-
         scores = (q @ k.transpose(2, 3)) / math.sqrt(self.head_dim)  # (B, H, T, S)
-        scores = scores.float().masked_fill(~mask, float("-inf"))
+        scores = scores.float().masked_fill(~ctx.mask(self.window), float("-inf"))
         probs = F.softmax(scores, dim=-1).type_as(q)  # (B, H, T, S)
-        out = probs @ v  # (B, H, T, hd)
-        out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*hd)
-        return self.wo(out)
+        return probs @ v  # (B, H, T, hd)
+
+    def project_out(self, out: torch.Tensor) -> torch.Tensor:
+        B, H, T, hd = out.shape
+        return self.wo(out.transpose(1, 2).reshape(B, T, H * hd))  # (B, T, H*hd) -> (B, T, D)
 
 
 class FeedForward(nn.Module):
@@ -185,30 +289,54 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.gate_up(x)  # (B, T, F) each
+        return self.w2(F.silu(gate) * up)
+
+    def gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.w1(x), self.w3(x)
+
+
+class GeluFeedForward(nn.Module):
+    """The original transformer's MLP with GELU (Hendrycks & Gimpel, 2016): w2(gelu(w1 x)). Two
+    matrices instead of SwiGLU's three (config.mlp = "gelu"; no HF Llama counterpart)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.gelu(self.w1(x)))
+
+
+FEED_FORWARDS = {"swiglu": FeedForward, "gelu": GeluFeedForward}  # config.mlp -> module
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer: int = 0):
         super().__init__()
+        self.layer = layer
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
-        self.attention = Attention(config)
+        self.attention = Attention(config, layer)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
-        self.feed_forward = FeedForward(config.dim, config.ffn_dim)
+        self.feed_forward = FEED_FORWARDS[config.mlp](config.dim, config.ffn_dim)
 
-    def forward(self, x, cos, sin, positions, mask, rows=None) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, positions, mask, rows)
-        return h + self.feed_forward(self.ffn_norm(h))
+    def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
+        h, normed = self.add_and_norm(x, self.attention(self.attention_norm(x), ctx))
+        return h + self.feed_forward(normed)
+
+    def add_and_norm(self, x: torch.Tensor, update: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention residual h = x + update, and ffn_norm(h) for the feed-forward."""
+        h = x + update
+        return h, self.ffn_norm(h)
 
 
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        if config.changed_fields():  # temporary, until the variants are written below
-            raise NotImplementedError(f"architecture variants not implemented yet: {config.changed_fields()}")
         self.config = config
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
-        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
+        self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -217,6 +345,7 @@ class Transformer(nn.Module):
         # even when the model is built on the meta device, moved along by .to().
         freqs = rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
         self.register_buffer("rope_freqs", freqs, persistent=False)
+        self.cache: KVCache | None = None
 
     # ---- the KV cache ------------------------------------------------------------------------------
 
@@ -226,23 +355,18 @@ class Transformer(nn.Module):
         Afterwards forward() takes `start_pos` and appends to the cache, so decoding token by token
         gives the logits of one full forward over the same tokens.
         """
-        max_seq_len = max_seq_len or self.config.max_seq_len
         param = self.tok_embeddings.weight
-        dtype = dtype or param.dtype
-        device = device or param.device
-        for layer in self.layers:
-            cfg = self.config
-            layer.attention.cache = KVCache(batch_size, max_seq_len, cfg.n_kv_heads, cfg.head_dim, dtype, device)
+        shapes = [(layer.attention.n_kv_heads, layer.attention.head_dim) for layer in self.layers]
+        self.cache = KVCache(shapes, batch_size, max_seq_len or self.config.max_seq_len, dtype or param.dtype,
+                             device or param.device)  # fmt: skip
 
     def clear_cache(self) -> None:
-        for layer in self.layers:
-            layer.attention.cache = None
+        self.cache = None
 
     @property
     def cache_size(self) -> tuple[int, int] | None:
         """(batch_size, max_seq_len) of the cache, or None without one."""
-        cache = self.layers[0].attention.cache if len(self.layers) else None
-        return None if cache is None else (cache.k.shape[0], cache.k.shape[2])
+        return None if self.cache is None else (self.cache.batch_size, self.cache.max_seq_len)
 
     # ---- the forward pass --------------------------------------------------------------------------
 
@@ -253,59 +377,41 @@ class Transformer(nn.Module):
         Without a cache this is the plain causal forward over the T tokens (start_pos must be 0).
         With a cache (setup_cache), the tokens of row b sit at positions start_pos[b] .. + T - 1
         (start_pos: an int shared by all rows, or a (B,) tensor), and attend to everything the cache
-        holds before them. Two options for callers that drive the cache themselves:
-
-        cache_rows: (B,) int64, the cache row of each batch row (default: rows 0..B-1). A server
-            keeps one request per cache row and runs any subset of them.
-        kv_len: attend to cache positions 0..kv_len-1 instead of 0..max(position). The masked
-            result is the same; what changes is that no shape depends on the values in start_pos,
-            so torch.compile can capture the decode step as one graph (no check reads the
-            positions either: the caller keeps them below kv_len).
+        holds before them. For callers that drive the cache themselves (see KVCache.locate):
+        cache_rows, the cache row of each batch row (a server keeps one request per row); kv_len, a
+        fixed number of cache positions to attend to (a compiled decode step).
         """
+        ctx = self.context(tokens, start_pos, cache_rows, kv_len)
+        h = self.tok_embeddings(tokens)  # (B, T, D)
+        for layer in self.layers:
+            h = layer(h, ctx)
+        h = self.norm(h)
+        return self.output(h).float()  # (B, T, V)
+
+    def context(self, tokens: torch.Tensor, start_pos, cache_rows, kv_len) -> Context:
+        """Positions, rotation angles and masks of this call: computed once, shared by every layer."""
         B, T = tokens.shape
-        cache = self.cache_size
-        dynamic = self.config.rope_scaling is not None and self.config.rope_scaling.kind == "dynamic"
         starts = torch.as_tensor(start_pos, dtype=torch.long, device=tokens.device).expand(B)  # (B,)
         positions = starts[:, None] + torch.arange(T, device=tokens.device)  # (B, T)
-        if cache is None:
+        scaling = self.config.rope_scaling
+        dynamic = scaling is not None and scaling.kind == "dynamic"
+        if self.cache is None:
             if kv_len is not None or cache_rows is not None:
                 raise ValueError("kv_len and cache_rows need a KV cache; call setup_cache() first")
             if bool((starts != 0).any()):
                 raise ValueError(f"start_pos {start_pos} needs a KV cache; call setup_cache() first")
-            seq_len = T
-        elif kv_len is not None:
-            if not 0 < kv_len <= cache[1]:
-                raise ValueError(f"kv_len {kv_len} is outside the KV cache's 1..{cache[1]} positions")
-            if dynamic:
-                raise ValueError("kv_len cannot be used with dynamic NTK scaling, whose frequencies depend on the positions")
-            seq_len = kv_len
+            S = T
         else:
-            seq_len = int(positions.max()) + 1
-            rows = B if cache_rows is None else int(cache_rows.max()) + 1
-            if rows > cache[0] or seq_len > cache[1]:
-                raise ValueError(
-                    f"{B} rows (cache rows up to {rows - 1}) at positions up to {seq_len - 1} do not fit "
-                    f"the KV cache of {cache[0]} rows x {cache[1]} positions"
-                )
-
-        # The mask. Query row i of sequence b sits at position positions[b, i] and may attend to key
-        # positions j <= positions[b, i]. Without a cache the keys are the T new tokens (a plain
-        # causal triangle); with one they are cache slots 0..S-1, where slots beyond a row's current
-        # position hold stale or unwritten entries that must stay hidden. A kernel's `is_causal`
-        # flag would assume the queries start at position 0, which is wrong once start_pos > 0.
-        key_positions = torch.arange(seq_len, device=tokens.device)  # (S,)
-        mask = key_positions[None, None, None, :] <= positions[:, None, :, None]  # (B, 1, T, S)
+            if kv_len is not None and dynamic:
+                raise ValueError("kv_len cannot be used with dynamic NTK scaling, whose frequencies depend on the positions")
+            S = self.cache.locate(positions, cache_rows, kv_len)
 
         freqs = self.rope_freqs
         # model.to(torch.bfloat16) or .half() casts every floating buffer, rounding the frequencies
         # (bf16: 2^-9 relative, radians of angle error by position 10^4): rebuild them in float32.
         if dynamic or freqs.dtype != torch.float32:
-            freqs = rope_frequencies(self.config.head_dim, self.config.rope_theta, self.config.rope_scaling, seq_len)
+            freqs = rope_frequencies(self.config.head_dim, self.config.rope_theta, scaling, S)
         angles = positions[:, :, None].float() * freqs.to(tokens.device)  # (B, T, hd/2)
-        cos, sin = angles.cos(), angles.sin()
-
-        h = self.tok_embeddings(tokens)  # (B, T, D)
-        for layer in self.layers:
-            h = layer(h, cos, sin, positions, mask, cache_rows)
-        h = self.norm(h)
-        return self.output(h).float()  # (B, T, V)
+        windows = {layer.attention.window for layer in self.layers} if self.layers else {None}
+        masks = {w: attention_mask(positions, S, w) for w in windows}
+        return Context(positions, angles.cos(), angles.sin(), masks, self.cache, cache_rows)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from weights import CheckpointError
+from weights.jsonio import read_json_object
 from weights.safetensors_io import SafetensorsFile, save_safetensors
 
 from ..core import checkpoint as core_checkpoint
@@ -92,10 +93,12 @@ def load_quantized(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
     """A model from save_quantized's files, built on the meta device and filled tensor by tensor, so
     memory stays near the quantized size. Float tensors (embedding, norms, scales) take `dtype`."""
     path = Path(path)
-    config_dict = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    config_dict = read_json_object(path / "config.json")
     info = config_dict["quantization"]
-    if not isinstance(info, dict) or "mode" not in info:
-        raise CheckpointError(f"{path / 'config.json'}: malformed 'quantization' entry: {info!r}")
+    if (not isinstance(info, dict) or "mode" not in info or set(info) - {"mode", "group_size", "include_output"}
+            or not isinstance(info.get("include_output", False), bool)):  # fmt: skip
+        raise CheckpointError(f"{path / 'config.json'}: malformed 'quantization' entry: {info!r}; expected "
+                              '{"mode": "int8" | "int4", "group_size": N, "include_output": true | false}')  # fmt: skip
     try:
         check_mode(info["mode"], info.get("group_size", 128))
     except ValueError as e:
@@ -105,12 +108,16 @@ def load_quantized(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
     except ConfigError as e:
         raise ConfigError(f"{path / 'config.json'}: {e}") from None
     file = SafetensorsFile(path / "model.safetensors")
+    found = set(file.names())
+    if "tok_embeddings.weight" not in found:
+        raise CheckpointError(f"{file.path}: config.json has a 'quantization' entry, but this is not a quantized "
+                              f"checkpoint of this project (its tensors are not in Meta's names: "
+                              f"{', '.join(sorted(found)[:3])} ...); an ordinary checkpoint has no such entry")  # fmt: skip
     dtype = dtype or file.dtype("tok_embeddings.weight")
     model = meta_model(config)
     tied = config.tie_word_embeddings and not info.get("include_output", False)  # output still the embedding
     swap_linears(model, info["mode"], info.get("group_size", 128), info.get("include_output", False), dtype, fill=False)
     expected = {n: t for n, t in model.state_dict().items() if not (tied and n == "output.weight")}
-    found = set(file.names())
     missing, unexpected = [n for n in expected if n not in found], [n for n in found if n not in expected]
     if missing or unexpected:
         raise CheckpointError(f"{file.path}: missing tensors: {missing[:6]}, unexpected tensors: {unexpected[:6]}")

@@ -29,7 +29,7 @@ float32/bfloat16/float16), False never. Otherwise a pure-PyTorch fallback dequan
 calls F.linear. The two are tested against each other. CUDA runs the fallback (torch's CUDA int4
 kernel wants another packing; not wired up).
 
-Which layers: wq wk wv wo w1 w2 w3 of every block, and the `output` projection unless
+Which layers: every nn.Linear inside the blocks, found by type (wq wk wv wo w1 w2 w3 in Llama), and the `output` projection unless
 include_output=False (gpt-fast and llama.cpp quantize it too). It is the largest single matrix of a
 small model (Llama 3.2 1B: 128256 x 2048, a fifth of all weights) and is read in full for every
 token. When it is tied to the embedding (Llama 3.2), quantizing it makes a quantized copy: the
@@ -50,10 +50,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.model import (Attention, FeedForward, GeluFeedForward, KVCache, LayerCache, RMSNorm, Transformer,
+                          TransformerBlock)  # fmt: skip
+from ..core.support import UnsupportedModelError, check_supported
+
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernels accept
-BLOCK_LINEARS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
-                 "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")  # fmt: skip
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the CPU kernels accept
 KERNEL_MAX_ROWS = 32  # above this, dequantize + float matmul is faster (see the module docstring)
 
@@ -272,11 +274,28 @@ def prepare_kernels(model: nn.Module) -> None:
 # ---- swapping modules ----------------------------------------------------------------------------
 
 
+# What quantization was written for (see llama/core/support.py): the plain model's modules, already
+# quantized linears (quantizing twice is harmless), and every variant of ModelConfig so far -- none
+# of them adds a projection that is not an nn.Linear.
+QUANTIZABLE_MODULES = (Transformer, TransformerBlock, Attention, FeedForward, GeluFeedForward, RMSNorm, KVCache,
+                       LayerCache, nn.ModuleList, nn.Linear, nn.Embedding)  # fmt: skip
+HANDLED_FIELDS = ("qk_norm", "sliding_window", "window_layers", "nope_layers", "mlp")
+
+
 def target_names(model: nn.Module, include_output: bool = True) -> list[str]:
-    """Names of the nn.Linear modules quantize_model would replace."""
-    names = [f"layers.{i}.{n}" for i in range(len(model.layers)) for n in BLOCK_LINEARS]
+    """Names of the modules quantize_model replaces: every nn.Linear inside the transformer blocks,
+    found by type (whatever a variant names them), and the output projection with include_output.
+    Refuses (UnsupportedModelError) a model with modules or config variants quantization does not
+    know, and linears with a bias (the quantized linears have none)."""
+    check_supported(model, "quantization", (*QUANTIZABLE_MODULES, Int8Linear, Int4Linear), HANDLED_FIELDS)
+    names = [f"layers.{i}.{name}" for i, block in enumerate(model.layers) for name, module in block.named_modules()
+             if type(module) is nn.Linear]  # fmt: skip
     if include_output:
         names.append("output")
+    for name in names:
+        linear = model.get_submodule(name)
+        if type(linear) is nn.Linear and linear.bias is not None:
+            raise UnsupportedModelError(f"quantization was not written for linears with a bias: {name}")
     return names
 
 
@@ -302,7 +321,7 @@ def swap_linears(model: nn.Module, mode: str, group_size: int = 128, include_out
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         linear = getattr(parent, child)
-        if not isinstance(linear, nn.Linear):
+        if type(linear) is not nn.Linear:
             continue  # already quantized
         new = _empty_quantized(linear, mode, group_size, dtype or linear.weight.dtype)
         if new is None:

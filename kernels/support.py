@@ -1,0 +1,29 @@
+"""What the swaps of this package were written for (see llama/core/support.py for why each checks).
+
+Teaching them a new variant: check that FastAttention / FusedFeedForward / the native linears
+handle it (a test against the plain model in tests/test_variants.py), then add it here.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from torch import nn
+
+from llama.core import support
+from llama.core.model import (Attention, FeedForward, GeluFeedForward, KVCache, LayerCache, RMSNorm, Transformer,
+                              TransformerBlock)  # fmt: skip
+from llama.core.support import UnsupportedModelError
+from llama.quantization import Int4Linear, Int8Linear
+
+# The plain model's modules (and the quantized linears, which may sit in a model before any swap).
+PLAIN_MODULES = (Transformer, TransformerBlock, Attention, FeedForward, GeluFeedForward, RMSNorm, KVCache, LayerCache,
+                 nn.ModuleList, nn.Linear, nn.Embedding, Int8Linear, Int4Linear)  # fmt: skip
+# Config variants the swaps handle: the fast modules inherit the steps that read them.
+HANDLED_FIELDS = ("qk_norm", "sliding_window", "window_layers", "nope_layers", "mlp")
+
+__all__ = ["HANDLED_FIELDS", "PLAIN_MODULES", "UnsupportedModelError", "check_supported"]
+
+
+def check_supported(model: nn.Module, who: str, known: Iterable[type] = ()) -> None:
+    support.check_supported(model, who, (*PLAIN_MODULES, *known), HANDLED_FIELDS)
