@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute each block in the backward pass instead of "
                    "keeping its activations: less memory, about a third more time")
 
-    add_loop_arguments(p, lr=None, batch_size=4, max_steps=1000, weight_decay=0.0,
+    add_loop_arguments(p, lr=None, batch_size=4, max_steps=1000, weight_decay=0.0, loss_chunk=256,
                        lr_help="peak learning rate (default 2e-4 for lora and qlora, 2e-5 for full)")
     g = p.add_argument_group("output")
     g.add_argument("--merge", action="store_true", help="lora/qlora: also write OUT/merged, the float base with the adapter merged in")

@@ -62,7 +62,8 @@ def measure(args, name: str) -> dict:
     examples = [Example(ids, [IGNORE] + ids[1:]) for ids in
                 ([rng.randrange(vocab) for _ in range(args.context + 1)] for _ in range(args.batch_size * args.steps))]  # fmt: skip
     config = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, context=args.context, lr=1e-5, min_lr=1e-5,
-                         warmup_steps=0, weight_decay=0.0, precision="bf16", eval_every=10**6)  # fmt: skip
+                         warmup_steps=0, weight_decay=0.0, precision="bf16", eval_every=10**6,
+                         loss_chunk=args.loss_chunk)  # fmt: skip
     step_times = []
 
     class Timed(InstructionBatches):  # the time between two requests for a batch is one step
@@ -80,7 +81,7 @@ def measure(args, name: str) -> dict:
         "after_load_gb": round(after_load, 3), "load_s": round(load_s, 1),
         "s_per_step": round(sum(steps[1:]) / max(1, len(steps) - 1), 2), "first_step_s": round(steps[0], 2),
         "trainable": trainable, "parameters": total,
-        "context": args.context, "batch_size": args.batch_size, "threads": args.threads,
+        "context": args.context, "batch_size": args.batch_size, "threads": args.threads, "loss_chunk": args.loss_chunk,
     }  # fmt: skip
 
 
@@ -93,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
     p.add_argument("--group-size", type=int, default=64, help="int4 group size (default 64)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    p.add_argument("--loss-chunk", type=int, default=256, help="positions per chunk of the output layer and loss; 0: whole logits (default 256, finetune.py's)")
     p.add_argument("--only", nargs="+", choices=list(CONFIGS), help="run only these configurations")
     p.add_argument("--json", help="write the rows to this JSON file")
     p.add_argument("--one", choices=list(CONFIGS), help=argparse.SUPPRESS)  # internal: measure in this process
@@ -110,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.only or CONFIGS:
         argv_child = [sys.executable, __file__, "--checkpoint", args.checkpoint, "--context", str(args.context),
                       "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--rank", str(args.rank),
-                      "--group-size", str(args.group_size), "--threads", str(args.threads), "--one", name]  # fmt: skip
+                      "--group-size", str(args.group_size), "--threads", str(args.threads), "--loss-chunk", str(args.loss_chunk),
+                      "--one", name]  # fmt: skip
         done = subprocess.run(argv_child, capture_output=True, text=True)
         if done.returncode != 0:
             print(f"{name}: failed (exit {done.returncode}):\n{done.stderr[-2000:]}", file=sys.stderr)

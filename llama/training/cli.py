@@ -20,7 +20,7 @@ from .loop import STATE_FILE, TrainConfig, TrainResult, plot_losses
 
 
 def add_loop_arguments(p: argparse.ArgumentParser, *, lr: float | None, batch_size: int, max_steps: int,
-                       weight_decay: float, lr_help: str | None = None) -> None:
+                       weight_decay: float, lr_help: str | None = None, loss_chunk: int = 0) -> None:
     """The optimisation and run flags of loop.train, with the script's defaults (lr None: the script
     picks one; lr_help says how)."""
     g = p.add_argument_group("optimisation")
@@ -36,6 +36,9 @@ def add_loop_arguments(p: argparse.ArgumentParser, *, lr: float | None, batch_si
     g.add_argument("--precision", choices=["auto", "float32", "bf16"], default="auto",
                    help="bf16 autocast or plain float32; auto: bf16 where the hardware runs it natively (default auto)")
     g.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the data order (default 0)")
+    g.add_argument("--loss-chunk", type=int, default=loss_chunk,
+                   help="compute the output layer and the loss this many positions at a time, recomputing them in the "
+                        f"backward pass, so the logits never exist whole (saves memory for large vocabularies); 0: off (default {loss_chunk})")
 
     g = p.add_argument_group("run")
     g.add_argument("--out", required=True, help="output directory (results, summary, loss curve, resumable state)")
@@ -58,6 +61,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         warmup_steps=min(100, args.max_steps // 10) if args.warmup_steps is None else args.warmup_steps,
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, eval_every=args.eval_every,
         eval_batches=args.eval_batches, save_every=args.save_every, seed=args.seed, precision=args.precision,
+        loss_chunk=args.loss_chunk,
     )  # fmt: skip
 
 

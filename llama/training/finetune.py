@@ -38,6 +38,7 @@ from torch.utils.checkpoint import checkpoint
 from ..core.checkpoint import save_state_dict
 from ..core.config import ModelConfig
 from ..core.model import Transformer, TransformerBlock, rope_frequencies
+from .. import quantization
 from ..loading import load
 from ..quantization.linear import Int4Linear, Int8Linear
 from .lora import DEFAULT_TARGETS, apply_lora, resolve_targets
@@ -95,16 +96,26 @@ def load_for_finetuning(path: str | os.PathLike, spec: FinetuneSpec, *, dtype: s
     """Load a checkpoint prepared for `spec`: quantized (qlora), with fresh adapters (lora, qlora;
     seeded by `seed`) or with the chosen blocks trainable (full), with activation checkpointing if
     asked, in train mode. set_fields: ModelConfig `field=value` assignments (SETTABLE_FIELDS only)."""
-    quantize = spec.quantize if spec.method == "qlora" else None
-    model = load(path, dtype=dtype, device=device, quantize=quantize, group_size=spec.group_size)
+    if spec.method == "qlora" and quantization.read_quantization(path) is None:
+        # As QLoRA does: the blocks' projections quantized, the output projection kept in float (a
+        # tied one stays the embedding itself, no copy), and no int4 kernel packing (see below).
+        model = quantization.load(path, spec.quantize, group_size=spec.group_size, include_output=False, dtype=dtype,
+                                  device=device, kernels=False)  # fmt: skip
+    else:
+        stored = quantization.read_quantization(path)
+        if stored is not None and stored.get("mode") != spec.quantize:
+            raise ValueError(f"{path} is quantized as {stored.get('mode')!r}: fine-tune it with --method qlora "
+                             f"--quantize {stored.get('mode')}, or start from the float checkpoint")  # fmt: skip
+        model = load(path, dtype=dtype, device=device)  # a quantized checkpoint loads quantized
     if set_fields:
         model = set_config_fields(model, set_fields)
-    if quantize is not None:
-        for module in model.modules():
-            if isinstance(module, (Int8Linear, Int4Linear)):
-                module.use_kernel = False  # training's inputs are many rows: the dequantizing path
-                if isinstance(module, Int4Linear):
-                    module._packed = None  # the kernel's second copy of the weights is not needed
+    for module in model.modules():
+        if isinstance(module, (Int8Linear, Int4Linear)):
+            # Training's inputs have many rows: the dequantizing path, never the packed CPU kernels
+            # (and no second, packed copy of the int4 weights).
+            module.use_kernel = False
+            if isinstance(module, Int4Linear):
+                module._packed = None
     if spec.method == "full":
         blocks = None if spec.layers is None else {f"layers.{i}." for i in spec.layers}
         for name, p in model.named_parameters():
@@ -141,20 +152,23 @@ class CheckpointedBlock(TransformerBlock):
     """A TransformerBlock whose forward, while training, keeps no intermediate tensors: only its
     inputs are saved, and torch.utils.checkpoint runs the block again during the backward pass.
 
-    Takes over the block's four submodules, so parameter names do not change, and inherits its
-    forward (an edit to TransformerBlock reaches it)."""
+    Takes over the block's submodules and settings, so parameter names do not change, and inherits
+    its forward (an edit to TransformerBlock reaches it)."""
 
     def __init__(self, block: TransformerBlock):
         nn.Module.__init__(self)
-        self.attention_norm, self.attention = block.attention_norm, block.attention
-        self.ffn_norm, self.feed_forward = block.ffn_norm, block.feed_forward
+        for name, value in vars(block).items():  # settings: layer, ...
+            if not name.startswith("_"):
+                setattr(self, name, value)
+        for name, module in block._modules.items():  # attention_norm, attention, ffn_norm, feed_forward
+            setattr(self, name, module)
 
-    def forward(self, x, cos, sin, positions, mask, rows=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
         if self.training and torch.is_grad_enabled():
             # Non-reentrant checkpointing: works when x needs no gradient (frozen embeddings) and
             # replays the random state, so dropout masks are the same in the replay.
-            return checkpoint(super().forward, x, cos, sin, positions, mask, rows, use_reentrant=False)
-        return super().forward(x, cos, sin, positions, mask, rows)
+            return checkpoint(super().forward, x, ctx, use_reentrant=False)
+        return super().forward(x, ctx)
 
 
 def checkpoint_activations(model: Transformer) -> Transformer:

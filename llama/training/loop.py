@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..core.device import bf16_supported
 
@@ -121,12 +122,15 @@ class TrainConfig:
     save_every: int = 100
     seed: int = 0
     precision: str = "auto"  # auto | float32 | bf16
+    loss_chunk: int = 0  # 0: the loss over whole logits; N: N positions at a time (see token_loss)
 
     def __post_init__(self):
         for name in ("max_steps", "batch_size", "grad_accum", "context", "eval_every", "eval_batches", "save_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(self.loss_chunk, bool) or not isinstance(self.loss_chunk, int) or self.loss_chunk < 0:
+            raise ValueError(f"loss_chunk must be an integer >= 0, got {self.loss_chunk!r}")
         if not 0 <= self.warmup_steps <= self.max_steps:
             raise ValueError(f"warmup_steps must be in [0, max_steps={self.max_steps}], got {self.warmup_steps}")
         if not 0 <= self.min_lr <= self.lr:
@@ -164,21 +168,61 @@ class TrainResult:
         return self.valid_losses[-1][1] if self.valid_losses else None
 
 
-def train_step(model, optimizer, batches, *, grad_clip: float, autocast, params=None) -> tuple[float, float, int]:
+def token_loss(model, x: torch.Tensor, y: torch.Tensor, chunk: int = 0, base: nn.Module | None = None) -> torch.Tensor:
+    """The cross-entropy of the targets y (IGNORE: none) after inputs x, both (B, T), summed: a
+    float32 scalar.
+
+    chunk 0: from the model's whole logits, (B, T, V) float32. chunk N: the output projection and
+    the loss are taken N positions at a time, only at positions that have a target, and each chunk
+    is recomputed during the backward pass (torch.utils.checkpoint) instead of keeping its logits;
+    the logits then never exist whole. That is most of a step's activation memory when V is large
+    (Llama 3: 128256 float32 logits per position, 0.5 MB: 1.3 GB for 512 positions with their
+    softmax and gradient). The model runs with its output projection swapped for nn.Identity
+    for the call, so it returns the final norm's output instead of logits.
+    model: what computes (e.g. a compiled module); base: the Transformer itself, if different.
+    """
+    if chunk == 0:
+        logits = model(x)  # (B, T, V) float32
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum")
+    base = model if base is None else base
+    output = base.output
+    base.output = nn.Identity()
+    try:
+        h = model(x)  # (B, T, D): the model's .float() of the normed hidden state
+    finally:
+        base.output = output
+    h = h.to(base.tok_embeddings.weight.dtype)  # back to the stream's dtype: exactly what output would have seen
+    keep = y.flatten() != IGNORE
+    h, targets = h.flatten(0, 1)[keep], y.flatten()[keep]  # (n, D), (n,)
+    total = h.new_zeros((), dtype=torch.float32)
+    for start in range(0, len(targets), chunk):
+        part = slice(start, start + chunk)
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_chunk_loss, output, h[part], targets[part], use_reentrant=False)
+        else:
+            total = total + _chunk_loss(output, h[part], targets[part])
+    return total
+
+
+def _chunk_loss(output: nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(output(h).float(), targets, reduction="sum")  # (n, V) logits, then a scalar
+
+
+def train_step(model, optimizer, batches, *, grad_clip: float, autocast, params=None, loss_chunk: int = 0,
+               base: nn.Module | None = None) -> tuple[float, float, int]:
     """One optimiser step over the micro-batches `batches` [(x, y), ...]; returns (loss, gradient
     norm, trained targets).
 
     Each micro-batch's summed loss is divided by the targets of all of them, so the gradients add up
     to those of one batch holding them all (gradient accumulation). params: what to clip (default:
-    every parameter of `model`).
+    every parameter of `model`). loss_chunk, base: see token_loss.
     """
     optimizer.zero_grad(set_to_none=True)
     n_targets = sum(int((y != IGNORE).sum()) for _, y in batches)
     total = 0.0
     for x, y in batches:
         with autocast():
-            logits = model(x)  # (B, T, V) float32
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum") / max(n_targets, 1)
+            loss = token_loss(model, x, y, loss_chunk, base) / max(n_targets, 1)
         loss.backward()
         total += loss.item()
     params = list(model.parameters()) if params is None else params
@@ -188,16 +232,16 @@ def train_step(model, optimizer, batches, *, grad_clip: float, autocast, params=
 
 
 @torch.no_grad()
-def evaluate(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], autocast, device) -> float:
+def evaluate(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], autocast, device, loss_chunk: int = 0,
+             base: nn.Module | None = None) -> float:
     """Mean loss per target over the validation batches."""
     was_training = model.training
     model.eval()
     loss_sum, n_targets = 0.0, 0
     for x, y in batches:
+        x, y = x.to(device), y.to(device)
         with autocast():
-            logits = model(x.to(device))
-        y = y.to(device)
-        loss_sum += F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum").item()
+            loss_sum += token_loss(model, x, y, loss_chunk, base).item()
         n_targets += int((y != IGNORE).sum())
     model.train(was_training)
     return loss_sum / max(n_targets, 1)
@@ -272,8 +316,8 @@ def train(
         batches = [data.train_batch(step, micro) for micro in range(config.grad_accum)]
         batches = [(x.to(device), y.to(device)) for x, y in batches]
         t0 = time.perf_counter()
-        loss, grad_norm, n_targets = train_step(forward, optimizer, batches, grad_clip=config.grad_clip,
-                                                autocast=autocast, params=params)  # fmt: skip
+        loss, grad_norm, n_targets = train_step(forward, optimizer, batches, grad_clip=config.grad_clip, autocast=autocast,
+                                                params=params, loss_chunk=config.loss_chunk, base=model)  # fmt: skip
         train_time += time.perf_counter() - t0
 
         result.step = step + 1
@@ -286,7 +330,7 @@ def train(
                    "tok/s": f"{result.tokens_per_second:,.0f}"}  # fmt: skip
         valid = data.valid_batches() if result.step % config.eval_every == 0 or result.step == config.max_steps else None
         if valid is not None:
-            result.valid_losses.append((result.step, evaluate(forward, valid, autocast, device)))
+            result.valid_losses.append((result.step, evaluate(forward, valid, autocast, device, config.loss_chunk, model)))
             bar.write(f"step {result.step}: train loss {result.final_train_loss:.4f} (last 10 steps), "
                       f"valid loss {result.valid_losses[-1][1]:.4f}")  # fmt: skip
         if result.valid_losses:
@@ -333,7 +377,9 @@ def _load_state(path: Path, model, optimizer, config: TrainConfig, identity: dic
     problems = []
     saved_model, now_model = state["model_config"], _plain(dataclasses.asdict(model.config))
     problems += [f"model {k}: saved {saved_model.get(k)!r}, now {v!r}" for k, v in now_model.items() if saved_model.get(k) != v]
-    saved_train, now_train = state["train_config"], _plain(dataclasses.asdict(config))
+    # A field missing from an older state had its default value then.
+    saved_train = _plain({f.name: f.default for f in dataclasses.fields(TrainConfig)} | state["train_config"])
+    now_train = _plain(dataclasses.asdict(config))
     problems += [f"{k}: saved {saved_train.get(k)!r}, now {v!r}" for k, v in now_train.items()
                  if k not in _BOOKKEEPING and saved_train.get(k) != v]  # fmt: skip
     problems += [f"{k} data: saved fingerprint {state['data'].get(k)}, now {v}" for k, v in identity["data"].items()

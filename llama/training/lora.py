@@ -80,7 +80,7 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
-        self.dropout = nn.ModuleDict()
+        self.dropout: dict[str, float] = {}  # on the adapter's input, while training
         self.alpha: dict[str, float] = {}
         self.rslora: dict[str, bool] = {}
         self.scaling: dict[str, float] = {}  # alpha / r, or alpha / sqrt(r) with rsLoRA
@@ -102,14 +102,15 @@ class LoRALinear(nn.Module):
         assert A.shape == (rank, self.in_features) and B.shape == (self.out_features, rank), (A.shape, B.shape)
         self.lora_A[name] = nn.Parameter(A.to(device, dtype))
         self.lora_B[name] = nn.Parameter(B.to(device, dtype))
-        self.dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout[name] = dropout
         self.alpha[name], self.rslora[name] = alpha, rslora
         self.scaling[name] = alpha / (math.sqrt(rank) if rslora else rank)
 
     def lora(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """s * B (A dropout(x)): (..., K) -> (..., N), in x's dtype."""
         A, B = self.lora_A[name], self.lora_B[name]
-        h = F.linear(self.dropout[name](x).to(A.dtype), A)  # (..., r)
+        x = F.dropout(x, self.dropout[name], self.training) if self.dropout[name] > 0 else x
+        h = F.linear(x.to(A.dtype), A)  # (..., r)
         return (F.linear(h, B) * self.scaling[name]).to(x.dtype)  # (..., N)
 
     def delta_weight(self, name: str) -> torch.Tensor:
@@ -330,7 +331,7 @@ def save_adapter(model: Transformer, directory: str | os.PathLike, name: str | N
         A, B = module.lora_A[name].detach().cpu(), module.lora_B[name].detach().cpu()
         modules[module_name] = peft_format.LoraTensors(A.to(dtype or A.dtype), B.to(dtype or B.dtype), module.alpha[name])
     rslora = {m.rslora[name] for m in wrapped.values()}
-    dropout = {m.dropout[name].p if isinstance(m.dropout[name], nn.Dropout) else 0.0 for m in wrapped.values()}
+    dropout = {m.dropout[name] for m in wrapped.values()}
     if len(rslora) > 1 or len(dropout) > 1:
         raise ValueError(f"adapter {name!r} mixes rsLoRA settings or dropout rates, which peft's config cannot express")
     # The most common rank and alpha go into r and lora_alpha; the others into peft's patterns.
