@@ -8,7 +8,9 @@ here lets the core loader know nothing of quantization (the dependency runs one 
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from typing import Sequence
 
 import torch
 
@@ -17,7 +19,8 @@ from weights import CheckpointError
 
 from . import quantization
 from .core import checkpoint
-from .core.model import Transformer
+from .core.config import ModelConfig
+from .core.model import Transformer, rope_frequencies
 from .training import lora
 
 
@@ -66,11 +69,31 @@ def load(
 def _with_adapter(model: Transformer, adapter: str | os.PathLike) -> Transformer:
     settings = lora.read_base_settings(adapter)
     if settings:  # the base's RoPE / context settings the adapter was trained with
-        from .training.finetune import set_config_fields  # (finetune.py itself imports this module)
-
         model = set_config_fields(model, settings)
     lora.load_adapter(model, adapter)
     if not any(isinstance(m.base, (quantization.Int8Linear, quantization.Int4Linear)) for _, m in lora.lora_modules(model)):
         lora.merge_lora(model)
         lora.unload_lora(model)
     return model.eval()
+
+
+# ModelConfig fields that may change on a loaded model: they change no weight's shape, and
+# set_config_fields updates everything the model derived from them.
+SETTABLE_FIELDS = ("rope_theta", "rope_scaling", "max_seq_len")
+
+
+def set_config_fields(model: Transformer, assignments: Sequence[str]) -> Transformer:
+    """Apply `field=value` assignments (a CLI's --set) to a loaded model; only SETTABLE_FIELDS (a
+    checkpoint's weights fix every other field: their shapes, or modules built from them)."""
+    config = model.config.override(assignments)
+    changed = [f.name for f in dataclasses.fields(ModelConfig) if getattr(config, f.name) != getattr(model.config, f.name)]
+    refused = [name for name in changed if name not in SETTABLE_FIELDS]
+    if refused:
+        raise ValueError(f"--set {', '.join(refused)}: a loaded checkpoint keeps its architecture; "
+                         f"only {', '.join(SETTABLE_FIELDS)} can be set")  # fmt: skip
+    model.config = config
+    # The only state the model derived from these fields: the rotary frequencies (max_seq_len is
+    # read from the config when a cache is made).
+    freqs = rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
+    model.rope_freqs = freqs.to(model.rope_freqs.device)
+    return model

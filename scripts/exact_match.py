@@ -27,7 +27,7 @@ from llama.training.evaluate import exact_match
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default=str(weights.BUNDLED_MODEL), help="checkpoint directory (default: the bundled weights/kjv)")
+    p.add_argument("--checkpoint", help="checkpoint directory (default: the bundled weights/kjv)")
     p.add_argument("--adapter", help="a LoRA adapter directory (peft layout) applied to the checkpoint")
     p.add_argument("--data", required=True, help="records with answers: a .json list or .jsonl file")
     p.add_argument("--max-new-tokens", type=int, default=16, help="most tokens per answer (default 16)")
@@ -41,8 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         set_threads(args.threads)
         records = [record for _, record in read_records(args.data)]
-        model = llama.load(args.checkpoint, dtype=args.dtype, device=pick_device(args.device), adapter=args.adapter)
-        tokenizer = llama.load_tokenizer(args.checkpoint)
+        checkpoint = args.checkpoint or weights.BUNDLED_MODEL
+        model = llama.load(checkpoint, dtype=args.dtype, device=pick_device(args.device), adapter=args.adapter)
+        tokenizer = llama.load_tokenizer(checkpoint)
         result = exact_match(model, tokenizer, records, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     except (llama.CheckpointError, llama.ConfigError, TokenizerNotFoundError, TokenizerFormatError, DeviceError, OSError,
             ValueError) as e:  # fmt: skip
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     for record, (answer, expected) in zip(records, result.answers):
         key = record.get("instruction", "chat")
         by_instruction[key if len(key) < 40 else key.split('"')[0] + '..."'].append(answer == expected)
-    label = args.checkpoint + (f" + {args.adapter}" if args.adapter else "")
+    label = (args.checkpoint or "the bundled weights/kjv") + (f" + {args.adapter}" if args.adapter else "")
     print(f"exact match {result.score:.3f} ({round(result.score * result.n)}/{result.n}) on {args.data}: {label}")
     if len(by_instruction) > 1:
         for key, hits in by_instruction.items():
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         prompt = record.get("input") or record.get("instruction") or record["messages"][-2]["content"]
         print(f"  {'ok  ' if answer == expected else 'MISS'} {prompt[:60]!r}: got {answer!r}, expected {expected!r}")
     if args.json:
-        report = {"score": result.score, "n": result.n, "checkpoint": args.checkpoint, "adapter": args.adapter,
+        report = {"score": result.score, "n": result.n, "checkpoint": args.checkpoint or "weights/kjv", "adapter": args.adapter,
                   "data": args.data, "by_instruction": {k: sum(v) / len(v) for k, v in by_instruction.items()},
                   "answers": [{"answer": a, "expected": e} for a, e in result.answers]}  # fmt: skip
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")

@@ -33,8 +33,8 @@ from llama.core.tokenizer import TokenizerFormatError, TokenizerNotFoundError
 from llama.training import lora
 from llama.training.cli import add_loop_arguments, check_out_dir, finish, interrupted, summary, train_config
 from llama.training.data import InstructionBatches, encode_records, read_records, split_examples
-from llama.training.finetune import (METHODS, SETTABLE_FIELDS, FinetuneSpec, load_for_finetuning, parameter_counts,
-                                     save_checkpoint, save_merged)  # fmt: skip
+from llama.loading import SETTABLE_FIELDS
+from llama.training.finetune import METHODS, FinetuneSpec, load_for_finetuning, parameter_counts, save_checkpoint, save_merged
 from llama.training.loop import autocast_dtype, train
 
 DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "full": 2e-5}
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute each block in the backward pass instead of "
                    "keeping its activations: less memory, about a third more time")
 
-    add_loop_arguments(p, lr=None, batch_size=4, max_steps=1000, weight_decay=0.0, loss_chunk=256,
+    add_loop_arguments(p, lr=None, batch_size=4, max_steps=1000, weight_decay=0.0, loss_chunk=64,
                        lr_help="peak learning rate (default 2e-4 for lora and qlora, 2e-5 for full)")
     g = p.add_argument_group("output")
     g.add_argument("--merge", action="store_true", help="lora/qlora: also write OUT/merged, the float base with the adapter merged in")

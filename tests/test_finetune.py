@@ -24,7 +24,8 @@ from llama.quantization.linear import QuantizedMatmul
 from llama.training import lora
 from llama.training.data import (IGNORE, DataError, Example, InstructionBatches, alpaca_prompt, encode_record,
                                  encode_records, read_records)  # fmt: skip
-from llama.training.finetune import CheckpointedBlock, FinetuneSpec, checkpoint_activations, set_config_fields
+from llama.loading import set_config_fields
+from llama.training.finetune import CheckpointedBlock, FinetuneSpec, checkpoint_activations
 from llama.training.loop import TrainConfig, train, train_step
 
 CONFIG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, ffn_dim=128, max_seq_len=64)
@@ -263,7 +264,7 @@ def test_finetune_spec_and_set_fields():
     fresh.load_state_dict(model.state_dict())
     torch.testing.assert_close(model(x), fresh(x), rtol=0, atol=0)  # as if built with the new config
     assert not torch.allclose(model(x), before, atol=1e-3)
-    with pytest.raises(ValueError, match=r"--set dim, head_dim: a loaded checkpoint keeps its architecture"):
+    with pytest.raises(ValueError, match=r"--set dim, head_dim: a loaded checkpoint keeps its architecture; only rope_theta"):
         set_config_fields(model, ["dim=32"])
 
 

@@ -150,3 +150,21 @@ def test_user_errors_exit_2_before_training(data, tmp_path, capsys):
         code, err = run(argv, capsys)
         assert code == 2 and message in err and err.splitlines()[-1].startswith("error: "), (extra, err)
         assert not (tmp_path / "out" / "train_state.pt").exists()
+
+
+@pytest.mark.slow
+def test_memory_script_measures_each_configuration_in_its_own_process(tmp_path, capsys):
+    """scripts/finetune_memory.py on a tiny random checkpoint: one row per configuration, from a child process."""
+    from random_models import random_model
+
+    config = llama.ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, ffn_dim=128, max_seq_len=64)
+    llama.save(random_model(config, std=0.05), tmp_path / "tiny")
+    argv = ["--checkpoint", str(tmp_path / "tiny"), "--context", "32", "--steps", "2", "--threads", "1",
+            "--only", "lora-bf16-ckpt", "qlora-int8", "--json", str(tmp_path / "rows.json")]  # fmt: skip
+    assert load_script("finetune_memory").main(argv) == 0
+    table = capsys.readouterr().out
+    assert "| LoRA, bf16 base | yes |" in table and "| QLoRA, int8 base | no |" in table
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [r["config"] for r in rows] == ["lora-bf16-ckpt", "qlora-int8"]
+    assert all(r["peak_gb"] >= r["after_load_gb"] > r["runtime_gb"] > 0 for r in rows)
+    assert rows[0]["trainable"] == 2 * (8 * (64 + 64) * 2 + 8 * (64 + 32) * 2 + 8 * (64 + 128) * 3)  # r (in + out) per projection

@@ -112,6 +112,6 @@ def finish(out: Path, result: TrainResult, config: TrainConfig, summary: dict, *
     losses = [f"{name} loss {loss:.4f}" for name, loss in (("train", result.final_train_loss), ("valid", result.final_valid_loss))
               if loss is not None]  # fmt: skip
     status = "done" if result.completed else f"paused at step {result.step} of {config.max_steps} (continue with --resume)"
-    print(f"{status}: {', '.join(losses) or 'no steps run'}; {result.tokens_seen:,} tokens in "
+    print(f"{status}: {', '.join(losses) or 'no steps run'}; trained on {result.tokens_seen:,} target tokens in "
           f"{result.wall_time:.0f} s ({result.tokens_per_second:,.0f} tok/s)", file=sys.stderr)  # fmt: skip
     print(f"wrote {wrote}, {out / 'train_summary.json'}{plotted}", file=sys.stderr)

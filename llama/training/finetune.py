@@ -36,10 +36,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..core.checkpoint import save_state_dict
-from ..core.config import ModelConfig
-from ..core.model import Transformer, TransformerBlock, rope_frequencies
+from ..core.model import Transformer, TransformerBlock
 from .. import quantization
-from ..loading import load
+from ..loading import load, set_config_fields
 from ..quantization.linear import Int4Linear, Int8Linear
 from .lora import DEFAULT_TARGETS, apply_lora, resolve_targets
 
@@ -48,9 +47,6 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "generation_config.json", "original/tokenizer.model")  # fmt: skip
 
 METHODS = ("lora", "qlora", "full")
-# ModelConfig fields fine-tuning may change on a loaded checkpoint: they change no weight's shape,
-# and set_fields below updates everything the model derived from them.
-SETTABLE_FIELDS = ("rope_theta", "rope_scaling", "max_seq_len")
 
 
 @dataclass(frozen=True)
@@ -95,7 +91,7 @@ def load_for_finetuning(path: str | os.PathLike, spec: FinetuneSpec, *, dtype: s
                         device: str | torch.device = "cpu", set_fields: Sequence[str] = (), seed: int = 0) -> Transformer:
     """Load a checkpoint prepared for `spec`: quantized (qlora), with fresh adapters (lora, qlora;
     seeded by `seed`) or with the chosen blocks trainable (full), with activation checkpointing if
-    asked, in train mode. set_fields: ModelConfig `field=value` assignments (SETTABLE_FIELDS only)."""
+    asked, in train mode. set_fields: ModelConfig `field=value` assignments (loading.set_config_fields)."""
     if spec.method == "qlora" and quantization.read_quantization(path) is None:
         # As QLoRA does: the blocks' projections quantized, the output projection kept in float (a
         # tied one stays the embedding itself, no copy), and no int4 kernel packing (see below).
@@ -112,10 +108,9 @@ def load_for_finetuning(path: str | os.PathLike, spec: FinetuneSpec, *, dtype: s
     for module in model.modules():
         if isinstance(module, (Int8Linear, Int4Linear)):
             # Training's inputs have many rows: the dequantizing path, never the packed CPU kernels
-            # (and no second, packed copy of the int4 weights).
+            # (which is also why the int4 packing is not made above; a checkpoint saved quantized
+            # comes with it).
             module.use_kernel = False
-            if isinstance(module, Int4Linear):
-                module._packed = None
     if spec.method == "full":
         blocks = None if spec.layers is None else {f"layers.{i}." for i in spec.layers}
         for name, p in model.named_parameters():
@@ -126,23 +121,6 @@ def load_for_finetuning(path: str | os.PathLike, spec: FinetuneSpec, *, dtype: s
     if spec.gradient_checkpointing:
         checkpoint_activations(model)
     return model.train()
-
-
-def set_config_fields(model: Transformer, assignments: Sequence[str]) -> Transformer:
-    """Apply `field=value` assignments (the CLI's --set) to a loaded model. Only SETTABLE_FIELDS:
-    a checkpoint's weights fix every other field (their shapes, or modules built from them)."""
-    config = model.config.override(assignments)
-    changed = [f.name for f in dataclasses.fields(ModelConfig) if getattr(config, f.name) != getattr(model.config, f.name)]
-    refused = [name for name in changed if name not in SETTABLE_FIELDS]
-    if refused:
-        raise ValueError(f"--set {', '.join(refused)}: a loaded checkpoint keeps its architecture; "
-                         f"fine-tuning can set only {', '.join(SETTABLE_FIELDS)}")  # fmt: skip
-    model.config = config
-    # The only state the model derived from these fields: the rotary frequencies (max_seq_len is
-    # read from the config when a cache is made).
-    freqs = rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
-    model.rope_freqs = freqs.to(model.rope_freqs.device)
-    return model
 
 
 # ---- activation checkpointing --------------------------------------------------------------------
