@@ -107,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     p.add_argument("--loss-chunk", type=int, default=64, help="positions per chunk of the output layer and loss; 0: whole logits (default 64, finetune.py's)")
     p.add_argument("--only", nargs="+", choices=list(CONFIGS), help="run only these configurations")
+    p.add_argument("--malloc-mmap-threshold", type=int, metavar="BYTES",
+                   help="run the configurations with glibc's MALLOC_MMAP_THRESHOLD_=BYTES: buffers above it are "
+                        "mapped and handed back to the OS when freed, instead of kept in the heap (default: glibc's "
+                        "own, a threshold that grows up to 32 MB as large buffers are freed)")
     p.add_argument("--json", help="write the rows to this JSON file")
     p.add_argument("--one", choices=list(CONFIGS), help=argparse.SUPPRESS)  # internal: measure in this process
     args = p.parse_args(argv)
@@ -125,7 +129,10 @@ def main(argv: list[str] | None = None) -> int:
                       "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--rank", str(args.rank),
                       "--group-size", str(args.group_size), "--threads", str(args.threads), "--loss-chunk", str(args.loss_chunk),
                       "--one", name]  # fmt: skip
-        done = subprocess.run(argv_child, capture_output=True, text=True)
+        env = dict(os.environ)
+        if args.malloc_mmap_threshold is not None:
+            env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
+        done = subprocess.run(argv_child, capture_output=True, text=True, env=env)
         if done.returncode != 0:
             print(f"{name}: failed (exit {done.returncode}):\n{done.stderr[-2000:]}", file=sys.stderr)
             continue

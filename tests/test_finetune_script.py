@@ -111,11 +111,20 @@ def test_paused_and_resumed_lora_run_equals_an_uninterrupted_one(data, tmp_path,
 def test_qlora_and_full_runs(data, tmp_path, capsys):
     out = tmp_path / "qlora"
     code, err = run(base_args(data, out, "--method", "qlora", "--quantize", "int8", "--gradient-checkpointing",
-                              "--dtype", "bfloat16", "--precision", "bf16", "--max-steps", "2"), capsys)  # fmt: skip
+                              "--dtype", "bfloat16", "--precision", "bf16", "--max-steps", "2", "--lr", "1e-2",
+                              "--merge", "--to", "meta"), capsys)  # fmt: skip
     assert code == 0, err
     assert "base in int8" in err
     model = llama.load(BUNDLED, quantize="int8", adapter=out)  # stays an unmerged adapter on the int8 base
     assert isinstance(model.layers[0].attention.wq, lora.LoRALinear)
+    merged = llama.load(out / "merged", dtype="float32")  # Meta layout: the float base with the adapter merged
+    assert (out / "merged" / "params.json").is_file()
+    adapted = llama.load(BUNDLED, dtype="float32", adapter=out)
+    x = torch.randint(0, 4096, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert ((merged(x) - adapted(x)).abs().max() / adapted(x).abs().max()).item() < 2e-2  # bf16 rounding
+    argv = ["--adapter", str(out), "--quantize", "int8", "--dtype", "bfloat16", "--max-new-tokens", "3", "--temperature", "0"]
+    assert load_script("generate").main(argv) == 0  # the kernels take the adapter's int8 base
 
     out = tmp_path / "full"
     code, err = run(base_args(data, out, "--method", "full", "--layers", "7", "--save-dtype", "float32"), capsys)
