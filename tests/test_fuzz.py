@@ -384,8 +384,6 @@ def checkpoint_mutations(pristine: dict[str, Path], rng: random.Random) -> list[
                "head_dim", "hidden_act", "attention_bias", "mlp_bias", "torch_dtype", "eos_token_id"]  # fmt: skip
     for key in hf_keys:
         for value in config_values:
-            if key == "num_hidden_layers" and value == 2**64:
-                continue  # builds 2**64 layers: hangs in llama/core/config.py's hands (see CONFIG_PY_CASES)
             def set_config(d, m, key=key, value=value):
                 config = json.loads((d / "config.json").read_text())
                 config[key] = value
@@ -395,8 +393,6 @@ def checkpoint_mutations(pristine: dict[str, Path], rng: random.Random) -> list[
                  "multiple_of", "ffn_dim_multiplier"]
     for key in meta_keys:
         for value in config_values:
-            if key == "n_layers" and value == 2**64:
-                continue
             def set_params(d, m, key=key, value=value):
                 params = json.loads((d / "params.json").read_text())
                 params[key] = value
@@ -476,23 +472,15 @@ def run_load_case(tmp: Path, source: Path, edit, load) -> str:
     return type(error).__name__
 
 
-# Values llama/core/config.py does not refuse yet for Meta's params.json: they raise a TypeError,
-# ZeroDivisionError or ValueError instead of a ConfigError. n_layers = 2**64 is not tried at all: the
-# model is then built layer by layer, forever (config.json's is refused against its llama_from_scratch entry).
-CONFIG_PY_CASES = {"params.json multiple_of = 0", "params.json ffn_dim_multiplier = nan",
-                   *(f"params.json {k} = {2**64}" for k in ("dim", "vocab_size", "multiple_of", "ffn_dim_multiplier"))}
-
-
 def run_corpus(cases, pristine, tmp_path, load, what: str) -> None:
-    outcomes, failures, known = {}, [], []
+    outcomes, failures = {}, []
     for name, layout, edit in cases:
         try:
             outcome = run_load_case(tmp_path, pristine[layout], edit, load)
             outcomes[outcome] = outcomes.get(outcome, 0) + 1
         except AssertionError as e:
-            (known if name in CONFIG_PY_CASES else failures).append(f"{name}: {str(e).splitlines()[0][:200]}")
-    print(f"\nfuzz: {len(cases)} malformed {what} tried: {outcomes}, 0 crashes"
-          + (f"; left to llama/core/config.py: {known}" if known else ""))  # fmt: skip
+            failures.append(f"{name}: {str(e).splitlines()[0][:200]}")
+    print(f"\nfuzz: {len(cases)} malformed {what} tried: {outcomes}, 0 crashes")
     assert not failures, "\n".join(failures)
 
 
