@@ -1,6 +1,6 @@
 """Peak memory, seconds per step and trainable parameters of each fine-tuning method, each in its own process.
 
-    python scripts/random_checkpoint.py llama-3.2-1b /tmp/rand-1b
+    python scripts/random_checkpoint.py llama-3.2-1b /tmp/rand-1b --dtype bfloat16
     python scripts/finetune_memory.py --checkpoint /tmp/rand-1b --context 512 --batch-size 1 --steps 3
 
 Configurations: full fine-tuning in bf16, LoRA on a bf16 base, QLoRA on an int8 and an int4 base
