@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="auto: cuda, then mps, then cpu (default auto)")
     p.add_argument("--quantize", choices=["none", "int8", "int4"], default="none", help="weight-only quantization while loading (default none)")
     p.add_argument("--group-size", type=int, default=128, help="int4 group size: 32, 64, 128 or 256 (default 128)")
-    p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter (peft layout) applied to the checkpoint; needs llama.load's "
-                                                   "adapter support (scripts/finetune.py's)")  # fmt: skip
+    p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter (peft layout, e.g. from scripts/finetune.py) applied to the "
+                                                   "checkpoint")  # fmt: skip
     p.add_argument("--threads", type=_positive, help="CPU threads for torch (default: one per core, less the cores other "
                                                      "processes kept busy over the last minute, at least 1)")  # fmt: skip
     p.add_argument("--seed", type=int, default=1234, help="lm-eval's random seeds (few-shot draws, sampling; default 1234)")

@@ -5,7 +5,7 @@
     run_server(app, host="127.0.0.1", port=8000)        # scripts/serve.py does this; Ctrl-C drains
 
 Endpoints, in OpenAI's request and response shapes (and vLLM's, for its extensions):
-    GET  /v1/models            the one served model
+    GET  /v1/models            the served model, and each LoRA adapter of it as a model of its own
     POST /v1/completions       prompt: a string, a list of strings, token ids, or lists of token ids
     POST /v1/chat/completions  messages in the checkpoint's chat format (tokenizer.encode_dialog), or in
                                Llama 3.1's tool format when tools are involved (llama/serving/tools.py)
@@ -36,8 +36,9 @@ Limits on what one request may ask for (each refused with a 400 above it): at mo
 stop strings of at most MAX_STOP_LENGTH characters, MAX_PROMPTS prompts in a list, n <= MAX_N,
 logprobs / top_logprobs / prompt_logprobs <= MAX_LOGPROBS, MAX_LOGIT_BIAS logit_bias entries,
 MAX_TOOLS tools, grammars of at most constrained.MAX_RULES rules, and n x prompts no more than the
-engine's slots plus its queue. A `model` other than the served name is a 404 (model_not_found);
-omitting it means the served model.
+engine's slots plus its queue. A `model` other than the served name (or one of the engine's LoRA
+adapters, which are served under their own names) is a 404 (model_not_found); omitting it means
+the served base model.
 
 Every error is OpenAI's object {"error": {"message", "type", "param", "code"}}: malformed JSON and
 bad fields 400, a missing or wrong API key 401, unknown model or path 404, a body over the size limit
@@ -440,14 +441,23 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         return APIError(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}", code=code).response()
 
-    def check_model(name: str | None) -> None:
-        if name is not None and name != model_name:
-            raise APIError(404, f"The model `{name}` does not exist; this server serves `{model_name}`.",
-                           param="model", code="model_not_found")  # fmt: skip
+    # The base model under model_name, and each LoRA adapter of the engine's model under its own name
+    # (vLLM's convention for --lora-modules): a request picks one with "model".
+    served = [model_name, *(a for a in engine.adapters if a != model_name)]
 
-    def model_card() -> dict:
-        return {"id": model_name, "object": "model", "created": created, "owned_by": "llama-from-scratch",
+    def check_model(name: str | None) -> str:
+        """The served name a request asked for (omitted: the base model)."""
+        if name is not None and name not in served:
+            raise APIError(404, f"The model `{name}` does not exist; this server serves {', '.join(f'`{m}`' for m in served)}.",
+                           param="model", code="model_not_found")  # fmt: skip
+        return model_name if name is None else name
+
+    def model_card(name: str) -> dict:
+        card = {"id": name, "object": "model", "created": created, "owned_by": "llama-from-scratch",
                 "max_model_len": engine.context_len}  # fmt: skip
+        if name != model_name:
+            card.update(root=name, parent=model_name)  # a LoRA adapter of the base model (as vLLM lists them)
+        return card
 
     @app.get("/health")
     async def health():
@@ -458,12 +468,11 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card(name) for name in served]}
 
     @app.get("/v1/models/{name:path}")
     async def model(name: str):
-        check_model(name)
-        return model_card()
+        return model_card(check_model(name))
 
     # ---- vLLM's tokenizer endpoints (lm-eval's "remote" tokenizer uses them) ----
 
@@ -499,7 +508,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: HTTPRequest):
-        check_model(body.model)
+        name = check_model(body.model)
         _refuse_unsupported(body)
         if body.max_tokens == 0 and not body.echo and body.prompt_logprobs is None:
             raise APIError(400, "max_tokens 0 generates nothing: it needs echo or prompt_logprobs", param="max_tokens")
@@ -526,15 +535,15 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
         prompt_k = body.logprobs if body.echo and body.logprobs is not None else None
         if body.prompt_logprobs is not None:
             prompt_k = max(prompt_k or 0, body.prompt_logprobs)
-        job = _start(body, ids, max_tokens, body.logprobs, "prompt", request, constraint, prompt_k)
-        kind = _Completions(job, body, request, tokenizer, model_name, fingerprint, [len(i) for i in ids])
+        job = _start(body, ids, max_tokens, body.logprobs, "prompt", request, name, constraint, prompt_k)
+        kind = _Completions(job, body, request, tokenizer, name, fingerprint, [len(i) for i in ids])
         kind.prompts = [p for p in ids for _ in range(body.n or 1)]
         kind.added_bos = [isinstance(p, str) for p in prompts for _ in range(body.n or 1)]
         return await kind.respond()
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: HTTPRequest):
-        check_model(body.model)
+        name = check_model(body.model)
         _refuse_unsupported(body)
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
@@ -566,8 +575,8 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
             constraint = await grammars.constraint(body.response_format)
         max_tokens = body.max_completion_tokens or body.max_tokens or max(1, engine.context_len - len(prompt))
         k = (body.top_logprobs or 0) if body.logprobs else None
-        job = _start(body, [prompt], max_tokens, k, "messages", request, constraint)
-        kind = _ChatCompletions(job, body, request, tokenizer, model_name, fingerprint, [len(prompt)])
+        job = _start(body, [prompt], max_tokens, k, "messages", request, name, constraint)
+        kind = _ChatCompletions(job, body, request, tokenizer, name, fingerprint, [len(prompt)])
         kind.tools, kind.forced = offered, bool(forced)
         return await kind.respond()
 
@@ -579,7 +588,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
                            f"{capacity}", param="n")  # fmt: skip
 
     def _start(body: _Common, prompts: list[list[int]], max_tokens: int, logprobs: int | None, param: str,
-               request: HTTPRequest, constraint: TokenConstraint | None = None,
+               request: HTTPRequest, name: str, constraint: TokenConstraint | None = None,
                prompt_logprobs: int | None = None) -> _Job:  # fmt: skip
         n = body.n or 1
         sampling = _sampling(body)
@@ -590,10 +599,11 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
         for p in prompts:
             for j in range(n):  # choice j of a prompt: seed + j, so n samples differ but reproduce
                 seed = None if body.seed is None else (body.seed + j) % 2**64
+                adapter = None if name == model_name else name
                 requests.append(Request(p, max_tokens, sampling, seed, stop, stop_tokens, logprobs,
                                         prompt_logprobs=prompt_logprobs if j == 0 else None,  # the choices share them
                                         logit_bias=bias or None, presence_penalty=body.presence_penalty or 0.0,
-                                        frequency_penalty=body.frequency_penalty or 0.0, constraint=constraint))  # fmt: skip
+                                        frequency_penalty=body.frequency_penalty or 0.0, constraint=constraint, adapter=adapter))  # fmt: skip
         _log_info(request).update(prompt_tokens=sum(len(p) for p in prompts))
         return _submit(engine, requests, param)
 

@@ -39,7 +39,6 @@ BOS; add_bos_token=False evaluates in-process the way they do.
 
 from __future__ import annotations
 
-import inspect
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -85,14 +84,8 @@ class LlamaLM(TemplateLM):
             from .. import loading
             from ..core.tokenizer import load_tokenizer
 
-            options = {"dtype": dtype, "device": device, "quantize": quantize, "group_size": group_size}
-            if adapter is not None:
-                # LoRA adapters are applied by llama.load(adapter=DIR) (llama/training/lora.py, issue 10);
-                # a build without them says so instead of evaluating the base model
-                if "adapter" not in inspect.signature(loading.load).parameters:
-                    raise HarnessError(f"adapter={adapter}: this build of llama.load cannot apply LoRA adapters")
-                options["adapter"] = adapter
-            model = loading.load(checkpoint, **options)
+            model = loading.load(checkpoint, dtype=dtype, device=device, quantize=quantize, group_size=group_size,
+                                 adapter=adapter)  # fmt: skip
             tokenizer = load_tokenizer(checkpoint)
         if model is None or tokenizer is None:
             raise HarnessError("LlamaLM needs a model and its tokenizer, or checkpoint=DIR")
