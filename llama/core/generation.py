@@ -156,12 +156,14 @@ PREFILL_CHUNK = 512
 
 def prefill(model: Transformer, tokens: torch.Tensor, lengths: torch.Tensor, *, chunk: int | None = PREFILL_CHUNK,
             start_pos: int = 0, cache_rows: torch.Tensor | None = None,
-            progress: Callable[[int, int], None] | None = None) -> torch.Tensor:  # fmt: skip
+            progress: Callable[[int, int], None] | None = None,
+            on_logits: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:  # fmt: skip
     """Write right-padded prompts into the model's KV cache and return the logits after each one.
 
     tokens: (B, T) int64, row b's prompt its first lengths[b] tokens, placed at positions start_pos..
     (cache_rows: the cache row of each, as for Transformer.forward). `chunk` positions per forward
-    (None: all T at once); progress(done, T) after each. Returns (B, V) float32: the logits at each
+    (None: all T at once); progress(done, T) after each; on_logits(begin, (B, C, V) logits) gets each
+    chunk's logits (e.g. for prompt logprobs). Returns (B, V) float32: the logits at each
     row's last prompt token, i.e. the distribution of its first new token.
     """
     B, T = tokens.shape
@@ -175,6 +177,8 @@ def prefill(model: Transformer, tokens: torch.Tensor, lengths: torch.Tensor, *, 
         end = begin + logits.shape[1]
         here = ((last >= begin) & (last < end)).nonzero().flatten()  # rows whose prompt ends in this chunk
         out[here] = logits[here, last[here] - begin]
+        if on_logits is not None:
+            on_logits(begin, logits)
         if progress is not None:
             progress(end, T)
     return out
