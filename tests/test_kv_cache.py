@@ -254,3 +254,18 @@ def test_int8_cache_keeps_the_bundled_models_clear_greedy_choices():
     total = len(prompts) * n_new
     print(f"bundled model, int8 vs bfloat16 cache: {same_total}/{total} greedy choices equal; {clear_total} clear")
     assert clear_total > total // 2  # the comparison covers most positions
+
+
+@pytest.mark.parametrize("kind", QUANTIZED)
+def test_copy_prefix_copies_quantized_values_and_scales(kind):
+    """KVCache.copy_prefix (the lm-eval adapter's shared prefill) on a quantized cache: rows given
+    row 0's prefix decode exactly as row 0 does."""
+    model, tokens = model_and_tokens()
+    model.setup_cache(3, 64, kv_cache_dtype=kind)
+    with torch.no_grad():
+        model(tokens[:1, :20], 0, cache_rows=torch.tensor([0]))
+        model.cache.copy_prefix(0, torch.tensor([1, 2]), 20)
+        step = tokens[:1, 20:21].expand(3, 1)
+        logits = model(step, 20, cache_rows=torch.tensor([0, 1, 2]))
+    model.clear_cache()
+    assert torch.equal(logits[1], logits[0]) and torch.equal(logits[2], logits[0])
