@@ -305,3 +305,18 @@ def test_evaluate_script_errors(tmp_path):
         done = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), *args], capture_output=True,
                               text=True, timeout=300)  # fmt: skip
         assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr[-1000:]
+
+
+def test_an_adapter_is_evaluated_with_its_adapter(tokenizer):
+    """LlamaLM.load(adapter=DIR) (evaluate.py --adapter) scores the adapted model: its log-likelihood
+    equals a direct forward of llama.load(adapter=) with the shipped LoRA adapter, and differs from the base's."""
+    adapter = ROOT / "weights" / "kjv-lora"
+    lm = LlamaLM.load(KJV, dtype="float32", adapter=adapter)
+    request = ("And God said, Let there be light: and there was", " light")
+    (logprob, _), = lm.loglikelihood([instance("loglikelihood", request)])
+    whole = tokenizer.encode(request[0] + request[1], bos=True, eos=False)
+    start = len(tokenizer.encode(request[0], bos=True, eos=False))
+    adapted = llama.load(KJV, dtype="float32", adapter=adapter)
+    base = llama.load(KJV, dtype="float32")
+    assert logprob == pytest.approx(direct_logprob(adapted, whole, start)[0], abs=1e-4)
+    assert abs(logprob - direct_logprob(base, whole, start)[0]) > 1e-3
