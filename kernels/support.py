@@ -11,6 +11,7 @@ from typing import Iterable
 from torch import nn
 
 from llama.core import support
+from llama.core.cache import QuantizedLayerCache
 from llama.core.model import (Attention, FeedForward, GeluFeedForward, KVCache, LayerCache, RMSNorm, Transformer,
                               TransformerBlock)  # fmt: skip
 from llama.core.support import UnsupportedModelError
@@ -20,10 +21,12 @@ from llama.training.lora import LoRALinear
 # The plain model's modules (and the quantized linears, which may sit in a model before any swap:
 # Int8BlockLinear holds a GGUF file's Q8_0 weights; and LoRA adapters left unmerged, as a server of
 # several adapters keeps them: a LoRALinear calls its base projection, which the native swap replaces
-# like any other; fusing refuses it, see check_fusable).
+# like any other; fusing refuses it, see check_fusable). QuantizedLayerCache: the attention steps
+# receive its keys and values dequantized, in the model's dtype, as from a LayerCache
+# (tests/test_kv_cache.py checks FastAttention on it).
 PLAIN_MODULES = (Transformer, TransformerBlock, Attention, FeedForward, GeluFeedForward, RMSNorm, KVCache, LayerCache,
-                 nn.ModuleList, nn.Linear, nn.Embedding, Int8Linear, Int4Linear, Int8BlockLinear, LoRALinear,
-                 nn.ParameterDict)  # fmt: skip
+                 QuantizedLayerCache, nn.ModuleList, nn.Linear, nn.Embedding, Int8Linear, Int4Linear, Int8BlockLinear,
+                 LoRALinear, nn.ParameterDict)  # fmt: skip
 # Config variants the swaps handle: the fast modules inherit the steps that read them.
 HANDLED_FIELDS = ("qk_norm", "sliding_window", "window_layers", "nope_layers", "mlp")
 

@@ -22,6 +22,7 @@ from weights.gguf import is_gguf
 from . import quantization
 from .core import checkpoint, gguf
 from .core import tokenizer as tokenizers
+from .core.cache import check_kv_cache_dtype
 from .core.config import ModelConfig
 from .core.model import Transformer, rope_frequencies
 from .training import lora
@@ -37,6 +38,8 @@ def load(
     group_size: int = 128,
     quantize_output: bool = True,
     adapter: str | os.PathLike | None = None,
+    kv_cache_dtype: str | None = None,
+    rope_scaling=None,
 ) -> Transformer:
     """Load a checkpoint directory or a GGUF file; returns the model in eval mode.
 
@@ -52,11 +55,23 @@ def load(
     adapter: a LoRA adapter directory in peft's layout (scripts/finetune.py's output, or peft's),
         applied after loading: merged into float weights (the model stays a plain Transformer, as
         fast as the base), kept as an unmerged adapter beside quantized ones (llama.training.lora).
+    kv_cache_dtype: how the model's KV caches store keys and values unless a call says otherwise:
+        "int8" / "fp8" (quantized, see llama/core/cache.py) or a float dtype; None: the weights' dtype.
+    rope_scaling: run the weights with another RoPE scaling and context (Transformer.set_rope_scaling:
+        "yarn:4", "linear:4", a dict of RopeScaling fields, or "none"); None keeps the checkpoint's.
     """
+    check_kv_cache_dtype(kv_cache_dtype)
+    model = _load(path, dtype=dtype, device=device, progress=progress, quantize=quantize, group_size=group_size,
+                  quantize_output=quantize_output)  # fmt: skip
     if adapter is not None:
-        model = load(path, dtype=dtype, device=device, progress=progress, quantize=quantize, group_size=group_size,
-                     quantize_output=quantize_output)  # fmt: skip
-        return _with_adapter(model, adapter)
+        model = _with_adapter(model, adapter)
+    model.kv_cache_dtype = kv_cache_dtype
+    if rope_scaling is not None:
+        model.set_rope_scaling(rope_scaling)
+    return model
+
+
+def _load(path, *, dtype, device, progress, quantize, group_size, quantize_output) -> Transformer:
     if quantize is not None:
         quantization.check_mode(quantize, group_size)
     if is_gguf(path):

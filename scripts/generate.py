@@ -21,6 +21,8 @@ from pathlib import Path
 # torch, llama, kernels and weights are imported inside the functions, after the arguments are parsed:
 # importing torch takes seconds, and --help or a usage error should not wait for it.
 
+KV_CACHE_KINDS = ("float32", "bfloat16", "float16", "int8", "fp8")  # llama.core.cache.KV_CACHE_DTYPES
+
 
 def _ranged(kind, low=None, high=None, low_open=False):
     def parse(text: str):
@@ -85,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "differ where two logits tie within rounding) (default off)")
     p.add_argument("--draft-tokens", type=_ranged(int, 1), default=2,
                    help="tokens the draft proposes per round (default 2)")
+    p.add_argument("--rope-scaling", metavar="SPEC",
+                   help="run the checkpoint with this RoPE scaling and the context it gives, without editing its "
+                        "config: KIND:FACTOR (linear:4 = position interpolation to 4x the trained context, yarn:4, "
+                        "dynamic:2, llama3:8), a JSON object of RopeScaling fields, or none (default: the checkpoint's)")
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_KINDS, default=None,
+                   help="how the KV cache stores keys and values: a float dtype, or int8 / fp8 with one float32 "
+                        "scale per head and position, about half a bfloat16 cache (default: the weights' dtype)")
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step with torch.compile (static KV cache; the first compilation "
                         "takes tens of seconds to minutes and is reported; default off)")
@@ -102,6 +111,35 @@ def peak_memory(device) -> str:
         return f"{torch.cuda.max_memory_allocated(device) / 1e9:.2f} GB on the GPU"
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     return f"{rss / 1e9:.2f} GB resident"
+
+
+def kv_cache_memory(model, positions: int) -> str:
+    """"KV cache 12.6 MB int8": the size of the cache one sequence of `positions` positions holds."""
+    kind = model.kv_cache_dtype or str(model.tok_embeddings.weight.dtype).removeprefix("torch.")
+    size = model.config.kv_cache_bytes_per_token(kind) * positions
+    return f"KV cache {size / 1e6:.1f} MB {kind}" if size >= 1e5 else f"KV cache {size / 1e3:.1f} kB {kind}"
+
+
+class PrefillBar:
+    """A progress bar on stderr for the prefill of a long prompt (stream's prefill_progress)."""
+
+    def __init__(self, total: int):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc="prefill", unit="tok", file=sys.stderr, leave=False)
+
+    def __call__(self, done: int, total: int) -> None:
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def prefill_bar(prompt_len: int) -> PrefillBar | None:
+    """A PrefillBar for prompts the prefill feeds in more than one chunk, else None."""
+    from llama.core.generation import PREFILL_CHUNK
+
+    return PrefillBar(prompt_len) if prompt_len > PREFILL_CHUNK else None
 
 
 def max_new_tokens(args, prompt_ids: list[int], context: int) -> int:
@@ -135,22 +173,31 @@ def run_once(llm, prompt_ids: list[int], n_new: int, args, seed, device, draft=N
     sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                     seed=seed, stop_tokens=llm.tokenizer.stop_tokens)
     stats = SpeculativeStats()
+    bar = prefill_bar(len(prompt_ids)) if draft is None else None
     if draft is not None:
         steps = speculative_stream(llm.model, draft, prompt_ids, n_new, draft_tokens=args.draft_tokens,
                                    stats=stats, **sampling)  # fmt: skip
     else:
         steps = stream(llm.model, [prompt_ids], n_new, repetition_penalty=args.repetition_penalty,
-                       compile=args.compile, **sampling)  # fmt: skip
-    sys.stdout.write(echo)  # only now: both stream functions check the request when called
+                       compile=args.compile, prefill_progress=bar, **sampling)  # fmt: skip
+    # The prompt is echoed once the prefill is done: both stream functions check the request when
+    # called (nothing is printed for a refused one), and a long prompt's progress bar has gone by then.
     for step in steps:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if first is None:
             first = time.perf_counter()
+            if bar is not None:
+                bar.close()
+            sys.stdout.write(echo)
         for token in step:
             ids.append(token.id)
             sys.stdout.write(decoder.push(token.id))
         sys.stdout.flush()
+    if first is None:  # nothing generated (the first token was a stop token)
+        if bar is not None:
+            bar.close()
+        sys.stdout.write(echo)
     sys.stdout.write(decoder.flush() + "\n")
     sys.stdout.flush()
     end = time.perf_counter()
@@ -162,7 +209,7 @@ def run_once(llm, prompt_ids: list[int], n_new: int, args, seed, device, draft=N
         f"[{len(prompt_ids)} prompt tokens, {len(ids)} generated | time to first token {ttft:.2f} s | "
         f"prefill {rate(len(prompt_ids), ttft, 'tok/s')} | decode {rate(decoded, decode_time, 'tok/s', 2)} | "
         f"weights {rate(bytes_per_token(llm.model) * decoded / 1e9, decode_time, 'GB/s')} | "
-        f"peak memory {peak_memory(device)}"
+        f"peak memory {peak_memory(device)} | {kv_cache_memory(llm.model, len(prompt_ids) + n_new)}"
         + (f" | draft acceptance {stats.acceptance_rate:.2f}, {stats.tokens_per_target_forward:.2f} tokens per "
            f"target forward" if draft is not None and stats.proposed else "") + "]",
         file=sys.stderr,
@@ -260,6 +307,16 @@ def interactive(llm, args, device, context: int) -> None:
         turns.append({"role": "assistant", "content": llm.tokenizer.decode(ids)})
 
 
+def scaling_note(config, spec: str | None) -> str:
+    """", yarn RoPE scaling x4 of 256 positions: context 1024" when --rope-scaling was given."""
+    if spec is None:
+        return ""
+    s = config.rope_scaling
+    if s is None:
+        return f", no RoPE scaling: context {config.max_seq_len}"
+    return f", {s.kind} RoPE scaling x{s.factor:g} of {config.trained_context} positions: context {config.max_seq_len}"
+
+
 def checkpoint_bytes(path: Path) -> int:
     """The size of a checkpoint directory's weight files (0 if there are none)."""
     return sum(f.stat().st_size for f in path.glob("*") if f.suffix in (".safetensors", ".pth", ".bin") and f.is_file())
@@ -315,13 +372,14 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         quantize = None if args.quantize == "none" else args.quantize
         model = llama.load(checkpoint, dtype=dtype, device=device, quantize=quantize, group_size=args.group_size,
-                           quantize_output=args.quantize_output, adapter=args.adapter)
+                           quantize_output=args.quantize_output, adapter=args.adapter,
+                           kv_cache_dtype=args.kv_cache_dtype, rope_scaling=args.rope_scaling)  # fmt: skip
         llm = llama.Llama(model, llama.load_tokenizer(checkpoint))
         mode = getattr(model, "quantization", None)
         threads = f", {torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''}" if device.type == "cpu" else ""
         print(f"[loaded {checkpoint} in {time.perf_counter() - started:.1f} s: "
               f"{_count(llm.model.config.n_params)} parameters, {str(dtype).removeprefix('torch.')}, {device}{threads}"
-              f"{', ' + mode['mode'] + ' weights' if mode else ''}]",
+              f"{', ' + mode['mode'] + ' weights' if mode else ''}{scaling_note(model.config, args.rope_scaling)}]",
               file=sys.stderr)
         context = llm.model.config.max_seq_len
         draft = None

@@ -46,6 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prefill-tokens", type=int, default=512,
                    help="prompt tokens admitted per step, prefilled in groups of similar length; a longer "
                         "prompt is admitted alone (default 512)")
+    p.add_argument("--rope-scaling", metavar="SPEC",
+                   help="serve the checkpoint with this RoPE scaling and the context it gives, without editing its "
+                        "config: KIND:FACTOR (linear:4, yarn:4, dynamic:2, llama3:8), a JSON object of RopeScaling "
+                        "fields, or none (default: the checkpoint's)")
+    p.add_argument("--kv-cache-dtype", choices=["float32", "bfloat16", "float16", "int8", "fp8"], default=None,
+                   help="how the KV-cache pool stores keys and values: a float dtype, or int8 / fp8 with one float32 "
+                        "scale per head and position, about half a bfloat16 pool (default: the weights' dtype)")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on every request; better: set the LLAMA_API_KEY "
                         "environment variable, which keeps the key out of the process list (default: that "
@@ -168,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint = args.checkpoint or weights.BUNDLED_MODEL
         started = time.perf_counter()
         quantize = None if args.quantize == "none" else args.quantize
-        model = llama.load(checkpoint, dtype=dtype, device=device, quantize=quantize, group_size=args.group_size)
+        model = llama.load(checkpoint, dtype=dtype, device=device, quantize=quantize, group_size=args.group_size,
+                           kv_cache_dtype=args.kv_cache_dtype, rope_scaling=args.rope_scaling)  # fmt: skip
         for name, directory in adapters:
             lora.load_adapter(model, directory, name)
         if args.kernels:  # fusing stacks plain nn.Linear weights: not quantized ones, nor those under adapters
@@ -187,10 +195,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     log = logging.getLogger("llama.serving.app")
     log.info(
-        "loaded %s in %.1f s: %s parameters, %s, %s%s; %d slots x %d positions; serving as %r on http://%s:%d",
+        "loaded %s in %.1f s: %s parameters, %s, %s%s%s; %d slots x %d positions, KV cache %.1f MB %s; serving as %r "
+        "on http://%s:%d",
         checkpoint, time.perf_counter() - started, f"{model.config.n_params / 1e6:.1f} M",
         str(dtype).removeprefix("torch."), device, f", {torch.get_num_threads()} threads" if device.type == "cpu" else "",
-        engine.max_batch_size, engine.context_len, name, args.host,
+        "" if model.config.rope_scaling is None else f", {model.config.rope_scaling.kind} RoPE scaling "
+        f"x{model.config.rope_scaling.factor:g} (context {model.config.max_seq_len})",
+        engine.max_batch_size, engine.context_len, model.cache.nbytes / 1e6, model.cache.kv_cache_dtype, name, args.host,
         args.port,
     )  # fmt: skip
     if api_key is not None:

@@ -4,6 +4,8 @@
         --tokenizer data/kjv/tokenizer.model --out runs/kjv \\
         --dim 256 --n-layers 6 --n-heads 8 --n-kv-heads 4 --context 256 --max-steps 2000
     python scripts/train.py ... --resume               # continue the run saved in --out
+    python scripts/train.py --data data/kjv/train.txt --valid data/kjv/valid.txt --init-from weights/kjv \
+        --rope-scaling linear:4 --out runs/kjv-1024 --max-steps 200 --lr 1e-4   # fine-tune to a 4x longer context
 
 Data: each line of the text is a document, tokenized as BOS + line + EOS, and all documents are
 packed into one token stream (--documents paragraph|file for other cuttings); a training example
@@ -13,6 +15,10 @@ of the stream.
 --out receives: config.json + model.safetensors + tokenizer.model (an ordinary HF-layout checkpoint
 that llama.load and scripts/generate.py read), train_summary.json, loss.png (with matplotlib), and
 train_state.pt (weights, optimiser, step: what --resume needs; not part of the checkpoint).
+
+--init-from starts from a checkpoint instead of random weights (full fine-tuning, its shape and
+tokenizer); with --rope-scaling it is context extension: the weights run with that scaling at
+factor x their trained context, train on windows that long, and the checkpoint keeps the scaling.
 """
 
 from __future__ import annotations
@@ -50,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--valid-fraction", type=float, default=0.05, help="share of the token stream held out when --valid is not given; 0: no validation (default 0.05)")
     g.add_argument("--documents", choices=DOCUMENT_SPLITS, default="line",
                    help="what one BOS ... EOS document is: a line, a blank-line-separated paragraph, or a whole file (default line)")
-    g.add_argument("--tokenizer", required=True, help="tokenizer file (sentencepiece .model, e.g. from scripts/train_tokenizer.py)")
+    g.add_argument("--tokenizer",
+                   help="tokenizer file (sentencepiece .model, e.g. from scripts/train_tokenizer.py); required unless "
+                        "--init-from gives a checkpoint with its tokenizer")
 
     g = p.add_argument_group("model shape (a registry name, or the flags; flags override a registry shape)")
     g.add_argument("--model", help=f"registry shape, with the tokenizer's vocabulary: {', '.join(llama.REGISTRY)}")
@@ -67,7 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="set any ModelConfig field, e.g. --set qk_norm=true --set nope_layers=3,7 --set sliding_window=64 "
                         "(repeatable; applied last). Fields: " + ", ".join(f.name for f in dataclasses.fields(llama.ModelConfig)))
-    g.add_argument("--context", type=int, default=256, help="tokens per training window; also the model's max_seq_len (default 256)")
+    g.add_argument("--context", type=int,
+                   help="tokens per training window; also the model's max_seq_len (default 256; with --init-from or "
+                        "--rope-scaling: the model's context)")
+
+    g = p.add_argument_group("fine-tuning (start from a checkpoint instead of random weights)")
+    g.add_argument("--init-from", metavar="CHECKPOINT",
+                   help="start from this checkpoint's weights and shape (the shape flags are then refused); its "
+                        "tokenizer unless --tokenizer is given. Full fine-tuning: every weight trains")
+    g.add_argument("--rope-scaling", metavar="SPEC",
+                   help="train with this RoPE scaling: KIND:FACTOR (linear:4 = position interpolation to 4x the "
+                        "trained context, yarn:4), a JSON object of RopeScaling fields, or none; the context becomes "
+                        "factor x the trained context and is saved in the checkpoint's config (context extension)")
 
     add_loop_arguments(p, lr=6e-4, batch_size=16, max_steps=1000, weight_decay=0.1)
     p.add_argument("--save-dtype", choices=["bfloat16", "float32", "float16"], default="bfloat16", help="dtype of the exported checkpoint (default bfloat16)")
@@ -101,6 +120,31 @@ def model_config(args, vocab_size: int) -> llama.ModelConfig:
     return config.override(args.set) if args.set else config
 
 
+def initial_model(args, vocab_size: int) -> llama.Transformer:
+    """The model training starts from: --init-from's weights (float32, with --rope-scaling applied),
+    or random weights of the config the flags describe. Sets args.context when it was not given."""
+    if args.init_from is None:
+        if args.rope_scaling is not None:
+            raise llama.ConfigError("--rope-scaling extends the context of a trained model: give it --init-from")
+        args.context = args.context or 256
+        return init_weights(llama.Transformer(model_config(args, vocab_size)), seed=args.seed)
+    shape = [flag for flag, value in (("--model", args.model), ("--model-config", args.model_config), ("--dim", args.dim),
+             ("--n-layers", args.n_layers), ("--n-heads", args.n_heads), ("--n-kv-heads", args.n_kv_heads),
+             ("--ffn-dim", args.ffn_dim), ("--rope-theta", args.rope_theta), ("--tie-embeddings", args.tie_embeddings),
+             ("--set", args.set)) if value]  # fmt: skip
+    if shape:
+        raise llama.ConfigError(f"--init-from gives the model's shape; drop {', '.join(shape)}")
+    model = llama.load(args.init_from, dtype=torch.float32, rope_scaling=args.rope_scaling)
+    if model.config.vocab_size != vocab_size:
+        raise llama.ConfigError(f"--init-from {args.init_from} has a vocabulary of {model.config.vocab_size} tokens, "
+                                f"the tokenizer {vocab_size}")  # fmt: skip
+    args.context = args.context or model.config.max_seq_len
+    if args.context > model.config.max_seq_len:
+        raise llama.ConfigError(f"--context {args.context} is beyond the model's context of {model.config.max_seq_len} "
+                                "(extend it with --rope-scaling)")  # fmt: skip
+    return model.train()
+
+
 def read_json(path: str) -> dict:
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
@@ -131,11 +175,18 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--valid-fraction must be in [0, 1), got {args.valid_fraction}")
         set_threads(args.threads)
         device = pick_device(args.device)
-        config = train_config(args)
+        if args.tokenizer is None:
+            if args.init_from is None:
+                raise ValueError("--tokenizer is required (unless --init-from gives a checkpoint with its tokenizer)")
+            args.tokenizer = str(next((Path(args.init_from) / name for name in ("tokenizer.model", "tokenizer.json")
+                                       if (Path(args.init_from) / name).is_file()), Path(args.init_from) / "tokenizer.model"))  # fmt: skip
         if not Path(args.tokenizer).is_file():
             raise FileNotFoundError(f"{args.tokenizer}: no such tokenizer file")
         tokenizer = llama.load_tokenizer(args.tokenizer)
-        model_cfg = model_config(args, tokenizer.vocab_size)
+        torch.manual_seed(args.seed)
+        model = initial_model(args, tokenizer.vocab_size).to(device)  # sets args.context when it was not given
+        model_cfg = model.config
+        config = train_config(args)
         check_out_dir(out, args.resume)
         t0 = time.perf_counter()
         data, valid, files = load_data(args, tokenizer)
@@ -143,8 +194,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"data: {len(data):,} training tokens from {len(files)} file(s), {valid_text} (each {args.documents} "
               f"a BOS ... EOS document; tokenized in {time.perf_counter() - t0:.1f} s)", file=sys.stderr)  # fmt: skip
 
-        torch.manual_seed(args.seed)
-        model = init_weights(llama.Transformer(model_cfg), seed=args.seed).to(device)
         precision = "bf16" if autocast_dtype(args.precision, device) else "float32"
         print(f"model: {model_cfg.n_params / 1e6:.2f}M parameters (dim {model_cfg.dim}, {model_cfg.n_layers} layers, "
               f"{model_cfg.n_heads} heads, {model_cfg.n_kv_heads} kv heads, ffn {model_cfg.ffn_dim}, vocab {model_cfg.vocab_size}); "
@@ -154,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
                        time_limit=args.time_limit, progress=not args.no_progress, forward=forward)  # fmt: skip
     except KeyboardInterrupt:
         return interrupted(out, args.save_every)
-    except (llama.ConfigError, TokenizerNotFoundError, TokenizerFormatError, OSError, ValueError, KeyError) as e:
+    except (llama.ConfigError, llama.CheckpointError, TokenizerNotFoundError, TokenizerFormatError, OSError, ValueError,
+            KeyError) as e:  # fmt: skip
         print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 2
 
@@ -167,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     info = summary(
         result, config, device,
         parameters=model_cfg.n_params,
+        init_from=args.init_from,
+        rope_scaling=args.rope_scaling,
         model=model_cfg.to_dict(),  # every field: --model-config reads it back
         data={"files": [str(f) for f in files], "valid": args.valid, "documents": args.documents,
               "train_tokens": len(data), "valid_tokens": None if valid is None else len(valid)},

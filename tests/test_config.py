@@ -288,7 +288,7 @@ def configs(draw):
     head_dim = draw(st.sampled_from([8, 16, 64, 128]))
     dim = draw(st.sampled_from([n_heads * head_dim, n_heads * head_dim * 2]))
     max_seq_len = draw(st.sampled_from([128, 2048, 131072]))
-    kind = draw(st.sampled_from([None, "linear", "dynamic", "llama3"]))
+    kind = draw(st.sampled_from([None, "linear", "dynamic", "llama3", "yarn"]))
     factor = draw(st.sampled_from([2.0, 8.0, 32.0]))
     scaling = {
         None: None,
@@ -297,6 +297,12 @@ def configs(draw):
         "llama3": RopeScaling(
             "llama3", factor, draw(st.sampled_from([1.0, 2.0])), draw(st.sampled_from([4.0, 8.0])),
             draw(st.sampled_from([8192, 4096])),
+        ),
+        "yarn": RopeScaling(
+            "yarn", factor, original_max_seq_len=draw(st.sampled_from([4096, 256])),
+            beta_fast=draw(st.sampled_from([32.0, 16.0])), beta_slow=draw(st.sampled_from([1.0, 2.0])),
+            mscale=draw(st.sampled_from([None, 0.707])), mscale_all_dim=draw(st.sampled_from([None, 1.0])),
+            attention_factor=draw(st.sampled_from([None, 1.2])), truncate=draw(st.booleans()),
         ),
     }[kind]  # fmt: skip
     return ModelConfig(
@@ -408,7 +414,11 @@ def test_config_error_is_a_value_error():
 @pytest.mark.parametrize(
     "args, message",
     [
-        (("ntk", 2.0), "unknown RoPE scaling type 'ntk'; expected linear, dynamic or llama3"),
+        (("ntk", 2.0), "unknown RoPE scaling type 'ntk'; expected one of linear, dynamic, llama3, yarn"),
+        (("yarn", 4.0, 1.0, 4.0, 256, 1.0, 32.0), "yarn RoPE scaling needs 0 < beta_slow <= beta_fast (turns within "
+                                                  "the original context), got beta_fast 1.0 and beta_slow 32.0"),
+        (("yarn", 4.0, 1.0, 4.0, 256, 32.0, 0.0), "yarn RoPE scaling needs 0 < beta_slow <= beta_fast (turns within "
+                                                  "the original context), got beta_fast 32.0 and beta_slow 0.0"),
         (("linear", 0.0), "RoPE scaling factor must be positive and finite, got 0.0"),
         (("llama3", 8.0, 4.0, 1.0), "llama3 RoPE scaling needs high_freq_factor > low_freq_factor, got 1.0 and 4.0"),
     ],
@@ -429,7 +439,17 @@ def test_bad_rope_scaling(args, message):
         ({"attention_bias": True}, "config.json sets attention_bias or mlp_bias; Llama models have no biases"),
         ({"mlp_bias": True}, "config.json sets attention_bias or mlp_bias; Llama models have no biases"),
         ({"rope_parameters": [1]}, "config.json: 'rope_parameters' must be an object, got [1]"),
-        ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "config.json: unsupported RoPE scaling type 'yarn'"),
+        ({"rope_scaling": {"rope_type": "longrope", "factor": 2.0}},
+         "config.json: unsupported RoPE scaling type 'longrope'; this project reads default, linear, dynamic, llama3, yarn"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0, "beta_fast": "32"}},
+         "config.json rope_scaling: 'beta_fast' must be a number, got '32'"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0, "alpha": 1.0}},
+         "config.json rope_scaling: unknown keys ['alpha'] for RoPE type 'yarn'; it reads factor, "
+         "original_max_position_embeddings, beta_fast, beta_slow, mscale, mscale_all_dim, attention_factor, truncate"),
+        ({"rope_scaling": {"rope_type": "linear", "factor": 2.0, "low_freq_factor": 1.0}},
+         "config.json rope_scaling: unknown keys ['low_freq_factor'] for RoPE type 'linear'; it reads factor"),
+        ({"rope_scaling": {"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.5}},
+         "config.json rope_scaling: partial_rotary_factor 0.5 rotates only part of each head; Llama rotates all of it"),
         ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "config.json rope_scaling: missing key 'low_freq_factor'"),
         ({"rope_scaling": {"type": "linear"}}, "config.json rope_scaling: missing key 'factor'"),
         ({"vocab_size": -1}, "vocab_size must be a positive integer, got -1"),
@@ -476,8 +496,12 @@ def test_not_a_json_object():
 def test_to_meta_refuses_what_meta_cannot_express():
     with pytest.raises(ConfigError, match=exact("Meta's format cannot express head_dim 32 != dim / n_heads")):
         tiny(head_dim=32).to_meta()
+    for kind in ("linear", "dynamic", "yarn"):
+        with pytest.raises(ConfigError, match=exact(f"Meta's format cannot express {kind} RoPE scaling (params.json has "
+                                                    "only Llama 3.1's use_scaled_rope)")):
+            tiny(rope_scaling=RopeScaling(kind, 2.0)).to_meta()
     with pytest.raises(ConfigError, match=exact("Meta's format can only express llama3 RoPE scaling (1, 4, 8192), not")):
-        tiny(rope_scaling=RopeScaling("linear", 2.0)).to_meta()
+        tiny(rope_scaling=RopeScaling("llama3", 2.0, 1.0, 4.0, 4096)).to_meta()
 
 
 def test_float_integers_are_accepted():

@@ -311,6 +311,7 @@ def test_other_rope_scalings_round_trip(scaling):
     ({"sliding_window": 128}, "sliding_window=128"),
     ({"nope_layers": (1,)}, "nope_layers=(1,)"),
     ({"rope_scaling": llama.RopeScaling("dynamic", 2.0)}, "rope_scaling=RopeScaling(kind='dynamic'"),
+    ({"rope_scaling": llama.RopeScaling("yarn", 4.0, original_max_seq_len=2048)}, "rope_scaling=RopeScaling(kind='yarn'"),
 ])  # fmt: skip
 def test_configs_gguf_cannot_express_are_refused_by_name(tmp_path, change, named):
     config = CONFIG.replace(**change)

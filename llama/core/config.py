@@ -31,6 +31,17 @@ class RopeScaling:
                   `original_max_seq_len`; shorter sequences are left untouched.
       "llama3"  - Llama 3.1+: long wavelengths divided by `factor`, short ones kept, and a smooth
                   blend between `low_freq_factor` and `high_freq_factor` (see model.rope_frequencies).
+      "yarn"    - YaRN (Peng et al., 2023): like llama3 a blend between kept and stretched
+                  frequencies, but the band is chosen by how many turns a frequency makes within
+                  `original_max_seq_len` (more than `beta_fast`: kept; fewer than `beta_slow`:
+                  divided by `factor`), and q and k are both multiplied by an attention factor
+                  (`attention_scale`), which sharpens the softmax that longer contexts flatten.
+
+    `original_max_seq_len` is the context the model was trained on (llama3, yarn; dynamic starts
+    stretching beyond it). The yarn fields keep transformers' names and meanings (config.json's
+    rope_scaling writes them under the same names): `mscale` / `mscale_all_dim` choose the attention
+    factor when `attention_factor` is not given, and `truncate` rounds the band's edges to whole
+    frequencies.
     """
 
     kind: str
@@ -38,14 +49,31 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_seq_len: int = 8192
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    truncate: bool = True
 
     def __post_init__(self):
-        if self.kind not in ("linear", "dynamic", "llama3"):
-            raise ConfigError(f"unknown RoPE scaling type {self.kind!r}; expected linear, dynamic or llama3")
+        if self.kind not in ROPE_SCALING_KINDS:
+            raise ConfigError(f"unknown RoPE scaling type {self.kind!r}; expected one of {', '.join(ROPE_SCALING_KINDS)}")
         if not 0 < self.factor < math.inf:
             raise ConfigError(f"RoPE scaling factor must be positive and finite, got {self.factor}")
         if not all(math.isfinite(v) for v in (self.low_freq_factor, self.high_freq_factor)):
             raise ConfigError(f"RoPE scaling frequency factors must be finite, got {self.low_freq_factor}, {self.high_freq_factor}")
+        if not (0 < self.beta_slow <= self.beta_fast < math.inf):
+            raise ConfigError(f"yarn RoPE scaling needs 0 < beta_slow <= beta_fast (turns within the original context), "
+                              f"got beta_fast {self.beta_fast} and beta_slow {self.beta_slow}")  # fmt: skip
+        for name in ("mscale", "mscale_all_dim"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
+                raise ConfigError(f"yarn RoPE scaling {name} must be a finite number or None, got {value!r}")
+        if self.attention_factor is not None and not 0 < self.attention_factor < math.inf:
+            raise ConfigError(f"yarn RoPE scaling attention_factor must be positive and finite, got {self.attention_factor}")
+        if not isinstance(self.truncate, bool):
+            raise ConfigError(f"yarn RoPE scaling truncate must be true or false, got {self.truncate!r}")
         if isinstance(self.original_max_seq_len, bool) or not isinstance(self.original_max_seq_len, int) or not (
             0 < self.original_max_seq_len <= SIZE_LIMITS["max_seq_len"]
         ):
@@ -56,6 +84,25 @@ class RopeScaling:
                 f"got {self.high_freq_factor} and {self.low_freq_factor}"
             )
 
+
+    @property
+    def attention_scale(self) -> float:
+        """The factor YaRN multiplies q and k by (so the attention logits by its square); 1 otherwise.
+
+        The paper's temperature: sqrt(1/t) = 0.1 ln(factor) + 1. transformers generalises it (for
+        DeepSeek's configs) to mscale(factor, mscale) / mscale(factor, mscale_all_dim) when both are
+        given and nonzero, and `attention_factor`, when given, replaces the formula."""
+        if self.kind != "yarn":
+            return 1.0
+        if self.attention_factor is not None:
+            return self.attention_factor
+
+        def mscale(m: float = 1.0) -> float:
+            return 1.0 if self.factor <= 1 else 0.1 * m * math.log(self.factor) + 1.0
+
+        if self.mscale and self.mscale_all_dim:  # transformers reads 0 as "not given"
+            return mscale(self.mscale) / mscale(self.mscale_all_dim)
+        return mscale()
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "rope_scaling") -> "RopeScaling":
@@ -238,9 +285,13 @@ class ModelConfig:
 
     def kv_cache_bytes_per_token(self, dtype: Any = "bfloat16") -> int:
         """Bytes the KV cache stores for one token of one sequence: a key and a value vector of
-        Hkv * hd per layer. dtype: a torch dtype or its name ("bfloat16", "float32", ...).
-        (With a sliding window this project's cache still keeps every position: the mask hides the
-        old ones.)"""
+        Hkv * hd per layer. dtype: a torch dtype or its name ("bfloat16", "float32", ...), or a
+        quantized cache's kind ("int8", "fp8"), which also stores one float32 scale per vector
+        (llama/core/cache.py). (With a sliding window this project's cache still keeps every
+        position: the mask hides the old ones.)"""
+        name = str(dtype).removeprefix("torch.")
+        if name in ("int8", "fp8", "float8_e4m3fn"):
+            return 2 * self.n_layers * self.n_kv_heads * (self.head_dim + 4)
         return 2 * self.n_layers * self.n_kv_heads * self.head_dim * dtype_bytes(dtype)
 
     def flops_per_token(self, context: int) -> int:
@@ -262,6 +313,46 @@ class ModelConfig:
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+    @property
+    def trained_context(self) -> int:
+        """The context the weights were trained for, before any RoPE scaling stretched it: the
+        scaling's original_max_seq_len (llama3, yarn, dynamic), max_seq_len / factor (linear), else
+        max_seq_len."""
+        s = self.rope_scaling
+        if s is None:
+            return self.max_seq_len
+        if s.kind == "linear":
+            return max(1, round(self.max_seq_len / s.factor))
+        return s.original_max_seq_len
+
+    def with_rope_scaling(self, spec: "str | Mapping[str, Any] | RopeScaling | None") -> "ModelConfig":
+        """A copy running the same weights with another RoPE scaling, for context extension without
+        editing the checkpoint (the scripts' --rope-scaling).
+
+        spec: RopeScaling fields as a dict or JSON text ('{"kind": "yarn", "factor": 4}'), the short
+        form "KIND:FACTOR" ("linear:4"), a RopeScaling, or None / "none" for no scaling. The scaling
+        stretches the trained context (trained_context; a spec's own original_max_seq_len wins) and
+        max_seq_len becomes factor x that context (the trained context itself without scaling)."""
+        if isinstance(spec, str):
+            spec = parse_rope_scaling(spec)
+        trained = self.trained_context
+        if spec is None:
+            return self.replace(rope_scaling=None, max_seq_len=trained)
+        if isinstance(spec, RopeScaling):
+            spec = dataclasses.asdict(spec)
+        if not isinstance(spec, Mapping):
+            raise ConfigError(f"--rope-scaling: expected RoPE scaling fields, KIND:FACTOR or none, got {spec!r}")
+        spec = dict(spec)
+        if spec.get("kind") in ("llama3", "yarn", "dynamic"):
+            spec.setdefault("original_max_seq_len", trained)
+            trained = spec["original_max_seq_len"]
+        scaling = RopeScaling.from_dict(spec, "--rope-scaling")
+        context = max(1, int(scaling.factor * trained))
+        if context > SIZE_LIMITS["max_seq_len"]:
+            raise ConfigError(f"--rope-scaling: factor {scaling.factor} x {trained} positions is beyond any context "
+                              f"this project can build (at most {SIZE_LIMITS['max_seq_len']})")  # fmt: skip
+        return self.replace(rope_scaling=scaling, max_seq_len=context)
 
     # ---- Meta params.json ----------------------------------------------------------------------
 
@@ -341,7 +432,10 @@ class ModelConfig:
         }
         if self.rope_scaling is not None:
             s = self.rope_scaling
-            if s.kind != "llama3" or (s.low_freq_factor, s.high_freq_factor, s.original_max_seq_len) != (1.0, 4.0, 8192):
+            if s.kind != "llama3":
+                raise ConfigError(f"Meta's format cannot express {s.kind} RoPE scaling (params.json has only Llama "
+                                  "3.1's use_scaled_rope); save in the Hugging Face layout, whose config.json carries it")  # fmt: skip
+            if (s.low_freq_factor, s.high_freq_factor, s.original_max_seq_len) != (1.0, 4.0, 8192):
                 raise ConfigError(f"Meta's format can only express llama3 RoPE scaling (1, 4, 8192), not {s}")
             params["use_scaled_rope"] = True
             params["rope_scaling_factor"] = s.factor
@@ -438,6 +532,12 @@ class ModelConfig:
                     high_freq_factor=s.high_freq_factor,
                     original_max_position_embeddings=s.original_max_seq_len,
                 )
+            if s.kind == "yarn":
+                rope_scaling.update(original_max_position_embeddings=s.original_max_seq_len, beta_fast=s.beta_fast,
+                                    beta_slow=s.beta_slow, truncate=s.truncate)  # fmt: skip
+                for name in ("mscale", "mscale_all_dim", "attention_factor"):
+                    if getattr(s, name) is not None:
+                        rope_scaling[name] = getattr(s, name)
         config: dict[str, Any] = {
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
@@ -490,6 +590,7 @@ class ModelConfig:
 SIZE_LIMITS = {"dim": 1 << 20, "n_layers": 1 << 12, "n_heads": 1 << 14, "n_kv_heads": 1 << 14, "vocab_size": 1 << 24,
                "ffn_dim": 1 << 22, "head_dim": 1 << 14, "max_seq_len": 1 << 24}  # fmt: skip
 MLP_KINDS = ("swiglu", "gelu")
+ROPE_SCALING_KINDS = ("linear", "dynamic", "llama3", "yarn")
 # Llama's own fields, which every part of the project handles. Any other field is a variant: each
 # fast path and file format lists the variants it handles and refuses the rest (unsupported_fields).
 LLAMA_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim", "head_dim", "norm_eps",
@@ -546,6 +647,18 @@ HF_IGNORED_KEYS = (
 )  # fmt: skip
 
 
+# RoPE types of config.json's rope_scaling / rope_parameters, and the keys each one reads (besides
+# rope_type / type, rope_theta, and partial_rotary_factor, which must be 1).
+HF_ROPE_KEYS = {
+    "default": (),
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+             "attention_factor", "truncate"),
+}  # fmt: skip
+
+
 def _rope_from_hf(config: Mapping[str, Any], max_pos: int) -> tuple[float, RopeScaling | None]:
     """(rope_theta, scaling) from config.json. transformers 5 moved rope_theta and the scaling into
     one `rope_parameters` dict (rope_type "default" when there is no scaling); older files write
@@ -565,7 +678,20 @@ def _rope_from_hf(config: Mapping[str, Any], max_pos: int) -> tuple[float, RopeS
     kind = rope.get("rope_type", rope.get("type", "default"))
     theta = get.float("rope_theta", 10000.0)
     if kind in ("default", None):
+        kind = "default"
+    if kind not in HF_ROPE_KEYS:
+        raise ConfigError(f"config.json: unsupported RoPE scaling type {kind!r}; this project reads "
+                          f"{', '.join(HF_ROPE_KEYS)}")  # fmt: skip
+    unknown = sorted(set(rope) - {"rope_type", "type", "rope_theta", "partial_rotary_factor"} - set(HF_ROPE_KEYS[kind]))
+    if unknown:
+        raise ConfigError(f"config.json {key}: unknown keys {unknown} for RoPE type {kind!r}; it reads "
+                          f"{', '.join(HF_ROPE_KEYS[kind]) or 'only rope_theta'}")  # fmt: skip
+    if get.float("partial_rotary_factor", 1.0) != 1.0:
+        raise ConfigError(f"config.json {key}: partial_rotary_factor {rope['partial_rotary_factor']!r} rotates only "
+                          "part of each head; Llama rotates all of it")  # fmt: skip
+    if kind == "default":
         return theta, None
+    # transformers fills in a missing original context with max_position_embeddings.
     original = get.int("original_max_position_embeddings", None) if rope.get("original_max_position_embeddings") else max_pos
     if kind == "llama3":
         return theta, RopeScaling("llama3", get.float("factor"), get.float("low_freq_factor"),
@@ -575,7 +701,14 @@ def _rope_from_hf(config: Mapping[str, Any], max_pos: int) -> tuple[float, RopeS
     if kind == "dynamic":
         # HF's dynamic NTK compares the sequence length with max_position_embeddings.
         return theta, RopeScaling("dynamic", get.float("factor"), original_max_seq_len=max_pos)
-    raise ConfigError(f"config.json: unsupported RoPE scaling type {kind!r}")
+    # yarn. A null beta means the default, as in transformers (which also reads 0 so; here 0 is refused).
+    betas = {name: get.float(name, None) for name in ("beta_fast", "beta_slow")}
+    return theta, RopeScaling(
+        "yarn", get.float("factor"), original_max_seq_len=original,
+        **{name: value for name, value in betas.items() if value is not None},
+        mscale=get.float("mscale", None), mscale_all_dim=get.float("mscale_all_dim", None),
+        attention_factor=get.float("attention_factor", None), truncate=get.bool("truncate", True),
+    )  # fmt: skip
 
 
 def _qwen3_window_layers(config: Mapping[str, Any], get: "_Getter", n_layers: int) -> tuple[int, ...] | None:
@@ -666,6 +799,33 @@ def parse_field(name: str, text: str) -> Any:
     raise ConfigError(f"--set {name}={text}: expected {_describe(kind)}")
 
 
+def parse_rope_scaling(text: str) -> dict[str, Any] | None:
+    """--rope-scaling's text: "none", "KIND:FACTOR" (e.g. "yarn:4"), or a JSON object of RopeScaling
+    fields; returns the fields (None for none), checked by RopeScaling.from_dict when used."""
+    import json
+
+    text = text.strip()
+    if text.lower() in ("none", "null"):
+        return None
+    if text.startswith("{"):
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise ConfigError(f"--rope-scaling {text!r}: not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"--rope-scaling {text!r}: expected a JSON object of RopeScaling fields")
+        return data
+    kind, sep, factor = text.partition(":")
+    try:
+        value = float(factor)
+    except ValueError:
+        sep = ""
+    if not sep:
+        raise ConfigError(f"--rope-scaling {text!r}: expected KIND:FACTOR (kinds: {', '.join(ROPE_SCALING_KINDS)}), "
+                          "a JSON object of RopeScaling fields, or none")  # fmt: skip
+    return {"kind": kind.strip(), "factor": value}
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, RopeScaling):
         return dataclasses.asdict(value)
@@ -673,7 +833,8 @@ def _jsonable(value: Any) -> Any:
 
 
 # Bytes per element of the dtypes a model or its cache may use (torch dtypes also carry .itemsize).
-DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1, "int8": 1}
+DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1, "int8": 1,
+               "fp8": 1}
 
 
 def dtype_bytes(dtype: Any) -> int:

@@ -19,10 +19,11 @@ import math
 import numbers
 import operator
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
+from .cache import check_kv_cache_dtype
 from .model import Transformer
 
 
@@ -142,6 +143,47 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+# ---- prefill ------------------------------------------------------------------------------------------
+#
+# One forward over a whole prompt of T tokens computes a (B, H, T, T) float32 score matrix in every
+# layer and returns (B, T, V) logits: for a 4K-token prompt of a Llama 3.2 1B shape, 2.1 GB each,
+# growing with T^2 and T. Feeding the prompt through the KV cache C positions at a time computes the
+# same thing (each chunk attends to the cache holding everything before it) with (B, H, C, S) scores
+# and (B, C, V) logits: memory bounded by the chunk and the cache, not by the prompt.
+
+PREFILL_CHUNK = 512
+
+
+def prefill(model: Transformer, tokens: torch.Tensor, lengths: torch.Tensor, *, chunk: int | None = PREFILL_CHUNK,
+            start_pos: int = 0, cache_rows: torch.Tensor | None = None,
+            progress: Callable[[int, int], None] | None = None,
+            on_logits: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:  # fmt: skip
+    """Write right-padded prompts into the model's KV cache and return the logits after each one.
+
+    tokens: (B, T) int64, row b's prompt its first lengths[b] tokens, placed at positions start_pos..
+    (cache_rows: the cache row of each, as for Transformer.forward). `chunk` positions per forward
+    (None: all T at once); progress(done, T) after each; on_logits(begin, (B, C, V) logits) gets each
+    chunk's logits (e.g. for prompt logprobs). Returns (B, V) float32: the logits at each
+    row's last prompt token, i.e. the distribution of its first new token.
+    """
+    B, T = tokens.shape
+    chunk = chunk or T
+    last = lengths.to(tokens.device) - 1  # (B,) each row's last prompt position
+    out = None
+    for begin in range(0, T, chunk):
+        logits = model(tokens[:, begin : begin + chunk], start_pos + begin, cache_rows=cache_rows)  # (B, C, V)
+        if out is None:
+            out = logits.new_empty(B, logits.shape[-1])
+        end = begin + logits.shape[1]
+        here = ((last >= begin) & (last < end)).nonzero().flatten()  # rows whose prompt ends in this chunk
+        out[here] = logits[here, last[here] - begin]
+        if on_logits is not None:
+            on_logits(begin, logits)
+        if progress is not None:
+            progress(end, T)
+    return out
+
+
 @dataclass
 class Token:
     """One generated token of one row, as the streaming iterator yields it."""
@@ -166,6 +208,9 @@ def stream(
     stop_strings: Sequence[str] | None = None,
     tokenizer=None,
     compile: bool = False,
+    kv_cache_dtype: str | None = None,
+    prefill_chunk: int | None = PREFILL_CHUNK,
+    prefill_progress: Callable[[int, int], None] | None = None,
 ) -> Iterator[list[Token]]:
     """Generate step by step: yields, after each forward pass, the new tokens of the rows still
     running. A row stops at one of `stop_tokens` (not yielded), after `max_new_tokens`, or once its
@@ -173,6 +218,10 @@ def stream(
 
     The KV cache is set up for this call and removed at the end. With compile=True the decode step
     runs through torch.compile (see compiled_decode_step) and the cache is kept for the next call.
+    kv_cache_dtype: how the cache stores keys and values ("bfloat16", "int8", "fp8" ...; see
+    llama/core/cache.py; default: model.kv_cache_dtype, else the weights' dtype). The prompts are
+    prefilled `prefill_chunk` positions per forward (None: all at once; see prefill), calling
+    prefill_progress(positions done, positions in all) after each.
     """
     params = SamplingParams(temperature, top_p, top_k, min_p, repetition_penalty)
     seed = check_seed(seed)
@@ -196,7 +245,14 @@ def stream(
     # Checked now, run lazily: a bad request fails at the call, not at the first next().
     if compile and model.config.rope_scaling is not None and model.config.rope_scaling.kind == "dynamic":
         raise GenerationError("compile=True does not support dynamic NTK RoPE scaling (its frequencies change with the length)")
-    return _decode_loop(model, prompts, max_new_tokens, params, seed, stop, stop_strings, tokenizer, compile)
+    try:
+        check_kv_cache_dtype(kv_cache_dtype)
+    except ValueError as e:
+        raise GenerationError(str(e)) from None
+    if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1):
+        raise GenerationError(f"prefill_chunk must be a positive integer or None, got {prefill_chunk!r}")
+    cache = dict(kv_cache_dtype=kv_cache_dtype, prefill_chunk=prefill_chunk, prefill_progress=prefill_progress)
+    return _decode_loop(model, prompts, max_new_tokens, params, seed, stop, stop_strings, tokenizer, compile, **cache)
 
 
 def default_new_tokens(context: int, prompt_len: int, cap: int = 256) -> int:
@@ -222,7 +278,8 @@ def check_prompt(prompt, index: int, vocab: int) -> list[int]:
     return ids
 
 
-def _decode_loop(model, prompts, max_new_tokens, params, seed, stop, stop_strings, tokenizer, compile=False) -> Iterator[list[Token]]:
+def _decode_loop(model, prompts, max_new_tokens, params, seed, stop, stop_strings, tokenizer, compile=False, *,
+                 kv_cache_dtype=None, prefill_chunk=PREFILL_CHUNK, prefill_progress=None) -> Iterator[list[Token]]:  # fmt: skip
     if not prompts or max_new_tokens == 0:
         return
     longest = max(len(p) for p in prompts)
@@ -245,14 +302,13 @@ def _decode_loop(model, prompts, max_new_tokens, params, seed, stop, stop_string
     running = torch.ones(B, dtype=torch.bool, device=device)
 
     if compile:
-        kv_len = static_cache(model, B, longest + max_new_tokens)
+        kv_len = static_cache(model, B, longest + max_new_tokens, kv_cache_dtype)
         step_fn = compiled_decode_step(model)
     else:
-        model.setup_cache(B, longest + max_new_tokens)
+        model.setup_cache(B, longest + max_new_tokens, kv_cache_dtype=kv_cache_dtype)
     try:
         with torch.inference_mode():
-            logits = model(padded, 0)  # (B, T, V)
-            logits = logits[torch.arange(B, device=device), lengths - 1]  # (B, V): each row's last prompt token
+            logits = prefill(model, padded, lengths, chunk=prefill_chunk, progress=prefill_progress)  # (B, V)
             positions = lengths.clone()
             for step in range(max_new_tokens):
                 logprobs = torch.log_softmax(logits, dim=-1)  # the model's own, before the penalty
@@ -319,19 +375,22 @@ def compiled_decode_step(model: Transformer, **options):
     return fn
 
 
-def static_cache(model: Transformer, batch_size: int, length: int) -> int:
-    """Make sure the model has a KV cache of batch_size rows and at least `length` positions, reusing
-    the present one if its shape fits; returns its length (the kv_len to decode with)."""
+def static_cache(model: Transformer, batch_size: int, length: int, kv_cache_dtype: str | None = None) -> int:
+    """Make sure the model has a KV cache of batch_size rows and at least `length` positions, storing
+    kv_cache_dtype (default: the model's choice), reusing the present one if it fits; returns its
+    length (the kv_len to decode with). A new cache of another kind means one more compilation."""
     length = min(-(-length // CACHE_BUCKET) * CACHE_BUCKET, model.config.max_seq_len)
-    if model.cache_size is None or model.cache_size[0] != batch_size or model.cache_size[1] < length:
-        model.setup_cache(batch_size, length)
+    wanted = kv_cache_dtype or model.kv_cache_dtype or str(model.tok_embeddings.weight.dtype).removeprefix("torch.")
+    if (model.cache_size is None or model.cache_size[0] != batch_size or model.cache_size[1] < length
+            or model.cache.kv_cache_dtype != wanted):  # fmt: skip
+        model.setup_cache(batch_size, length, kv_cache_dtype=kv_cache_dtype)
     return model.cache_size[1]
 
 
-def warm_up(model: Transformer, batch_size: int, length: int) -> None:
+def warm_up(model: Transformer, batch_size: int, length: int, kv_cache_dtype: str | None = None) -> None:
     """Compile the decode step for this batch size and cache length now (by running it once), so that
     the first generated tokens do not pay for it. Writes only cache slots a prefill overwrites."""
-    kv_len = static_cache(model, batch_size, length)
+    kv_len = static_cache(model, batch_size, length, kv_cache_dtype)
     device = model.tok_embeddings.weight.device
     # Inputs made as _decode_loop makes them (inference tensors, not aliased): anything else is a
     # different guard, so a second compilation.
@@ -357,19 +416,21 @@ def generate(
     tokenizer=None,
     logprobs: bool = False,
     compile: bool = False,
+    kv_cache_dtype: str | None = None,
+    prefill_chunk: int | None = PREFILL_CHUNK,
 ) -> list[list[int]] | tuple[list[list[int]], list[list[float]]]:
     """New tokens for each prompt (a list of token-id lists), without the stop token.
 
     temperature 0 is greedy. stop_tokens=None means the checkpoint's stop tokens (model.stop_tokens,
     set by llama.load); [] disables stopping. With logprobs=True, also returns each token's
-    log-probability under the model.
+    log-probability under the model. kv_cache_dtype, prefill_chunk: as for stream.
     """
     tokens: list[list[int]] = [[] for _ in prompt_tokens]
     probs: list[list[float]] = [[] for _ in prompt_tokens]
     for step in stream(
         model, prompt_tokens, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
         repetition_penalty=repetition_penalty, seed=seed, stop_tokens=stop_tokens, stop_strings=stop_strings,
-        tokenizer=tokenizer, compile=compile,
+        tokenizer=tokenizer, compile=compile, kv_cache_dtype=kv_cache_dtype, prefill_chunk=prefill_chunk,
     ):  # fmt: skip
         for t in step:
             tokens[t.row].append(t.id)

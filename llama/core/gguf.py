@@ -195,7 +195,7 @@ def config_from_gguf(
         scaling = RopeScaling("linear", get.get("rope.scaling.factor", float))
     elif kind != "none":
         raise ConfigError(f"{where}: RoPE scaling {kind!r} is not supported (only linear, and Llama 3.1's "
-                          "through rope_freqs)")  # fmt: skip
+                          "through rope_freqs; a YaRN model loads from its HF checkpoint's config.json)")  # fmt: skip
     if rope_freqs is not None:
         if scaling is not None:
             raise ConfigError(f"{where}: both linear RoPE scaling and a rope_freqs tensor")

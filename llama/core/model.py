@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cache import KVCache, LayerCache, check_kv_cache_dtype  # noqa: F401 (LayerCache re-exported)
 from .config import ModelConfig, RopeScaling
 from .recording import Recorder
 
@@ -59,7 +60,7 @@ class RMSNorm(nn.Module):
 # (short wavelengths: local order), high i slowly (long wavelengths: distant context).
 #
 # Scaling stretches the slow frequencies so that a model trained on short contexts keeps working on
-# longer ones; see RopeScaling in config.py for the three kinds.
+# longer ones; see RopeScaling in config.py for the four kinds.
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None, seq_len: int = 0) -> torch.Tensor:
@@ -89,6 +90,24 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None, s
         )
         blended = (1 - smooth) * freqs / scaling.factor + smooth * freqs
         freqs = torch.where(wavelen < high_wavelen, freqs, torch.where(wavelen > low_wavelen, freqs / scaling.factor, blended))
+    if scaling.kind == "yarn":
+        # YaRN's "NTK-by-parts": pair i turns L * f_i / 2pi times within the original context L.
+        # Pairs that turn more than beta_fast times keep their frequency (training showed them every
+        # angle), those that turn fewer than beta_slow times are divided by `factor` (interpolated),
+        # and between the two pair indices a linear ramp blends. The index where a pair turns r times
+        # solves L * theta^(-2i/hd) = 2pi r. Edges as transformers computes them (floor/ceil with
+        # truncate, clamped to [0, hd - 1]).
+        def turns_to_pair(r: float) -> float:
+            return head_dim * math.log(scaling.original_max_seq_len / (r * 2 * math.pi)) / (2 * math.log(theta))
+
+        low, high = turns_to_pair(scaling.beta_fast), turns_to_pair(scaling.beta_slow)
+        if scaling.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, head_dim - 1)
+        if low == high:
+            high += 0.001  # no band: a step instead of a ramp
+        ramp = ((torch.arange(head_dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)  # 0: kept, 1: divided
+        freqs = freqs / scaling.factor * ramp + freqs * (1 - ramp)
     return freqs
 
 
@@ -103,80 +122,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # (B, T, 1, hd/2): shared by all heads
     rotated = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1)  # (B, T, n, hd/2, 2)
     return rotated.flatten(3).type_as(x)  # (B, T, n, hd)
-
-
-class LayerCache(nn.Module):
-    """Preallocated keys and values of one attention layer: (B_max, Hkv, S_max, hd) each.
-
-    Row b holds its own sequence; a forward call writes the new keys/values of row b at positions
-    pos[b] .. pos[b] + T - 1. Stale entries beyond a row's current position are harmless: the mask
-    hides them and the next write overwrites them.
-    """
-
-    def __init__(self, batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype, device=None):
-        super().__init__()
-        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    def update(self, k: torch.Tensor, v: torch.Tensor, ctx: "Context") -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v: (B, Hkv, T, hd) at ctx.positions of cache rows ctx.rows (default: rows 0..B-1);
-        return keys and values of positions 0..S-1 of those rows: (B, Hkv, S, hd)."""
-        rows, S = ctx.rows, ctx.kv_len
-        if rows is None:
-            B = k.shape[0]
-            index = ctx.positions[:, None, :, None].expand_as(k)  # (B, Hkv, T, hd)
-            self.k[:B].scatter_(2, index, k.to(self.k.dtype))
-            self.v[:B].scatter_(2, index, v.to(self.v.dtype))
-            return self.k[:B, :, :S], self.v[:B, :, :S]  # views, no copy
-        # Rows picked out of a larger pool (a server's slots): index_put_ writes in place; reading
-        # them back gathers a copy, of just the positions attended to.
-        self.k[rows[:, None], :, ctx.positions] = k.transpose(1, 2).to(self.k.dtype)  # target (B, T, Hkv, hd)
-        self.v[rows[:, None], :, ctx.positions] = v.transpose(1, 2).to(self.v.dtype)
-        return self.k[rows, :, :S], self.v[rows, :, :S]
-
-
-class KVCache(nn.Module):
-    """The KV cache of the whole model: one LayerCache per layer, sized by that layer's attention.
-
-    It also decides which positions a forward call covers (locate): where the new tokens go, which
-    cache rows they use, and how many positions the queries attend to. Those are bookkeeping, not
-    math, so they live here rather than in Transformer.forward.
-    """
-
-    def __init__(self, layers: list[tuple[int, int]], batch_size: int, max_seq_len: int, dtype, device=None):
-        """layers: (n_kv_heads, head_dim) of each layer's attention."""
-        super().__init__()
-        self.batch_size, self.max_seq_len = batch_size, max_seq_len
-        self.layers = nn.ModuleList(LayerCache(batch_size, max_seq_len, n, hd, dtype, device) for n, hd in layers)
-
-    def locate(self, positions: torch.Tensor, rows: torch.Tensor | None, kv_len: int | None) -> int:
-        """Check that tokens at positions (B, T) in cache rows `rows` fit; return S, the number of cache
-        positions the queries attend to: kv_len if given (a fixed length, so that no shape depends on
-        the positions' values and torch.compile can capture a decode step as one graph), else
-        max(position) + 1. With kv_len nothing reads the positions: the caller keeps them below it."""
-        if kv_len is not None:
-            if not 0 < kv_len <= self.max_seq_len:
-                raise ValueError(f"kv_len {kv_len} is outside the KV cache's 1..{self.max_seq_len} positions")
-            return kv_len
-        S = int(positions.max()) + 1
-        n_rows = positions.shape[0] if rows is None else int(rows.max()) + 1
-        if n_rows > self.batch_size or S > self.max_seq_len:
-            raise ValueError(
-                f"{positions.shape[0]} rows (cache rows up to {n_rows - 1}) at positions up to {S - 1} do not fit "
-                f"the KV cache of {self.batch_size} rows x {self.max_seq_len} positions"
-            )
-        return S
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, ctx: "Context") -> tuple[torch.Tensor, torch.Tensor]:
-        return self.layers[layer].update(k, v, ctx)
-
-    def copy_prefix(self, source: int, rows: torch.Tensor, length: int) -> None:
-        """Give cache rows `rows` ((N,) int64) the first `length` positions of row `source`: several
-        continuations of one prompt then decode from its keys and values, prefilled once."""
-        for layer in self.layers:
-            layer.k[rows, :, :length] = layer.k[source, :, :length]
-            layer.v[rows, :, :length] = layer.v[source, :, :length]
 
 
 @dataclass
@@ -360,21 +305,34 @@ class Transformer(nn.Module):
         freqs = rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
         self.register_buffer("rope_freqs", freqs, persistent=False)
         self.cache: KVCache | None = None
+        self.kv_cache_dtype: str | None = None  # what setup_cache uses by default (llama.load sets it)
 
-    # ---- the KV cache ------------------------------------------------------------------------------
+    # ---- the KV cache (llama/core/cache.py) ---------------------------------------------------------
 
-    def setup_cache(self, batch_size: int, max_seq_len: int | None = None, dtype=None, device=None) -> None:
+    def setup_cache(self, batch_size: int, max_seq_len: int | None = None, dtype=None, device=None, *,
+                    kv_cache_dtype: str | None = None) -> None:  # fmt: skip
         """Preallocate a KV cache for `batch_size` rows of up to `max_seq_len` positions.
 
         Afterwards forward() takes `start_pos` and appends to the cache, so decoding token by token
-        gives the logits of one full forward over the same tokens.
+        gives the logits of one full forward over the same tokens. kv_cache_dtype: how the cache
+        stores keys and values -- "float32", "bfloat16", "float16", or quantized "int8" / "fp8"
+        (cache.py); default self.kv_cache_dtype, else `dtype`, else the weights' dtype.
         """
         param = self.tok_embeddings.weight
         shapes = [(layer.attention.n_kv_heads, layer.attention.head_dim) for layer in self.layers]
         self.cache = KVCache(shapes, batch_size, max_seq_len or self.config.max_seq_len, dtype or param.dtype,
-                             device or param.device)  # fmt: skip
+                             device or param.device, check_kv_cache_dtype(kv_cache_dtype or self.kv_cache_dtype))  # fmt: skip
 
     def clear_cache(self) -> None:
+        self.cache = None
+
+    def set_rope_scaling(self, spec) -> None:
+        """Run these weights with another RoPE scaling and context length: a context-extension
+        experiment without editing the checkpoint (spec as ModelConfig.with_rope_scaling takes it,
+        e.g. "yarn:4"). Drops the KV cache, which was sized for the old context."""
+        self.config = self.config.with_rope_scaling(spec)
+        freqs = rope_frequencies(self.config.head_dim, self.config.rope_theta, self.config.rope_scaling)
+        self.rope_freqs = freqs.to(self.rope_freqs.device)
         self.cache = None
 
     @property
@@ -429,6 +387,11 @@ class Transformer(nn.Module):
         if dynamic or freqs.dtype != torch.float32:
             freqs = rope_frequencies(self.config.head_dim, self.config.rope_theta, scaling, S)
         angles = positions[:, :, None].float() * freqs.to(tokens.device)  # (B, T, hd/2)
+        cos, sin = angles.cos(), angles.sin()
+        if scaling is not None and scaling.attention_scale != 1.0:
+            # YaRN's temperature: cos and sin times s rotate q and k and multiply both by s, so the
+            # attention logits by s^2 (= 1/t in the paper), on every layer that rotates.
+            cos, sin = cos * scaling.attention_scale, sin * scaling.attention_scale
         windows = {layer.attention.window for layer in self.layers} if self.layers else {None}
         masks = {w: attention_mask(positions, S, w) for w in windows}
-        return Context(positions, angles.cos(), angles.sin(), masks, self.cache, cache_rows, record)
+        return Context(positions, cos, sin, masks, self.cache, cache_rows, record)

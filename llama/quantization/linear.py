@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.cache import QuantizedLayerCache
 from ..core.model import (Attention, FeedForward, GeluFeedForward, KVCache, LayerCache, RMSNorm, Transformer,
                           TransformerBlock)  # fmt: skip
 from ..core.support import UnsupportedModelError, check_supported
@@ -278,7 +279,7 @@ def prepare_kernels(model: nn.Module) -> None:
 # quantized linears (quantizing twice is harmless), and every variant of ModelConfig so far -- none
 # of them adds a projection that is not an nn.Linear.
 QUANTIZABLE_MODULES = (Transformer, TransformerBlock, Attention, FeedForward, GeluFeedForward, RMSNorm, KVCache,
-                       LayerCache, nn.ModuleList, nn.Linear, nn.Embedding)  # fmt: skip
+                       LayerCache, QuantizedLayerCache, nn.ModuleList, nn.Linear, nn.Embedding)  # fmt: skip
 HANDLED_FIELDS = ("qk_norm", "sliding_window", "window_layers", "nope_layers", "mlp")
 
 

@@ -49,8 +49,10 @@ prompt of 10 tokens costs about one decode step, so 16 short prompts alone cost 
 together about one). Where it is bound by compute (long prompts, CPUs), padding tokens cost as much
 as real ones, so prompts are grouped by length: a group's real tokens are at least 2/3 of its padded
 size. Each step admits waiting sequences in arrival order up to max_prefill_tokens prompt tokens
-(at least one sequence), which also bounds the (B, T, V) logits a prefill returns. Prefills run
-before the next decode step, so a burst of long prompts delays the tokens of running sequences.
+(at least one sequence). A group is prefilled max_prefill_tokens positions per forward (chunks
+through the cache: llama.core.generation.prefill), so a prompt as long as the pool's rows takes
+memory bounded by that chunk and the pool, not by its length. Prefills run before the next decode
+step, so a burst of long prompts delays the tokens of running sequences.
 
 Sampling a row. Each request's logits go through, in order: its logit_bias (added), OpenAI's
 presence and frequency penalties (for token j generated c_j times so far, the logit drops by
@@ -96,7 +98,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from ..core.generation import GenerationError, SamplingParams, apply_repetition_penalty, check_seed, sample
+from ..core.generation import GenerationError, SamplingParams, apply_repetition_penalty, check_seed, prefill, sample
 from ..core.stops import StopMatcher
 from ..core.tokenizer import check_vocabulary
 from ..training import lora
@@ -272,10 +274,14 @@ class Engine:
     max_tokens of every request, and with max_batch_size the pool's memory. stop_tokens default to
     the model's (set by llama.load), else the tokenizer's. A tokenizer with more ids than the model
     has embeddings is refused (TokenizerMismatchError): it belongs to another checkpoint.
+    kv_cache_dtype: how the pool stores keys and values ("int8", "fp8", a float dtype; default the
+    model's choice, see llama/core/cache.py). A prompt is prefilled max_prefill_tokens positions per
+    forward, so its memory is bounded by that and the pool, not by its length.
     """
 
     def __init__(self, model, tokenizer, *, max_batch_size: int = 8, max_seq_len: int | None = None,
-                 max_queue: int = 64, max_prefill_tokens: int = 512, stop_tokens: Sequence[int] | None = None):  # fmt: skip
+                 max_queue: int = 64, max_prefill_tokens: int = 512, stop_tokens: Sequence[int] | None = None,
+                 kv_cache_dtype: str | None = None):  # fmt: skip
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
@@ -295,7 +301,7 @@ class Engine:
         self.device = model.tok_embeddings.weight.device
         # Several LoRA adapters on one base: each row of a forward uses its request's adapter (or none).
         self.adapters = tuple(lora.adapter_names(model))
-        model.setup_cache(max_batch_size, self.context_len)
+        model.setup_cache(max_batch_size, self.context_len, kv_cache_dtype=kv_cache_dtype)
 
         self._free = list(range(max_batch_size - 1, -1, -1))  # free slots; pop() gives the lowest
         self._waiting: deque[_Sequence] = deque()
@@ -513,12 +519,19 @@ class Engine:
             for b, seq in enumerate(seqs):
                 ids[b, : len(seq.prompt)] = torch.tensor(seq.prompt, device=self.device)
             rows = torch.tensor([s.slot for s in seqs], device=self.device)  # (B,)
+            # Chunked through the cache (memory bounded by the chunk, not the prompt); the rows that
+            # asked for prompt logprobs keep their chunks' logits, which those need whole.
+            pieces: dict[int, list[torch.Tensor]] = {b: [] for b, s in enumerate(seqs) if s.request.prompt_logprobs is not None}
+
+            def keep(begin: int, chunk_logits: torch.Tensor) -> None:  # chunk_logits: (B, C, V)
+                for b, kept in pieces.items():
+                    kept.append(chunk_logits[b])
+
             with self._adapters(seqs):
-                logits = self.model(ids, 0, cache_rows=rows)  # (B, T, V)
-            for b, seq in enumerate(seqs):
-                if seq.request.prompt_logprobs is not None:
-                    seq.unsent_prompt_logprobs = self._prompt_logprobs(seq, logits[b, : len(seq.prompt) - 1])
-            logits = logits[torch.arange(len(seqs), device=self.device), lengths - 1]  # (B, V): each last prompt token
+                logits = prefill(self.model, ids, lengths, chunk=self.max_prefill_tokens, cache_rows=rows,
+                                 on_logits=keep if pieces else None)  # (B, V): each last prompt token  # fmt: skip
+            for b, kept in pieces.items():
+                seqs[b].unsent_prompt_logprobs = self._prompt_logprobs(seqs[b], torch.cat(kept)[: len(seqs[b].prompt) - 1])
         except Exception as e:  # e.g. out of memory for long prompts: these requests fail, others go on
             for seq in seqs:
                 self._fail(seq, f"prefill failed: {type(e).__name__}: {e}")

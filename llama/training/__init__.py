@@ -7,4 +7,5 @@
     lora.py       LoRA adapters: wrap, merge, switch, per-row adapters, peft's file layout
     data.py       instruction / chat / text records -> tokens with the loss on the answers; batching
     evaluate.py   sliding-window perplexity
+    long_context.py   loss by position (context extension), logits through a quantized KV cache
 """
