@@ -1,0 +1,76 @@
+"""Run by tests/test_distributed.py under torchrun (gloo, CPU): each case prints one JSON line per
+rank with what it measured; the test compares those with a single process's results.
+
+    torchrun --nproc-per-node 2 tests/distributed_worker.py CASE ARGS_JSON OUT_DIR
+
+Each rank writes OUT_DIR/rank_N.json (printing would interleave the ranks' long lines).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import llama
+from llama import ModelConfig, Transformer
+from llama.core.generation import generate
+
+torch.set_num_threads(1)
+
+
+def random_model(config: ModelConfig, seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.3)
+            else:
+                p.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def tokens(config: ModelConfig, T: int = 12) -> torch.Tensor:
+    return torch.randint(0, config.vocab_size, (2, T), generator=torch.Generator().manual_seed(1))
+
+
+def shard_logits(args: dict) -> dict:
+    """Logits of a full forward and of cached decoding, and greedy tokens, of the sharded model."""
+    config = ModelConfig.from_dict(args["config"])
+    model = llama.distributed.shard(random_model(config))
+    t = tokens(config)
+    with torch.no_grad():
+        full = model(t)
+        model.setup_cache(2, 16)
+        decoded = torch.cat([model(t[:, :4], 0)] + [model(t[:, i : i + 1], i) for i in range(4, t.shape[1])], dim=1)
+        model.clear_cache()
+    greedy = generate(model, [[1, 2, 3], [4, 5]], 8, temperature=0, stop_tokens=[])
+    heads = [(layer.attention.n_heads, layer.attention.n_kv_heads) for layer in model.layers]
+    return {"full": full.tolist(), "decoded": decoded.tolist(), "greedy": greedy, "heads": heads}
+
+
+def load_logits(args: dict) -> dict:
+    model = llama.distributed.load(args["path"], dtype="float32")
+    config = model.config
+    with torch.no_grad():
+        full = model(tokens(config))
+    return {"full": full.tolist(), "bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
+
+
+def main() -> None:
+    case, args, out = sys.argv[1], json.loads(sys.argv[2]), Path(sys.argv[3])
+    llama.distributed.init()
+    try:
+        result = globals()[case](args)
+    except Exception as e:  # reported, so the test can check refusals on every rank
+        result = {"error": type(e).__name__, "message": str(e)}
+    (out / f"rank_{dist.get_rank()}.json").write_text(json.dumps({"rank": dist.get_rank(), **result}))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
