@@ -11,6 +11,7 @@ import os
 
 import torch
 
+import weights
 from weights import CheckpointError
 
 from . import quantization
@@ -40,6 +41,7 @@ def load(
     """
     if quantize is not None:
         quantization.check_mode(quantize, group_size)
+    weights.detect_format(path)  # a readable directory and config file, before anything reads them
     stored = quantization.read_quantization(path)
     if stored is not None:
         if quantize is not None and quantize != stored.get("mode"):

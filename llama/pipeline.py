@@ -14,19 +14,16 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .core.generation import stream
+from .core.generation import GenerationError, stream
 from .core.model import Transformer
-from .core.stops import split_at_stop
-from .core.tokenizer import Message, Tokenizer, load_tokenizer
+from .core.stops import StopMatcher
+from .core.tokenizer import Message, Tokenizer, check_vocabulary, load_tokenizer
 from .loading import load
 
 
 class Llama:
     def __init__(self, model: Transformer, tokenizer: Tokenizer):
-        if tokenizer.vocab_size > model.config.vocab_size:
-            raise ValueError(
-                f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}"
-            )
+        check_vocabulary(tokenizer, model.config.vocab_size)  # TokenizerMismatchError: not this model's tokenizer
         self.model, self.tokenizer = model, tokenizer
 
     @classmethod
@@ -40,18 +37,19 @@ class Llama:
         a stop string (the text ends before it)."""
         decoder = self.tokenizer.stream_decoder(prompt_ids)
         stop = [stop] if isinstance(stop, str) else list(stop)
+        try:
+            matcher = StopMatcher(stop)
+        except ValueError as e:
+            raise GenerationError(str(e)) from None
         sampling.setdefault("stop_tokens", self.tokenizer.stop_tokens)
-        pending = ""  # text held back while it could be the start of a stop string
-        for step in stream(self.model, [prompt_ids], max_new_tokens, stop_strings=stop or None,
-                           tokenizer=self.tokenizer, **sampling):
-            pending += decoder.push(step[0].id)
-            text, pending, done = split_at_stop(pending, stop)
+        # The stop strings are matched here, incrementally; generation ends when this generator returns.
+        for step in stream(self.model, [prompt_ids], max_new_tokens, **sampling):
+            text, done = matcher.push(decoder.push(step[0].id))
             if text:
                 yield text
             if done:
                 return
-        pending += decoder.flush()
-        text, _, _ = split_at_stop(pending, stop, final=True)
+        text, _ = matcher.push(decoder.flush(), final=True)
         if text:
             yield text
 

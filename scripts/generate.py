@@ -22,13 +22,14 @@ import kernels
 import llama
 import weights
 from llama.training.evaluate import bytes_per_token
-from llama.core.generation import GenerationError, SamplingParams, stream, warm_up
+from llama.core.generation import GenerationError, SamplingParams, check_seed, stream, warm_up
 from llama.core.speculative import SpeculativeStats, speculative_stream
-from llama.core.tokenizer import ChatFormatError, TokenizerFormatError, TokenizerNotFoundError
+from llama.core.tokenizer import (ChatFormatError, InvalidTextError, TokenizerFormatError, TokenizerMismatchError,
+                                  TokenizerNotFoundError, check_text)  # fmt: skip
 from llama.core.device import DeviceError, pick_device, pick_dtype
 
 USER_ERRORS = (llama.CheckpointError, llama.ConfigError, GenerationError, ChatFormatError, DeviceError,
-               TokenizerNotFoundError, TokenizerFormatError)
+               TokenizerNotFoundError, TokenizerFormatError, TokenizerMismatchError, InvalidTextError)
 
 
 def _ranged(kind, low=None, high=None, low_open=False):
@@ -63,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=_ranged(int, 1), default=None, help="keep only the k most likely tokens (default: off)")
     p.add_argument("--min-p", type=_ranged(float, 0, 1), default=None, help="drop tokens less likely than min-p times the most likely one (default: off)")
     p.add_argument("--repetition-penalty", type=_ranged(float, 0, low_open=True), default=1.0, help="penalise tokens already present; 1 is off (default 1.0)")
-    p.add_argument("--seed", type=int, default=None, help="random seed: the same seed gives the same samples")
+    p.add_argument("--seed", type=int, default=None,
+                   help="random seed, any integer (taken modulo 2**64): the same seed gives the same samples")
     p.add_argument("--num-samples", type=_ranged(int, 1), default=1, help="how many samples to generate for the prompt (default 1)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="weight dtype; auto: bfloat16 where the device runs it well, else float32 (default auto)")
@@ -181,7 +183,7 @@ def interactive(llm: llama.Llama, args, device) -> None:
             del history[drop : drop + 2]
             prompt_ids = llm.tokenizer.encode_dialog(history)
         try:
-            ids = run_once(llm, prompt_ids, max_new_tokens(args, prompt_ids, llm), args, args.seed, device)
+            ids = run_once(llm, prompt_ids, max_new_tokens(args, prompt_ids, llm), args, check_seed(args.seed), device)
         except GenerationError as e:  # e.g. one message longer than the context: say so, keep chatting
             print(f"error: {e}", file=sys.stderr)
             history.pop()
@@ -210,8 +212,11 @@ def main(argv: list[str] | None = None) -> int:
                 prompt = sys.stdin.read() if args.prompt_file == "-" else Path(args.prompt_file).read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as e:
                 raise GenerationError(f"cannot read --prompt-file {args.prompt_file}: {e}") from None
+            check_text(prompt, f"--prompt-file {args.prompt_file}")  # stdin may decode invalid UTF-8 as surrogates
         else:
-            prompt = args.prompt if args.prompt is not None else "In the beginning"
+            prompt = check_text(args.prompt, "--prompt") if args.prompt is not None else "In the beginning"
+        if args.system is not None:
+            check_text(args.system, "--system")
         device = pick_device(args.device)
         dtype = pick_dtype(args.dtype, device)
         started = time.perf_counter()
@@ -258,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(args.num_samples):
             if i and not args.chat:
                 sys.stdout.write(prompt)
-            run_once(llm, prompt_ids, n_new, args, None if args.seed is None else args.seed + i, device, draft)
+            run_once(llm, prompt_ids, n_new, args, None if args.seed is None else check_seed(args.seed + i), device, draft)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

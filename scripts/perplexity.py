@@ -25,7 +25,7 @@ import torch
 import llama
 from llama.core.device import pick_device, set_threads
 from llama.training.evaluate import perplexity
-from llama.core.tokenizer import TokenizerFormatError, TokenizerNotFoundError
+from llama.core.tokenizer import TokenizerFormatError, TokenizerNotFoundError, check_vocabulary
 from llama.training.pretrain import DOCUMENT_SPLITS, encode_documents
 
 
@@ -52,11 +52,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         set_threads(args.threads)
         device = pick_device(args.device)
-        text = Path(args.text_file).read_text(encoding="utf-8")
+        try:
+            text = Path(args.text_file).read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{args.text_file} is not UTF-8 text: {e}") from None
         tokenizer = llama.load_tokenizer(args.checkpoint)
         model = llama.load(args.checkpoint, dtype=args.dtype, device=device,
                            quantize=None if args.quantize == "none" else args.quantize, group_size=args.group_size,
                            quantize_output=args.quantize_output)
+        check_vocabulary(tokenizer, model.config.vocab_size)  # TokenizerMismatchError, a ValueError
         context_len = args.context_len or model.config.max_seq_len
         stride = args.stride or max(1, context_len // 2)
         tokens = encode_documents(tokenizer, [text], args.documents)

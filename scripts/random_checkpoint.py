@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16",
                         help="weight dtype (default bfloat16)")
     parser.add_argument("--layers", type=int, default=None, help="override the number of layers (smaller files)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed, any integer (taken modulo 2**64; default 0)")
     args = parser.parse_args(argv)
     try:
         config = llama.ModelConfig.from_name(args.name)
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     if Path(args.out).exists():
         print(f"error: {args.out}: already exists", file=sys.stderr)
         return 2
-    state = random_state_dict(config, getattr(torch, args.dtype), args.seed)
+    state = random_state_dict(config, getattr(torch, args.dtype), args.seed % 2**64)
     for path in save_state_dict(config, state, args.out, format=args.format):
         print(path)
     return 0

@@ -2,7 +2,7 @@
 
     pip install -e ".[serve]"
     python scripts/serve.py                                   # the bundled model on 127.0.0.1:8000
-    python scripts/serve.py --checkpoint path/to/Llama-3.2-1B-Instruct --max-batch-size 16 --api-key KEY
+    LLAMA_API_KEY=KEY python scripts/serve.py --checkpoint path/to/Llama-3.2-1B-Instruct --max-batch-size 16
     curl http://127.0.0.1:8000/v1/completions -H "Content-Type: application/json" \\
         -d '{"prompt": "And God said", "max_tokens": 20, "temperature": 0}'
 
@@ -26,9 +26,10 @@ import llama
 import weights
 from llama.core.device import DeviceError, pick_device, pick_dtype, set_threads
 from llama.serving.engine import Engine
-from llama.core.tokenizer import TokenizerFormatError, TokenizerNotFoundError
+from llama.core.tokenizer import TokenizerFormatError, TokenizerMismatchError, TokenizerNotFoundError
 
-USER_ERRORS = (llama.CheckpointError, llama.ConfigError, DeviceError, TokenizerNotFoundError, TokenizerFormatError)
+USER_ERRORS = (llama.CheckpointError, llama.ConfigError, DeviceError, TokenizerNotFoundError, TokenizerFormatError,
+               TokenizerMismatchError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,9 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prefill-tokens", type=int, default=512,
                    help="prompt tokens admitted per step, prefilled in groups of similar length; a longer "
                         "prompt is admitted alone (default 512)")
-    p.add_argument("--api-key", default=os.environ.get("LLAMA_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on every request (default: the LLAMA_API_KEY "
-                        "environment variable, which keeps the key out of the process list; unset: no key)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every request; better: set the LLAMA_API_KEY "
+                        "environment variable, which keeps the key out of the process list (default: that "
+                        "variable; neither: no key, anyone who can reach the port may use it)")
     p.add_argument("--max-body-size", type=int, default=4 * 2**20,
                    help="largest request body in bytes; larger ones get 413 (default 4 MiB)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
@@ -67,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="swap in the faster modules of kernels/ (fused projections, SDPA, native matrix-vector "
                         "kernels); --no-kernels serves the plain model of llama/core/model.py (default on)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM or Ctrl-C, seconds to let the requests in flight finish (new ones get 503); "
+                        "those still running then end with an error (default 30)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info",
                    help="logging level; info logs one line per request (default info)")
     return p
@@ -81,15 +86,21 @@ def main(argv: list[str] | None = None) -> int:
                              ("--max-prefill-tokens", args.max_prefill_tokens, 1)):  # fmt: skip
         if value < low:
             parser.error(f"{flag} must be at least {low}, got {value}")
+    if not 0 <= args.shutdown_timeout < float("inf"):
+        parser.error(f"--shutdown-timeout must be a number of seconds >= 0, got {args.shutdown_timeout}")
+    api_key, key_source = args.api_key, "--api-key"
+    if api_key is None and "LLAMA_API_KEY" in os.environ:
+        api_key, key_source = os.environ["LLAMA_API_KEY"], "LLAMA_API_KEY"
+    if api_key is not None and (not api_key.strip() or api_key != api_key.strip()):
+        parser.error(f"{key_source} is empty or has surrounding whitespace; give a real key, or unset it to serve "
+                     "without one")  # fmt: skip
     if args.quantize != "none":
         try:
             llama.quantization.check_mode(args.quantize, args.group_size)
         except ValueError as e:
             parser.error(str(e))
     try:
-        import uvicorn
-
-        from llama.serving.app import create_app
+        from llama.serving.app import create_app, run_server
     except ImportError as e:
         print(f"error: the server needs FastAPI and uvicorn: pip install -e '.[serve]' ({e})", file=sys.stderr)
         return 2
@@ -112,16 +123,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     name = args.served_model_name or Path(checkpoint).resolve().name
-    logging.getLogger("llama.serving.app").info(
-        "loaded %s in %.1f s: %s parameters, %s, %s; %d slots x %d positions; serving as %r on http://%s:%d%s",
+    log = logging.getLogger("llama.serving.app")
+    log.info(
+        "loaded %s in %.1f s: %s parameters, %s, %s; %d slots x %d positions; serving as %r on http://%s:%d",
         checkpoint, time.perf_counter() - started, f"{model.config.n_params / 1e6:.1f} M",
         str(dtype).removeprefix("torch."), device, engine.max_batch_size, engine.context_len, name, args.host,
-        args.port, " (API key required)" if args.api_key else "",
+        args.port,
     )  # fmt: skip
-    app = create_app(engine, model_name=name, api_key=args.api_key, max_body_bytes=args.max_body_size)
-    # access_log off: the app logs its own line per request, with tokens and latency.
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
-                timeout_graceful_shutdown=5)  # fmt: skip
+    if api_key is not None:
+        log.info("API key required (from %s): requests need 'Authorization: Bearer <key>'", key_source)
+    else:
+        log.log(logging.INFO if args.host in ("127.0.0.1", "localhost", "::1") else logging.WARNING,
+                "no API key: anyone who can reach %s:%d may use the server (set LLAMA_API_KEY to require one)",
+                args.host, args.port)  # fmt: skip
+    app = create_app(engine, model_name=name, api_key=api_key, max_body_bytes=args.max_body_size)
+    run_server(app, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
     return 0
 
 

@@ -22,7 +22,7 @@ import torch
 import llama
 from llama.core.device import pick_device, set_threads
 from llama.core.speculative import SpeculativeStats, speculative_generate
-from llama.core.tokenizer import TokenizerFormatError, TokenizerNotFoundError
+from llama.core.tokenizer import TokenizerFormatError, TokenizerNotFoundError, check_vocabulary
 
 PROMPTS = [
     "In the beginning",
@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         for dtype in args.dtypes:
             target = llama.load(args.target, dtype=dtype, device=device)
             draft = llama.load(args.draft, dtype=dtype, device=device)
+            for model in (target, draft):  # TokenizerMismatchError (a ValueError) if the tokenizer is not theirs
+                check_vocabulary(tokenizer, model.config.vocab_size)
             methods = {"greedy": None, **{f"speculative k={k}": k for k in args.draft_tokens}}
             # Warm-up (first-call allocations), not timed.
             llama.generate(target, [prompts[0]], 8, temperature=0, stop_tokens=stop)

@@ -385,8 +385,14 @@ def tiny(**changes) -> ModelConfig:
         (dict(n_heads=3, n_kv_heads=1), "dim 64 is not divisible by n_heads 3; give head_dim"),
         (dict(n_kv_heads=3), "n_heads 4 is not a multiple of n_kv_heads 3"),
         (dict(head_dim=7), "head_dim must be even for rotary embeddings, got 7"),
-        (dict(norm_eps=0.0), "norm_eps and rope_theta must be positive, got 0.0 and 10000.0"),
-        (dict(rope_theta=-1.0), "norm_eps and rope_theta must be positive, got 1e-05 and -1.0"),
+        (dict(norm_eps=0.0), "norm_eps and rope_theta must be positive and finite, got 0.0 and 10000.0"),
+        (dict(rope_theta=-1.0), "norm_eps and rope_theta must be positive and finite, got 1e-05 and -1.0"),
+        (dict(norm_eps=float("inf")), "norm_eps and rope_theta must be positive and finite, got inf and 10000.0"),
+        (dict(rope_theta=float("nan")), "norm_eps and rope_theta must be positive and finite, got 1e-05 and nan"),
+        # Sizes no machine could hold: refused at once (2**64 layers were built one by one, forever).
+        (dict(n_layers=2**64), f"n_layers {2**64} is beyond any model this project can build (at most 4096)"),
+        (dict(vocab_size=2**31), f"vocab_size {2**31} is beyond any model this project can build"),
+        (dict(dim=2**30, head_dim=64), f"dim {2**30} is beyond any model this project can build"),
     ],
 )
 def test_bad_values_raise_config_error(changes, message):
@@ -402,7 +408,7 @@ def test_config_error_is_a_value_error():
     "args, message",
     [
         (("ntk", 2.0), "unknown RoPE scaling type 'ntk'; expected linear, dynamic or llama3"),
-        (("linear", 0.0), "RoPE scaling factor must be positive, got 0.0"),
+        (("linear", 0.0), "RoPE scaling factor must be positive and finite, got 0.0"),
         (("llama3", 8.0, 4.0, 1.0), "llama3 RoPE scaling needs high_freq_factor > low_freq_factor, got 1.0 and 4.0"),
     ],
 )

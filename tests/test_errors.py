@@ -271,6 +271,13 @@ def test_config_json_missing_heads(ckpt):
         ("hf", "config.json", "parallel_residual", True, "unknown keys ['parallel_residual']"),
         ("hf", "config.json", "quantization_config", {"quant_method": "gptq"}, "has a quantization_config"),
         ("meta", "params.json", "vision_chunk_size", 448, "unknown keys ['vision_chunk_size']"),
+        # Values that raised ZeroDivisionError / ValueError / TypeError or never returned.
+        ("meta", "params.json", "multiple_of", 0, "multiple_of 0 and ffn_dim_multiplier 0.752941 must be positive"),
+        ("meta", "params.json", "ffn_dim_multiplier", float("nan"), "'ffn_dim_multiplier' must be a finite number, got nan"),
+        ("meta", "params.json", "dim", 2**64, f"dim {2**64} must be a positive integer of at most"),
+        ("meta", "params.json", "vocab_size", 2**64, f"vocab_size {2**64} is beyond any model"),
+        ("meta", "params.json", "n_layers", 2**64, f"n_layers {2**64} is beyond any model"),
+        ("hf", "config.json", "num_hidden_layers", 2**64, f"n_layers {2**64} is beyond any model"),
     ],
 )
 def test_invalid_config_value(ckpt, layout, file, key, value, message):

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError
+from .files import check_regular, describe
 from .jsonio import read_json_object
 
 SHARD_PATTERN = "consolidated.*.pth"
@@ -77,7 +78,7 @@ class MetaCheckpoint:
             )
         self.shards = [_load_pickle(f) for f in self.files]
         dim = self.config.get("dim")
-        if not isinstance(dim, int):
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise CheckpointError(f"{self.path / 'params.json'}: missing or non-integer key 'dim'")
 
         names0 = [n for n in self.shards[0] if n not in IGNORED]
@@ -142,6 +143,10 @@ class MetaCheckpoint:
 
 def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
     try:
+        check_regular(path)  # torch.load would block on a FIFO
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {describe(e)}") from e
+    try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
         # weights_only refuses anything but tensors and plain containers: never run a file's code.
@@ -153,6 +158,9 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: corrupt or truncated PyTorch checkpoint: {e}") from e
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: expected a dict of tensors")
+    bad = [k for k in state if not isinstance(k, str)]
+    if bad:
+        raise CheckpointError(f"{path}: expected a dict of tensors by name; keys {bad[:3]!r:.100} are not strings")
     return state
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError
+from .files import describe, open_regular
 
 DTYPES = {
     "F64": torch.float64,
@@ -38,14 +39,24 @@ DTYPES = {
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
+# The reference library's limit: a header beyond it is refused before it is read into memory.
+MAX_HEADER_BYTES = 100_000_000
+
+
 class SafetensorsFile:
-    """Header of one .safetensors file, validated; tensors read on demand."""
+    """Header of one .safetensors file, validated as the reference library validates it; tensors
+    read on demand.
+
+    The tensors' byte ranges, in order of their offsets, must tile the data exactly: each one starts
+    where the previous one ends, the first at 0 and the last at the end of the file. So no two
+    tensors share bytes (one would silently alias another's weights), and no bytes are unaccounted for.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         try:
-            size = self.path.stat().st_size
-            with open(self.path, "rb") as f:
+            with open_regular(self.path) as f:
+                size = os.fstat(f.fileno()).st_size
                 prefix = f.read(8)
                 if len(prefix) < 8:
                     raise CheckpointError(f"{self.path}: truncated safetensors file ({size} bytes, no header)")
@@ -55,28 +66,29 @@ class SafetensorsFile:
                         f"{self.path}: corrupt or truncated safetensors file "
                         f"(header says {n} bytes, file has {size - 8} after the length)"
                     )
+                if n > MAX_HEADER_BYTES:
+                    raise CheckpointError(f"{self.path}: corrupt safetensors file: a header of {n} bytes "
+                                          f"(at most {MAX_HEADER_BYTES})")  # fmt: skip
                 raw = f.read(n)
         except OSError as e:
-            raise CheckpointError(f"{self.path}: cannot read: {e.strerror or e}") from e
+            raise CheckpointError(f"{self.path}: cannot read: {describe(e)}") from e
         try:
             header = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # also UnicodeDecodeError, a ValueError
             raise CheckpointError(f"{self.path}: corrupt safetensors header: {e}") from e
         if not isinstance(header, dict):
             raise CheckpointError(f"{self.path}: corrupt safetensors header: not a JSON object")
-        self.metadata = header.pop("__metadata__", None) or {}
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise CheckpointError(f"{self.path}: corrupt safetensors header: __metadata__ must map names to strings")
+        self.metadata = metadata
         self.data_start = 8 + n
         data_size = size - self.data_start
         self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
         for name, info in header.items():
-            try:
-                dtype = DTYPES[info["dtype"]]
-                shape = tuple(int(d) for d in info["shape"])
-                begin, end = (int(x) for x in info["data_offsets"])
-            except (KeyError, TypeError, ValueError) as e:
-                raise CheckpointError(f"{self.path}: corrupt header entry for tensor {name!r}: {info!r}") from e
+            dtype, shape, begin, end = self._entry(name, info)
             nbytes = math.prod(shape) * dtype.itemsize
-            if end - begin != nbytes or begin < 0:
+            if end - begin != nbytes:
                 raise CheckpointError(
                     f"{self.path}: corrupt header entry for tensor {name!r}: "
                     f"{end - begin} bytes for shape {list(shape)} of {info['dtype']}"
@@ -87,6 +99,31 @@ class SafetensorsFile:
                     f"but the file holds only {data_size}"
                 )
             self.entries[name] = (dtype, shape, begin, end)
+        expected = 0  # where the next tensor must start
+        for name, (_, _, begin, end) in sorted(self.entries.items(), key=lambda item: item[1][2:]):
+            if begin != expected:
+                what = "overlaps the tensor before it" if begin < expected else "leaves a gap after the tensor before it"
+                raise CheckpointError(f"{self.path}: corrupt header: tensor {name!r} at bytes [{begin}, {end}) "
+                                      f"of the data {what} (which ends at {expected})")  # fmt: skip
+            expected = end
+        if expected != data_size:
+            raise CheckpointError(f"{self.path}: corrupt file: the tensors take {expected} bytes of data, "
+                                  f"but the file holds {data_size}")  # fmt: skip
+
+    def _entry(self, name: str, info) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+        """(dtype, shape, begin, end) of one header entry, each checked for type and sign."""
+
+        def integers(values, count=None) -> list[int] | None:
+            ok = isinstance(values, list) and (count is None or len(values) == count)
+            ok = ok and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values)
+            return values if ok else None
+
+        dtype = DTYPES.get(info.get("dtype")) if isinstance(info, dict) and isinstance(info.get("dtype"), str) else None
+        shape = integers(info.get("shape")) if isinstance(info, dict) else None
+        offsets = integers(info.get("data_offsets"), 2) if isinstance(info, dict) else None
+        if dtype is None or shape is None or offsets is None or offsets[1] < offsets[0]:
+            raise CheckpointError(f"{self.path}: corrupt header entry for tensor {name!r}: {info!r:.200}")
+        return dtype, tuple(shape), offsets[0], offsets[1]
 
     def names(self) -> list[str]:
         return list(self.entries)
@@ -101,9 +138,12 @@ class SafetensorsFile:
         """The tensor, in its stored dtype, in fresh CPU memory."""
         dtype, shape, begin, end = self.entries[name]
         buffer = torch.empty(end - begin, dtype=torch.uint8)
-        with open(self.path, "rb") as f:
-            f.seek(self.data_start + begin)
-            got = f.readinto(buffer.numpy()) if end > begin else 0
+        try:
+            with open_regular(self.path) as f:
+                f.seek(self.data_start + begin)
+                got = f.readinto(buffer.numpy()) if end > begin else 0
+        except OSError as e:
+            raise CheckpointError(f"{self.path}: cannot read tensor {name!r}: {describe(e)}") from e
         if got != end - begin:
             raise CheckpointError(f"{self.path}: truncated while reading tensor {name!r}")
         if dtype == torch.bool:

@@ -42,8 +42,14 @@ class RopeScaling:
     def __post_init__(self):
         if self.kind not in ("linear", "dynamic", "llama3"):
             raise ConfigError(f"unknown RoPE scaling type {self.kind!r}; expected linear, dynamic or llama3")
-        if not self.factor > 0:
-            raise ConfigError(f"RoPE scaling factor must be positive, got {self.factor}")
+        if not 0 < self.factor < math.inf:
+            raise ConfigError(f"RoPE scaling factor must be positive and finite, got {self.factor}")
+        if not all(math.isfinite(v) for v in (self.low_freq_factor, self.high_freq_factor)):
+            raise ConfigError(f"RoPE scaling frequency factors must be finite, got {self.low_freq_factor}, {self.high_freq_factor}")
+        if isinstance(self.original_max_seq_len, bool) or not isinstance(self.original_max_seq_len, int) or not (
+            0 < self.original_max_seq_len <= SIZE_LIMITS["max_seq_len"]
+        ):
+            raise ConfigError(f"RoPE scaling original_max_seq_len must be a positive integer, got {self.original_max_seq_len!r}")
         if self.kind == "llama3" and not self.high_freq_factor > self.low_freq_factor:
             raise ConfigError(
                 f"llama3 RoPE scaling needs high_freq_factor > low_freq_factor, "
@@ -101,16 +107,18 @@ class ModelConfig:
             if self.n_heads > 0 and self.dim % self.n_heads:
                 raise ConfigError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}; give head_dim")
             object.__setattr__(self, "head_dim", self.dim // max(self.n_heads, 1))
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim", "head_dim", "max_seq_len"):
+        for name, limit in SIZE_LIMITS.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+            if value > limit:  # a file saying 2**64 layers would otherwise build layers forever
+                raise ConfigError(f"{name} {value} is beyond any model this project can build (at most {limit})")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
-        if not self.norm_eps > 0 or not self.rope_theta > 0:
-            raise ConfigError(f"norm_eps and rope_theta must be positive, got {self.norm_eps} and {self.rope_theta}")
+        if not 0 < self.norm_eps < math.inf or not 0 < self.rope_theta < math.inf:
+            raise ConfigError(f"norm_eps and rope_theta must be positive and finite, got {self.norm_eps} and {self.rope_theta}")
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
             raise ConfigError(f"rope_scaling must be a RopeScaling or None, got {self.rope_scaling!r}")
         for name in ("tie_word_embeddings", "qk_norm"):
@@ -231,7 +239,13 @@ class ModelConfig:
             if vocab_size is None:
                 raise ConfigError("params.json has vocab_size -1 and no embedding was given to read it from")
             vocab = vocab_size
-        ffn_dim = meta_ffn_dim(dim, get.int("multiple_of", 256), get.float("ffn_dim_multiplier", None))
+        multiple_of, multiplier = get.int("multiple_of", 256), get.float("ffn_dim_multiplier", None)
+        if not 0 < multiple_of <= SIZE_LIMITS["ffn_dim"] or (multiplier is not None and not 0 < multiplier <= 64):
+            raise ConfigError(f"params.json: multiple_of {multiple_of} and ffn_dim_multiplier {multiplier} must be "
+                              "positive (and of a plausible size)")  # fmt: skip
+        if not 0 < dim <= SIZE_LIMITS["dim"]:
+            raise ConfigError(f"params.json: dim {dim} must be a positive integer of at most {SIZE_LIMITS['dim']}")
+        ffn_dim = meta_ffn_dim(dim, multiple_of, multiplier)
         n_layers = get.int("n_layers")
 
         scaling = None
@@ -428,6 +442,9 @@ class ModelConfig:
         return REGISTRY[name].replace(**overrides) if overrides else REGISTRY[name]
 
 
+# Sizes beyond these describe no model that fits any machine; a config file saying more is malformed.
+SIZE_LIMITS = {"dim": 1 << 20, "n_layers": 1 << 12, "n_heads": 1 << 14, "n_kv_heads": 1 << 14, "vocab_size": 1 << 24,
+               "ffn_dim": 1 << 22, "head_dim": 1 << 14, "max_seq_len": 1 << 24}  # fmt: skip
 MLP_KINDS = ("swiglu", "gelu")
 # Llama's own fields, which every part of the project handles. Any other field is a variant: each
 # fast path and file format lists the variants it handles and refuses the rest (unsupported_fields).
@@ -668,7 +685,13 @@ class _Getter:
             return None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{self.where}: {key!r} must be a number, got {value!r}")
-        return float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond float's range
+            value = math.inf
+        if not math.isfinite(value):
+            raise ConfigError(f"{self.where}: {key!r} must be a finite number, got {value!r}")
+        return value
 
     def bool(self, key, default=_MISSING) -> bool:
         value = self._get(key, default)

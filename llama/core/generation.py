@@ -15,6 +15,8 @@ repetition penalty, then temperature, top-k, top-p (nucleus) and min-p; temperat
 
 from __future__ import annotations
 
+import math
+import numbers
 import operator
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
@@ -30,6 +32,13 @@ class GenerationError(ValueError):
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """What sampling does with one row of logits; each value is checked on construction.
+
+    Every value that passes is numerically safe: temperature may be any finite number >= 0 (a tiny
+    one behaves as greedy), top_p any number in (0, 1] (a tiny one keeps only the top token), the
+    repetition penalty any finite number > 0.
+    """
+
     temperature: float = 0.6
     top_p: float = 0.9
     top_k: int | None = None
@@ -37,7 +46,14 @@ class SamplingParams:
     repetition_penalty: float = 1.0
 
     def __post_init__(self):
-        if not (self.temperature >= 0):
+        real = {name: _real(name, getattr(self, name)) for name in ("temperature", "top_p", "repetition_penalty")}
+        if self.min_p is not None:
+            real["min_p"] = _real("min_p", self.min_p)
+        for name, value in real.items():
+            object.__setattr__(self, name, value)
+        if not math.isfinite(self.temperature):
+            raise GenerationError(f"temperature must be a finite number, got {self.temperature}")
+        if self.temperature < 0:
             raise GenerationError(f"temperature must be >= 0, got {self.temperature}")
         if not (0 < self.top_p <= 1):
             raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
@@ -45,22 +61,60 @@ class SamplingParams:
             raise GenerationError(f"top_k must be a positive integer, got {self.top_k}")
         if self.min_p is not None and not (0 <= self.min_p <= 1):
             raise GenerationError(f"min_p must be in [0, 1], got {self.min_p}")
-        if not (self.repetition_penalty > 0):
-            raise GenerationError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not (0 < self.repetition_penalty < math.inf):
+            raise GenerationError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
+
+
+def _real(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise GenerationError(f"{name} must be a number, got {value!r:.80}")
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond float's range
+        raise GenerationError(f"{name} must be a finite number, got {value}") from None
+
+
+def check_seed(seed) -> int | None:
+    """A seed as torch.Generator.manual_seed takes it: any integer, reduced modulo 2**64 (torch itself
+    maps -1 to 2**64 - 1, so every seed it accepted keeps its stream), or None for a random one."""
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise GenerationError(f"seed must be an integer, got {seed!r:.80}")
+    return int(seed) % 2**64
+
+
+# float32's range: a penalty or temperature of 1e-300 or 1e300 is a float64 that float32 arithmetic
+# would turn into 0 or inf, and then inf * 0 or inf - inf into NaN. Clamping it to the largest and
+# smallest normal float32 values keeps every result finite (or -inf where it should be).
+_F32 = torch.finfo(torch.float32)
+
+
+def _float32_range(x: float) -> float:
+    return min(max(x, _F32.tiny), _F32.max)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """CTRL's penalty (Keskar et al., 2019): make every token already in the sequence less likely,
-    dividing positive logits by `penalty` and multiplying negative ones. logits: (B, V); seen: (B, V) bool."""
+    dividing positive logits by `penalty` and multiplying negative ones. logits: (B, V); seen: (B, V) bool.
+    Finite logits stay finite (a tiny penalty sends positive ones to the largest float, not to inf)."""
     if penalty == 1.0:
         return logits
-    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    p = _float32_range(penalty)
+    penalised = torch.where(logits > 0, logits / p, logits * p).clamp(-_F32.max, _F32.max)
+    penalised = torch.where(torch.isinf(logits), logits, penalised)  # -inf (a masked token) stays -inf
     return torch.where(seen, penalised, logits)
 
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Temperature, then top-k, top-p and min-p: filtered-out tokens get -inf. logits: (B, V) float32."""
-    logits = logits / params.temperature
+    """Temperature, then top-k, top-p and min-p: filtered-out tokens get -inf. logits: (B, V) float32.
+
+    The temperature divides the logits minus their maximum (softmax does not change): the top token
+    gets 0 and every other one a number <= 0, so a tiny temperature sends the others to -inf
+    (greedy) rather than the top one to inf (and the softmax to NaN).
+    """
+    logits = logits.clamp(max=_F32.max)  # an overflowed +inf logit would make inf - inf = NaN
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / _float32_range(params.temperature)
     if params.top_k is not None and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -69,6 +123,7 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         drop_sorted = cumulative - sorted_logits.softmax(-1) >= params.top_p  # mass before this token already enough
+        drop_sorted[..., 0] = False  # the top token always stays (a top_p below float32's precision rounds to 0)
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     if params.min_p is not None and params.min_p > 0:
@@ -120,6 +175,7 @@ def stream(
     runs through torch.compile (see compiled_decode_step) and the cache is kept for the next call.
     """
     params = SamplingParams(temperature, top_p, top_k, min_p, repetition_penalty)
+    seed = check_seed(seed)
     prompts = [check_prompt(p, i, model.config.vocab_size) for i, p in enumerate(prompt_tokens)]
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise GenerationError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")

@@ -25,6 +25,8 @@ from pathlib import Path
 import sentencepiece
 import tiktoken
 
+from weights.files import describe, open_regular, read_bytes
+
 Message = Mapping[str, str]  # {"role": ..., "content": ...}
 
 
@@ -33,7 +35,42 @@ class TokenizerNotFoundError(FileNotFoundError):
 
 
 class TokenizerFormatError(ValueError):
-    """A tokenizer file exists but is not in a format we understand."""
+    """A tokenizer file exists but cannot be read (permissions, not a regular file) or is not in a
+    format we understand. The message names the file."""
+
+
+class TokenizerMismatchError(ValueError):
+    """A tokenizer has ids the model has no embedding for: they belong to different checkpoints."""
+
+
+class InvalidTextError(ValueError):
+    """Text that is not valid Unicode: a lone surrogate, which is what invalid UTF-8 becomes when it is
+    decoded with errors="surrogateescape" (command-line arguments, some stdin) and what a JSON
+    "\\ud800" escape gives. Every entry point refuses it; no tokenizer can encode it faithfully."""
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_text(text: str, what: str = "text") -> str:
+    """`text` itself, or InvalidTextError naming `what` and where the first lone surrogate is."""
+    bad = _SURROGATE.search(text)
+    if bad:
+        raise InvalidTextError(
+            f"{what} is not valid Unicode: a lone surrogate U+{ord(bad.group()):04X} at character {bad.start()} "
+            "(invalid UTF-8 bytes, or a \\ud800-style escape without its pair)"
+        )
+    return text
+
+
+def check_vocabulary(tokenizer: "Tokenizer", model_vocab_size: int) -> None:
+    """TokenizerMismatchError unless every id of `tokenizer` has a row in an embedding of
+    `model_vocab_size` (a model may have more rows than the tokenizer has ids: padding)."""
+    if tokenizer.vocab_size > model_vocab_size:
+        raise TokenizerMismatchError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding only {model_vocab_size} rows: "
+            "they come from different checkpoints (pass the tokenizer of this model)"
+        )
 
 
 class ChatFormatError(ValueError):
@@ -182,6 +219,7 @@ class TiktokenTokenizer(Tokenizer):
         for required in ("<|begin_of_text|>", "<|end_of_text|>"):
             if required not in special_tokens:
                 raise TokenizerFormatError(f"{name}: special token {required} is missing")
+        _check_ranks(mergeable_ranks, special_tokens, name)
         self._model = tiktoken.Encoding(
             name=name, pat_str=LLAMA3_SPLIT_PATTERN, mergeable_ranks=mergeable_ranks, special_tokens=special_tokens
         )
@@ -198,7 +236,7 @@ class TiktokenTokenizer(Tokenizer):
     def from_tiktoken_file(cls, path: Path, extra_stop_tokens: Sequence[int] = ()) -> TiktokenTokenizer:
         """Meta's `tokenizer.model`; the specials follow the regular tokens under Meta's names."""
         ranks = {}
-        for line_no, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        for line_no, line in enumerate(_read_text(path).splitlines(), 1):
             if line.strip():
                 try:
                     token, rank = line.split()
@@ -207,7 +245,7 @@ class TiktokenTokenizer(Tokenizer):
                     msg = f"{path}:{line_no}: expected 'base64-token rank', got {line[:80]!r}"
                     raise TokenizerFormatError(msg) from e
         specials = {token: len(ranks) + i for i, token in enumerate(LLAMA3_SPECIAL_TOKENS)}
-        return cls(ranks, specials, extra_stop_tokens, name=Path(path).name)
+        return cls(ranks, specials, extra_stop_tokens, name=str(path))
 
     @classmethod
     def from_hf_json(cls, path: Path, extra_stop_tokens: Sequence[int] = ()) -> TiktokenTokenizer:
@@ -219,15 +257,27 @@ class TiktokenTokenizer(Tokenizer):
         merges are not needed (tiktoken derives them from the ranks), and the split pattern is Meta's,
         which Llama 3's tokenizer.json holds too.
         """
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-        model = data.get("model", {})
-        if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
-            raise TokenizerFormatError(f"{path}: expected a BPE model with a vocab, got {model.get('type')!r}")
-        specials = {t["content"]: t["id"] for t in data.get("added_tokens", [])}
+        text = _read_text(path)
+        try:
+            data = json.loads(text)
+        except (ValueError, RecursionError) as e:  # ValueError: a number of 5000 digits, too
+            raise TokenizerFormatError(f"{path}: malformed JSON: {e}") from None
+        model = data.get("model") if isinstance(data, dict) else None
+        if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+            got = model.get("type") if isinstance(model, dict) else type(data.get("model") if isinstance(data, dict) else data).__name__
+            raise TokenizerFormatError(f"{path}: expected a JSON object with a BPE 'model' and its 'vocab', got {got!r:.60}")
+        added = data.get("added_tokens", [])
+        if not isinstance(added, list) or not all(isinstance(t, dict) and isinstance(t.get("content"), str)
+                                                  and _is_id(t.get("id")) for t in added):  # fmt: skip
+            raise TokenizerFormatError(f"{path}: 'added_tokens' must be a list of objects with a 'content' string and "
+                                       "an integer 'id'")  # fmt: skip
+        specials = {t["content"]: t["id"] for t in added}
         to_byte = {char: byte for byte, char in _byte_level_alphabet().items()}
         special_ids = set(specials.values())
         ranks = {}
         for token, token_id in model["vocab"].items():
+            if not _is_id(token_id):
+                raise TokenizerFormatError(f"{path}: token {token!r:.60} has id {token_id!r:.40}; ids are integers in [0, 2**31)")
             if token_id in special_ids:
                 continue
             if any(c not in to_byte for c in token):
@@ -236,11 +286,12 @@ class TiktokenTokenizer(Tokenizer):
                     "Llama 1/2 checkpoints need their sentencepiece tokenizer.model"
                 )
             ranks[bytes(to_byte[c] for c in token)] = token_id
-        return cls(ranks, specials, extra_stop_tokens, name=Path(path).name)
+        return cls(ranks, specials, extra_stop_tokens, name=str(path))
 
     def encode(self, text: str, *, bos: bool, eos: bool) -> list[int]:
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
+        check_text(text)
         ids = [self.bos_id] if bos else []
         for piece in _pieces_for_tiktoken(text):
             # Special-token text typed by a user ("<|eot_id|>") is encoded as ordinary text: the
@@ -275,6 +326,30 @@ class TiktokenTokenizer(Tokenizer):
         ]
 
 
+def _is_id(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31
+
+
+def _check_ranks(ranks: dict[bytes, int], specials: dict[str, int], name: str) -> None:
+    """What tiktoken assumes without checking (it panics, or decodes garbage, otherwise): ids are
+    integers, each used once, together 0..n-1 without gaps, and every single byte is a token (so
+    byte-level BPE can encode any text)."""
+    bad = [(t, i) for t, i in [*ranks.items(), *specials.items()] if not _is_id(i)]
+    if bad:
+        raise TokenizerFormatError(f"{name}: token {bad[0][0]!r:.60} has id {bad[0][1]!r:.40}; ids are integers in [0, 2**31)")
+    ids = sorted([*ranks.values(), *specials.values()])
+    repeated = next((a for a, b in zip(ids, ids[1:]) if a == b), None)
+    if repeated is not None:
+        raise TokenizerFormatError(f"{name}: id {repeated} is given to two tokens")
+    if ids and ids[-1] != len(ids) - 1:
+        missing = next(i for i, got in enumerate(ids) if got != i)
+        raise TokenizerFormatError(f"{name}: ids are not 0..{len(ids) - 1} without gaps (none has id {missing})")
+    missing_bytes = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing_bytes:
+        raise TokenizerFormatError(f"{name}: no token for the single byte(s) {missing_bytes[:8]}; byte-level BPE "
+                                   "needs all 256 to encode any text")  # fmt: skip
+
+
 def _byte_level_alphabet() -> dict[int, str]:
     """GPT-2's byte -> character table used by byte-level BPE vocabularies in tokenizer.json.
 
@@ -298,7 +373,19 @@ class SentencePieceTokenizer(Tokenizer):
     """Llama 1/2 tokenizer: a sentencepiece model file (bos 1, eos 2, unk 0, no pad id)."""
 
     def __init__(self, path: str | PathLike, extra_stop_tokens: Sequence[int] = ()):
-        self._model = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        proto = _read_bytes(path)  # not model_file=path: sentencepiece's own open would block on a FIFO
+        try:
+            self._model = sentencepiece.SentencePieceProcessor(model_proto=proto)
+        except RuntimeError as e:
+            raise TokenizerFormatError(f"{path} is neither a tiktoken nor a sentencepiece model: {e}") from None
+        n = self._model.vocab_size()
+        if n < 1 or not all(0 <= i < n for i in (self._model.bos_id(), self._model.eos_id())):
+            raise TokenizerFormatError(f"{path}: a sentencepiece model without a vocabulary, or without bos and eos pieces")
+        try:  # every piece must be text, or decoding it fails later, in the middle of a generation
+            for i in range(n):
+                self._model.id_to_piece(i)
+        except UnicodeDecodeError:
+            raise TokenizerFormatError(f"{path}: piece {i} of the sentencepiece model is not UTF-8 text") from None
         self.bos_id = self._model.bos_id()
         self.eos_id = self._model.eos_id()
         self.pad_id = self._model.pad_id()
@@ -308,7 +395,7 @@ class SentencePieceTokenizer(Tokenizer):
     def encode(self, text: str, *, bos: bool, eos: bool) -> list[int]:
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
-        ids = self._model.encode(text)
+        ids = self._model.encode(check_text(text))
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -381,14 +468,33 @@ def load_tokenizer(path: str | PathLike) -> Tokenizer:
     gets only the tokenizer's own stop tokens.
     """
     path = Path(path)
-    if not path.is_dir():
-        if not path.is_file():
+    try:
+        if not path.exists():
             raise TokenizerNotFoundError(f"{path} does not exist")
+        found = path if not path.is_dir() else next((path / n for n in TOKENIZER_FILES if (path / n).exists()), None)
+    except OSError as e:  # a directory we may not read
+        if isinstance(e, TokenizerNotFoundError):
+            raise
+        raise TokenizerFormatError(f"{path}: cannot read: {describe(e)}") from e
+    if found == path:
         return _load_file(path, extra_stop_tokens=())
-    for name in TOKENIZER_FILES:
-        if (path / name).is_file():
-            return _load_file(path / name, extra_stop_tokens=eos_ids_from_configs(path))
+    if found is not None:
+        return _load_file(found, extra_stop_tokens=eos_ids_from_configs(path))
     raise TokenizerNotFoundError(f"no tokenizer in {path}: looked for {', '.join(TOKENIZER_FILES)}")
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return read_bytes(path)
+    except OSError as e:
+        raise TokenizerFormatError(f"{path}: cannot read: {describe(e)}") from e
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return _read_bytes(path).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise TokenizerFormatError(f"{path}: not UTF-8 text: {e}") from None
 
 
 def _load_file(path: Path, extra_stop_tokens: Sequence[int]) -> Tokenizer:
@@ -396,17 +502,17 @@ def _load_file(path: Path, extra_stop_tokens: Sequence[int]) -> Tokenizer:
         return TiktokenTokenizer.from_hf_json(path, extra_stop_tokens)
     if _is_tiktoken_file(path):
         return TiktokenTokenizer.from_tiktoken_file(path, extra_stop_tokens)
-    try:
-        return SentencePieceTokenizer(path, extra_stop_tokens)
-    except (OSError, RuntimeError) as e:
-        raise TokenizerFormatError(f"{path} is neither a tiktoken nor a sentencepiece model: {e}") from e
+    return SentencePieceTokenizer(path, extra_stop_tokens)
 
 
 def _is_tiktoken_file(path: Path) -> bool:
     """tiktoken files are text lines 'base64-token rank'; sentencepiece files are protobuf binaries
     (they start with byte 0x0a, which cannot start such a line)."""
-    with open(path, "rb") as f:
-        first_line = f.readline(1024)
+    try:
+        with open_regular(path) as f:
+            first_line = f.readline(1024)
+    except OSError as e:
+        raise TokenizerFormatError(f"{path}: cannot read: {describe(e)}") from e
     return re.fullmatch(rb"[A-Za-z0-9+/]+={0,2} \d+\r?\n?", first_line) is not None
 
 
@@ -415,12 +521,13 @@ def eos_ids_from_configs(directory: Path) -> list[int]:
     ids = []
     for name in ("generation_config.json", "config.json"):
         file = directory / name
-        if not file.is_file():
+        if not file.exists():
             continue
+        text = _read_text(file)
         try:
-            config = json.loads(file.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise TokenizerFormatError(f"{file}: malformed JSON: {e}") from e
+            config = json.loads(text)
+        except (ValueError, RecursionError) as e:
+            raise TokenizerFormatError(f"{file}: malformed JSON: {e}") from None
         eos = config.get("eos_token_id") if isinstance(config, dict) else None
         eos = [] if eos is None else [eos] if isinstance(eos, int) else eos
         if not isinstance(eos, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in eos):

@@ -1,8 +1,8 @@
-"""An OpenAI-compatible HTTP API over the continuous-batching Engine of llama/serving.py.
+"""An OpenAI-compatible HTTP API over the continuous-batching Engine of llama/serving/engine.py.
 
     engine = Engine(llama.load(path), llama.load_tokenizer(path), max_batch_size=8)
     app = create_app(engine, model_name="my-model", api_key=None)
-    uvicorn.run(app, host="127.0.0.1", port=8000)       # scripts/serve.py does this
+    run_server(app, host="127.0.0.1", port=8000)        # scripts/serve.py does this; Ctrl-C drains
 
 Endpoints, in OpenAI's request and response shapes:
     GET  /v1/models            the one served model
@@ -11,19 +11,32 @@ Endpoints, in OpenAI's request and response shapes:
     GET  /health               {"status": "ok", "engine": {counters}}; 503 if the engine thread died
 
 Request fields: model, prompt / messages, max_tokens (chat: also max_completion_tokens), temperature
-[0, 2] (default 1), top_p (0, 1] (default 1), stop (a string or a list), seed, stream (with
-stream_options.include_usage), n, logprobs (completions: an int, the legacy shape; chat: a bool and
-top_logprobs), and vLLM's extensions top_k, min_p, repetition_penalty and ignore_eos. Unknown fields
-are ignored, as OpenAI does; a known field of the wrong type or out of range is a 400 naming it.
+[0, 2] (default 1), top_p (0, 1] (default 1), stop (a string or a list), seed (any integer, reduced
+modulo 2**64), stream (with stream_options.include_usage), n, logprobs (completions: an int, the
+legacy shape; chat: a bool and top_logprobs), and vLLM's extensions top_k, min_p, repetition_penalty
+and ignore_eos. Unknown fields are ignored, as OpenAI does; a known field of the wrong type or out of
+range is a 400 naming it: numbers must be finite (no NaN or Infinity), and text must be valid
+Unicode (a lone surrogate such as "\\ud800" is refused, as everywhere in the project).
+
+Limits on what one request may ask for (each refused with a 400 above it): at most MAX_STOP_STRINGS
+stop strings of at most MAX_STOP_LENGTH characters, MAX_PROMPTS prompts in a list, n <= MAX_N,
+logprobs / top_logprobs <= MAX_LOGPROBS, MAX_LOGIT_BIAS logit_bias entries, and n x prompts no more
+than the engine's slots plus its queue.
 Fields whose non-default values change the output in ways not implemented here (echo, suffix,
 best_of, logit_bias, presence/frequency penalties, tools, non-text response_format) are refused
 with a 400 rather than ignored. A `model` other than the served name is a 404 (model_not_found);
 omitting it means the served model.
 
-Every error is OpenAI's object {"error": {"message", "type", "param", "code"}} with a 4xx status:
-malformed JSON and bad fields 400, a missing or wrong API key 401, unknown model or path 404, a
-body over the size limit 413, the engine's slots and queue full 429. A client that disconnects
-(streaming or not) has its sequences cancelled, which frees their slots at the next step.
+Every error is OpenAI's object {"error": {"message", "type", "param", "code"}}: malformed JSON and
+bad fields 400, a missing or wrong API key 401, unknown model or path 404, a body over the size limit
+413, the engine's slots and queue full 429, the server shutting down 503. A 500 means a bug or a
+broken device: it ends that request alone (in a stream: an error event, then [DONE]), and the
+connection stays usable. A client that disconnects (streaming or not) has its sequences cancelled,
+which frees their slots at the next step.
+
+Shutdown (run_server, on SIGTERM or SIGINT): new requests get 503, accepted ones run on for up to
+`shutdown_timeout` seconds, then whatever is left ends with a 503 error object (in a stream: an
+error event, then [DONE]).
 
 Each request is logged on one line by the `llama.serving.app` logger: id, method, path, status, prompt
 and completion tokens, queue time, time to first token, latency and finish reasons.
@@ -39,22 +52,27 @@ import re
 import time
 import uuid
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import Annotated, Any, AsyncIterator
 
+import uvicorn
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..core.generation import GenerationError, SamplingParams
+from ..core.tokenizer import ChatFormatError, InvalidTextError, check_text
 from .engine import ContextLengthError, Delta, Engine, EngineFullError, EngineStoppedError, Request, token_text
-from ..core.tokenizer import ChatFormatError
 
 logger = logging.getLogger(__name__)
 
 MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 1024  # characters; the matcher is linear in the text anyway, this bounds the request's size
+MAX_PROMPTS = 128
+MAX_N = 128
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 300
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions; chat defaults to the rest of the context
 
 
@@ -73,12 +91,22 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return _JSON(self.body(), status_code=self.status)
+
+
+class _JSON(JSONResponse):
+    """JSON with non-ASCII characters escaped: an error message may quote a client's text, and a lone
+    surrogate in it cannot be encoded as UTF-8 (the response would fail as it is sent)."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 
 def _validation_error(exc: RequestValidationError, content_type: str) -> APIError:
-    """The first of pydantic's errors as a 400: the field it is about becomes `param`."""
-    error = exc.errors()[0]
+    """The first of pydantic's errors as a 400: the field it is about becomes `param`. Of a union's
+    errors (one per member), one raised by our own validators says more than "should be a string"."""
+    errors = exc.errors()
+    error = next((e for e in errors if e.get("type") == "value_error"), errors[0])
     # Drop the "body" root and the union members pydantic names in the path ('stop', 'list[str]', 0).
     loc = [str(p) for p in error.get("loc", ()) if p != "body" and not _UNION_MEMBER.fullmatch(str(p))]
     if error.get("type") == "json_invalid":
@@ -103,8 +131,16 @@ _UNION_MEMBER = re.compile(r"str|int|float|bool|none|[\w-]+\[.*\]")
 
 
 class _Body(BaseModel):
-    # strict: "0.5" is not a number and 1.5 is not an integer; unknown fields are ignored, as OpenAI does
-    model_config = ConfigDict(extra="ignore", strict=True)
+    # strict: "0.5" is not a number and 1.5 is not an integer; NaN and Infinity (which Python's JSON
+    # parser accepts) are not numbers either; unknown fields are ignored, as OpenAI does
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+
+
+def _unicode(value: str) -> str:
+    return check_text(value, "the text")  # a lone surrogate: a 400 naming the field
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
 
 
 class StreamOptions(_Body):
@@ -112,19 +148,19 @@ class StreamOptions(_Body):
 
 
 class _Common(_Body):
-    model: str | None = None
+    model: Text | None = None
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    n: int | None = Field(None, ge=1, le=128)
-    stop: str | list[str] | None = None
+    n: int | None = Field(None, ge=1, le=MAX_N)
+    stop: Text | list[Text] | None = None
     seed: int | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: Text | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = Field(None, max_length=MAX_LOGIT_BIAS)
     # vLLM's extensions
     top_k: int | None = Field(None, ge=-1)  # -1 or 0: off
     min_p: float | None = Field(None, ge=0, le=1)
@@ -139,11 +175,14 @@ class _Common(_Body):
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
         if any(not s for s in stops):
             raise ValueError("stop strings must not be empty")
+        if any(len(s) > MAX_STOP_LENGTH for s in stops):
+            raise ValueError(f"stop strings may have at most {MAX_STOP_LENGTH} characters, got "
+                             f"{max(len(s) for s in stops)}")  # fmt: skip
         return stop
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Text | list[Text] | list[int] | list[list[int]]
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool | None = False
     suffix: str | None = None
@@ -151,13 +190,13 @@ class CompletionRequest(_Common):
 
 
 class ContentPart(_Body):
-    type: str
-    text: str | None = None
+    type: Text
+    text: Text | None = None
 
 
 class ChatMessage(_Body):
-    role: str
-    content: str | list[ContentPart] | None = None
+    role: Text
+    content: Text | list[ContentPart] | None = None
 
 
 class ChatCompletionRequest(_Common):
@@ -255,7 +294,8 @@ def _submit(engine: Engine, requests: list[Request], prompt_param: str) -> _Job:
     except EngineFullError as e:
         raise APIError(429, str(e), type="requests", code="rate_limit_exceeded") from None
     except EngineStoppedError as e:
-        raise APIError(503, str(e), type="server_error", code="engine_stopped") from None
+        code = "server_shutting_down" if engine.state == "draining" else "engine_stopped"
+        raise APIError(503, str(e), type="server_error", code=code) from None
 
 
 # ---- the app -------------------------------------------------------------------------------------
@@ -264,7 +304,11 @@ def _submit(engine: Engine, requests: list[Request], prompt_param: str) -> _Job:
 def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
                max_body_bytes: int = 4 * 2**20) -> FastAPI:  # fmt: skip
     """The FastAPI app serving `engine` under `model_name`. The app's lifespan starts and stops the engine
-    thread. With `api_key`, every request needs `Authorization: Bearer <api_key>`."""
+    thread. With `api_key`, every request needs `Authorization: Bearer <api_key>`; an empty key (or
+    one with surrounding spaces, which no header could carry) is refused with a ValueError."""
+    if api_key is not None and (not isinstance(api_key, str) or not api_key.strip() or api_key != api_key.strip()):
+        raise ValueError("the API key must be a non-empty string without surrounding whitespace; "
+                         "for a server without a key pass None")  # fmt: skip
     created = int(time.time())
 
     @asynccontextmanager
@@ -274,7 +318,8 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
         engine.stop()
 
     app = FastAPI(title="llama-from-scratch", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.add_middleware(_Gate, api_key=api_key, max_body_bytes=max_body_bytes)
+    app.state.engine = engine
+    app.add_middleware(_Gate, api_key=api_key, max_body_bytes=max_body_bytes, engine=engine)
 
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
@@ -286,12 +331,6 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
         error = _validation_error(exc, request.headers.get("content-type", ""))
         _log_info(request).update(error=error.message)
         return error.response()
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request, exc: Exception):  # a bug: still OpenAI's error object, and logged
-        logger.exception("unexpected error")
-        _log_info(request).update(error=f"{type(exc).__name__}: {exc}")
-        return APIError(500, f"internal error: {type(exc).__name__}", type="server_error").response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, exc: StarletteHTTPException):
@@ -309,10 +348,10 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
 
     @app.get("/health")
     async def health():
-        stats = engine.stats()
-        status = 200 if stats["alive"] else 503
-        return JSONResponse({"status": "ok" if stats["alive"] else "error", "model": model_name, "engine": stats},
-                            status_code=status)  # fmt: skip
+        stats = engine.stats()  # state: running, draining (shutting down), stopped, failed
+        ok = stats["state"] == "running"
+        return JSONResponse({"status": "ok" if ok else stats["state"], "model": model_name, "engine": stats},
+                            status_code=200 if ok else 503)  # fmt: skip
 
     @app.get("/v1/models")
     async def models():
@@ -337,6 +376,9 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
             prompts = list(prompt)
         if not prompts:
             raise APIError(400, "'prompt' must not be empty", param="prompt")
+        if len(prompts) > MAX_PROMPTS:
+            raise APIError(400, f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}", param="prompt")
+        check_capacity(body, len(prompts))  # before the work of tokenizing them
         # In a worker thread: a long prompt takes a while to tokenize, and other clients' streams go on meanwhile.
         ids = await asyncio.to_thread(
             lambda: [tokenizer.encode(p, bos=True, eos=False) if isinstance(p, str) else list(p) for p in prompts]
@@ -361,9 +403,10 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
                 content = "\n".join(part.text for part in content)
             role = "system" if m.role == "developer" else m.role
             messages.append({"role": role, "content": content or ""})
+        check_capacity(body, 1)
         try:
             prompt = await asyncio.to_thread(engine.tokenizer.encode_dialog, messages)
-        except ChatFormatError as e:
+        except (ChatFormatError, InvalidTextError) as e:
             raise APIError(400, str(e), param="messages") from None
         max_tokens = body.max_completion_tokens or body.max_tokens or max(1, engine.context_len - len(prompt))
         k = (body.top_logprobs or 0) if body.logprobs else None
@@ -371,25 +414,57 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
         kind = _ChatCompletions(job, body, request, engine.tokenizer, model_name, [len(prompt)])
         return await kind.respond()
 
+    def check_capacity(body: _Common, prompts: int) -> None:
+        n = body.n or 1
+        capacity = engine.max_batch_size + engine.max_queue
+        if n * prompts > capacity:
+            raise APIError(400, f"n x prompts = {n * prompts} sequences exceed this server's capacity of "
+                           f"{capacity}", param="n")  # fmt: skip
+
     def _start(body: _Common, prompts: list[list[int]], max_tokens: int, logprobs: int | None, param: str,
                request: HTTPRequest) -> _Job:  # fmt: skip
         n = body.n or 1
-        capacity = engine.max_batch_size + engine.max_queue
-        if n * len(prompts) > capacity:
-            raise APIError(400, f"n x prompts = {n * len(prompts)} sequences exceed this server's capacity of "
-                           f"{capacity}", param="n")  # fmt: skip
         sampling = _sampling(body)
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         stop_tokens = frozenset() if body.ignore_eos else None
         requests = []
         for p in prompts:
             for j in range(n):  # choice j of a prompt: seed + j, so n samples differ but reproduce
-                seed = None if body.seed is None else body.seed + j
+                seed = None if body.seed is None else (body.seed + j) % 2**64
                 requests.append(Request(p, max_tokens, sampling, seed, stop, stop_tokens, logprobs))
         _log_info(request).update(prompt_tokens=sum(len(p) for p in prompts))
         return _submit(engine, requests, param)
 
     return app
+
+
+def run_server(app: FastAPI, *, host: str, port: int, shutdown_timeout: float = 30.0, log_level: str = "info") -> None:
+    """Serve `app` (from create_app) with uvicorn until SIGTERM or SIGINT, then shut down gracefully:
+    the engine admits nothing new (503), the requests it has run for up to `shutdown_timeout` seconds,
+    and whatever is left then ends with an error (503; in a stream, an error event and [DONE])."""
+    # access_log off: the app logs its own line per request, with tokens and latency. uvicorn's own
+    # grace period is a backstop a little longer than the engine's, which ends every request itself.
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+                            timeout_graceful_shutdown=shutdown_timeout + 5)  # fmt: skip
+    try:
+        GracefulServer(config, app.state.engine, shutdown_timeout).run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it has handled, once it has shut down
+        pass
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn's server, draining the engine when it starts shutting down (a signal, or should_exit)."""
+
+    def __init__(self, config: uvicorn.Config, engine: Engine, shutdown_timeout: float):
+        super().__init__(config)
+        self.engine, self.shutdown_timeout = engine, shutdown_timeout
+
+    async def shutdown(self, sockets=None) -> None:
+        # Before uvicorn closes idle connections and waits for the busy ones: those finish (or are
+        # ended by the engine when the grace period is over) instead of being cancelled mid-response.
+        logger.info("shutting down: finishing the requests in flight for up to %.0f s", self.shutdown_timeout)
+        self.engine.drain(self.shutdown_timeout)
+        await super().shutdown(sockets)
 
 
 def _log_info(request) -> dict:
@@ -445,7 +520,7 @@ class _Response:
             async for index, delta in self.job:
                 self._account(index, delta)
                 if delta.error is not None:
-                    raise APIError(500, f"generation failed: {delta.error}", type="server_error")
+                    raise _delta_error(delta)
                 self.collect(index, delta)
         finally:
             watcher.cancel()
@@ -463,10 +538,17 @@ class _Response:
             async for index, delta in self.job:
                 self._account(index, delta)
                 if delta.error is not None:
-                    yield _sse(APIError(500, f"generation failed: {delta.error}", type="server_error").body())
+                    yield _sse(_delta_error(delta).body(), ascii=True)
                     break
-                for chunk in self.chunks(index, delta):
-                    yield _sse(self._chunk(chunk, include_usage))
+                try:
+                    chunks = [_sse(self._chunk(chunk, include_usage)) for chunk in self.chunks(index, delta)]
+                except Exception as e:  # a bug turning this delta into chunks: this stream ends, properly
+                    logger.exception("a stream failed")
+                    self.log.update(error=f"{type(e).__name__}: {e}")
+                    yield _sse(APIError(500, f"internal error: {type(e).__name__}", type="server_error").body(), ascii=True)
+                    break
+                for chunk in chunks:
+                    yield chunk
             if include_usage:
                 yield _sse({**self._chunk([], False), "usage": self.usage()})
             yield "data: [DONE]\n\n"
@@ -496,8 +578,15 @@ class _Response:
         raise NotImplementedError
 
 
-def _sse(obj: dict) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+def _sse(obj: dict, ascii: bool = False) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=ascii, separators=(',', ':'))}\n\n"
+
+
+def _delta_error(delta: Delta) -> APIError:
+    """The error a request ended with in the engine, as the client sees it."""
+    if delta.error_kind == "shutdown":
+        return APIError(503, delta.error, type="server_error", code="server_shutting_down")
+    return APIError(500, f"generation failed: {delta.error}", type="server_error", code="generation_failed")
 
 
 class _Completions(_Response):
@@ -595,11 +684,14 @@ class _ChatCompletions(_Response):
 
 
 class _Gate:
-    """Pure ASGI middleware, outermost: checks the API key, caps the body size (Content-Length and
-    the bytes actually received, so a chunked body cannot slip past), and logs one line per request."""
+    """Pure ASGI middleware, outermost: checks the API key, refuses new requests while the engine does
+    not admit any (503; /health still answers), caps the body size (Content-Length and the bytes
+    actually received, so a chunked body cannot slip past), answers a bug's exception with a 500
+    error object instead of letting it reach the server (which would drop the keep-alive
+    connection), and logs one line per request."""
 
-    def __init__(self, app, api_key: str | None, max_body_bytes: int):
-        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+    def __init__(self, app, api_key: str | None, max_body_bytes: int, engine: Engine):
+        self.app, self.api_key, self.max_body_bytes, self.engine = app, api_key, max_body_bytes, engine
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -622,8 +714,15 @@ class _Gate:
                 await error.response()(scope, receive, send_and_record)
                 return
             await self.app(scope, _replay(body, receive), send_and_record)
-        except BaseException:
-            status[0] = status[0] or 500  # the outer error middleware answers 500
+        except Exception as e:  # a bug: logged with its traceback, answered with OpenAI's error object
+            logger.exception("unexpected error")
+            info["error"] = f"{type(e).__name__}: {e}"
+            if status[0]:  # the response had begun (a stream): it cannot be completed, so the connection closes
+                raise
+            await APIError(500, f"internal error: {type(e).__name__}", type="server_error").response()(
+                scope, receive, send_and_record)  # fmt: skip
+        except BaseException:  # cancelled: the server is going down
+            status[0] = status[0] or 500
             raise
         finally:
             self._log(scope, info, status[0], time.perf_counter() - started)
@@ -636,6 +735,11 @@ class _Gate:
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.api_key.encode()):
                 return APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
                                 code="invalid_api_key")  # fmt: skip
+        if scope.get("path") != "/health" and not self.engine.alive:
+            state = self.engine.state
+            code = "server_shutting_down" if state in ("draining", "stopped") else "engine_stopped"
+            message = "The server is shutting down" if code == "server_shutting_down" else f"The engine is {state}"
+            return APIError(503, f"{message} and accepts no new requests.", type="server_error", code=code)
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
             return self._too_large()

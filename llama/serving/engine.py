@@ -46,13 +46,25 @@ size. Each step admits waiting sequences in arrival order up to max_prefill_toke
 before the next decode step, so a burst of long prompts delays the tokens of running sequences.
 
 Text. Each sequence has its own tokenizer.stream_decoder, so text never splits a UTF-8 character,
-and text that might be the start of a stop string is held back until it is known not to be one.
+and text that might be the start of a stop string is held back until it is known not to be one
+(llama/core/stops.py: linear in the text, whatever the stop strings' lengths).
+
+Failures. Whatever goes wrong with one request (its sampling, decoding its text, checking its stop
+strings, its receiver) ends that request alone with an "error" Delta, in one place (_fail); a failed
+forward ends the requests that were in it. The engine thread goes on serving the others. Only a bug
+in the scheduling itself ends the thread; then every request still in flight gets its "error"
+Delta, submit() refuses new ones, and `state` says "failed".
+
+Shutdown. drain(grace) stops admitting (submit() raises EngineStoppedError) and lets what was
+already accepted run for up to `grace` seconds; whatever is left then ends with an "error" Delta
+of kind "shutdown". stop() ends the thread.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import sys
 import threading
 import time
 from collections import deque
@@ -61,8 +73,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..core.generation import GenerationError, SamplingParams, apply_repetition_penalty, sample
-from ..core.stops import split_at_stop
+from ..core.generation import GenerationError, SamplingParams, apply_repetition_penalty, check_seed, sample
+from ..core.stops import StopMatcher
+from ..core.tokenizer import check_vocabulary
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +85,7 @@ class EngineFullError(RuntimeError):
 
 
 class EngineStoppedError(RuntimeError):
-    """The engine is not running (not started, stopped, or its thread died)."""
+    """The engine takes no requests: not started, draining for a shutdown, stopped, or its thread died."""
 
 
 class ContextLengthError(GenerationError):
@@ -90,10 +103,11 @@ class ContextLengthError(GenerationError):
 class Request:
     """One sequence to generate.
 
-    prompt: token ids (with BOS, or the chat format's ids). stop: strings that end the text (the text
-    stops before them). stop_tokens: ids that end it (None: the engine's, i.e. the checkpoint's; ()
-    disables them). logprobs: None, or k >= 0 to report each token's log-probability under the model
-    (before temperature and filtering, as llama.generate reports it) and the k most likely tokens.
+    prompt: token ids (with BOS, or the chat format's ids). seed: any integer (reduced modulo 2**64),
+    or None for a random one. stop: strings that end the text (the text stops before them).
+    stop_tokens: ids that end it (None: the engine's, i.e. the checkpoint's; () disables them).
+    logprobs: None, or k >= 0 to report each token's log-probability under the model (before
+    temperature and filtering, as llama.generate reports it) and the k most likely tokens.
     """
 
     prompt: Sequence[int]
@@ -132,7 +146,9 @@ class Stats:
 class Delta:
     """What one sequence produced since its previous Delta: `text` (whole characters only), the `tokens`
     behind it (and their `logprobs` if requested). The last Delta has finish_reason "stop" (a stop
-    token or string) or "length" (max_tokens), or "error" with an `error` message, and `stats`."""
+    token or string) or "length" (max_tokens), or "error" with an `error` message and its
+    `error_kind` ("internal": something failed while generating it; "shutdown": the server is
+    shutting down), and `stats`."""
 
     text: str
     tokens: tuple[int, ...]
@@ -140,6 +156,7 @@ class Delta:
     finish_reason: str | None = None
     stats: Stats | None = None
     error: str | None = None
+    error_kind: str | None = None
 
 
 Sink = Callable[[int, Delta], None]
@@ -164,9 +181,9 @@ class _Sequence:
         self.request, self.index, self.ticket, self.sink = request, index, ticket, sink
         self.prompt = list(request.prompt)
         self.stop_tokens = engine.stop_tokens if request.stop_tokens is None else frozenset(request.stop_tokens)
-        self.stop = list(request.stop)
-        seed = request.seed if request.seed is not None else random.randrange(2**63)
-        self.generator = torch.Generator(device=engine.device).manual_seed(seed)
+        self.stops = StopMatcher(list(request.stop))
+        seed = check_seed(request.seed)
+        self.generator = torch.Generator(device=engine.device).manual_seed(random.randrange(2**64) if seed is None else seed)
         self.seen = None  # (1, V) bool: tokens present so far, for the repetition penalty
         if request.sampling.repetition_penalty != 1.0:
             self.seen = torch.zeros(1, engine.vocab_size, dtype=torch.bool, device=engine.device)
@@ -174,8 +191,8 @@ class _Sequence:
         self.decoder = engine.tokenizer.stream_decoder(self.prompt)
         self.tokens: list[int] = []  # generated so far, without a stop token
         self.slot = -1
+        self.done = False  # its final Delta is decided (finished, failed or cancelled)
         self.position = 0  # where the next token fed to the model goes in the slot
-        self.held = ""  # decoded text held back: it may be the start of a stop string
         self.chars = 0  # characters decoded so far
         self.unsent_tokens: list[int] = []
         self.unsent_logprobs: list[TokenLogprob] = []
@@ -191,7 +208,8 @@ class Engine:
     engine owns the model's KV cache (setup_cache is called here): do not run llama.generate on the
     same model object while the engine lives. max_seq_len (default: the model's) bounds prompt +
     max_tokens of every request, and with max_batch_size the pool's memory. stop_tokens default to
-    the model's (set by llama.load), else the tokenizer's.
+    the model's (set by llama.load), else the tokenizer's. A tokenizer with more ids than the model
+    has embeddings is refused (TokenizerMismatchError): it belongs to another checkpoint.
     """
 
     def __init__(self, model, tokenizer, *, max_batch_size: int = 8, max_seq_len: int | None = None,
@@ -204,6 +222,7 @@ class Engine:
             raise ValueError(f"max_seq_len must be an integer >= 2, got {max_seq_len!r}")
         if isinstance(max_prefill_tokens, bool) or not isinstance(max_prefill_tokens, int) or max_prefill_tokens < 1:
             raise ValueError(f"max_prefill_tokens must be a positive integer, got {max_prefill_tokens!r}")
+        check_vocabulary(tokenizer, model.config.vocab_size)
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.max_queue, self.max_prefill_tokens = max_batch_size, max_queue, max_prefill_tokens
         self.context_len = min(model.config.max_seq_len, max_seq_len or model.config.max_seq_len)
@@ -218,8 +237,9 @@ class Engine:
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []  # touched by the engine thread only
         self._in_flight = 0  # waiting + running sequences
-        self._wake = threading.Condition()  # guards _waiting, _in_flight, _stopping
+        self._wake = threading.Condition()  # guards _waiting, _in_flight, _stopping, _drain_deadline
         self._stopping = False
+        self._drain_deadline: float | None = None  # time.monotonic() after which what is left is ended
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None  # what killed the engine thread, if anything
         # prefills: sequences prefilled, in prefill_batches forwards; decode_rows: rows over all decode steps
@@ -241,9 +261,30 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    def drain(self, grace: float) -> None:
+        """Begin a graceful shutdown: admit nothing new, let what was accepted run for up to `grace`
+        seconds, then end what is left with an "error" Delta of kind "shutdown"."""
+        with self._wake:
+            if self._drain_deadline is None:
+                self._drain_deadline = time.monotonic() + grace
+            self._wake.notify()
+
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping
+        """The thread runs and admits requests."""
+        return self.state == "running"
+
+    @property
+    def state(self) -> str:
+        """"running", "draining" (shutting down: finishing what it has), "stopped", "failed" (its thread
+        died of a bug: see `error`) or "not started"."""
+        if self.error is not None:
+            return "failed"
+        if self._thread is None:
+            return "not started"
+        if self._stopping or not self._thread.is_alive():
+            return "stopped"
+        return "draining" if self._drain_deadline is not None else "running"
 
     def submit(self, requests: Sequence[Request], sink: Sink) -> Ticket:
         """Queue `requests` (all or none); sink(i, delta) then receives the Deltas of requests[i],
@@ -254,7 +295,9 @@ class Engine:
         sequences = [_Sequence(r, i, ticket, sink, self) for i, r in enumerate(requests)]
         with self._wake:
             if not self.alive:
-                raise EngineStoppedError("the engine is not running" + (f": {self.error}" if self.error else ""))
+                state = self.state
+                reason = {"draining": "the server is shutting down", "failed": f"the engine failed: {self.error}"}
+                raise EngineStoppedError(reason.get(state, f"the engine is {state}") + "; it accepts no new requests")
             capacity = self.max_batch_size + self.max_queue
             if self._in_flight + len(sequences) > capacity:
                 self.counters["rejected"] += 1
@@ -272,7 +315,7 @@ class Engine:
             waiting, in_flight = len(self._waiting), self._in_flight
         steps = self.counters["decode_steps"]
         return dict(
-            alive=self.alive, max_batch_size=self.max_batch_size, max_queue=self.max_queue,
+            alive=self.alive, state=self.state, max_batch_size=self.max_batch_size, max_queue=self.max_queue,
             context_len=self.context_len, running=in_flight - waiting, waiting=waiting, **self.counters,
             mean_batch=round(self.counters["decode_rows"] / steps, 2) if steps else 0.0,
         )  # fmt: skip
@@ -284,15 +327,21 @@ class Engine:
             raise GenerationError(f"request {index}: max_tokens must be a positive integer, got {r.max_tokens!r}")
         if not r.prompt:
             raise GenerationError(f"request {index}: the prompt is empty; it needs at least one token (e.g. BOS)")
-        bad = [t for t in r.prompt if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        vocab = self.tokenizer.vocab_size  # the ids that mean something (<= the model's rows)
+        bad = [t for t in r.prompt if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
         if bad:
-            raise GenerationError(f"request {index}: prompt token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+            raise GenerationError(f"request {index}: prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
         if len(r.prompt) + r.max_tokens > self.context_len:
             raise ContextLengthError(len(r.prompt), r.max_tokens, self.context_len)
-        if not all(isinstance(s, str) and s for s in r.stop):
-            raise GenerationError(f"request {index}: stop strings must be non-empty strings, got {list(r.stop)!r}")
-        if r.logprobs is not None and (isinstance(r.logprobs, bool) or not isinstance(r.logprobs, int) or r.logprobs < 0):
-            raise GenerationError(f"request {index}: logprobs must be None or an integer >= 0, got {r.logprobs!r}")
+        if isinstance(r.stop, str) or not all(isinstance(s, str) and s for s in r.stop):
+            raise GenerationError(f"request {index}: stop must be a list of non-empty strings, got {r.stop!r:.200}")
+        if r.logprobs is not None and (isinstance(r.logprobs, bool) or not isinstance(r.logprobs, int)
+                                       or not 0 <= r.logprobs <= vocab):  # fmt: skip
+            raise GenerationError(f"request {index}: logprobs must be None or an integer in [0, {vocab}], got {r.logprobs!r}")
+        try:
+            check_seed(r.seed)
+        except GenerationError as e:
+            raise GenerationError(f"request {index}: {e}") from None
 
     def _cancel(self, ticket: Ticket) -> None:
         with self._wake:
@@ -317,7 +366,8 @@ class Engine:
                     self._retire_cancelled()
                     if self._running:
                         self._decode()
-        except BaseException as e:  # a bug or a dead device: fail everyone rather than hang them
+                    self._end_overdue()
+        except BaseException as e:  # a bug in the scheduling itself: fail everyone rather than hang them
             logger.exception("engine thread failed")
             self.error = e
         finally:
@@ -325,8 +375,9 @@ class Engine:
                 self._stopping = True
                 left = self._running + list(self._waiting)
                 self._waiting.clear()
+            kind = "internal" if self.error else "shutdown"
             for seq in left:
-                self._fail(seq, f"the engine stopped: {self.error or 'server shutting down'}")
+                self._fail(seq, f"the engine stopped: {self.error or 'the server is shutting down'}", kind)
 
     def _next_admissions(self) -> list[_Sequence] | None:
         """Sleep until there is work; the waiting sequences to prefill now, in arrival order, as many
@@ -343,6 +394,17 @@ class Engine:
                     break
                 admitted.append(self._waiting.popleft())
             return admitted
+
+    def _end_overdue(self) -> None:
+        """Draining, past the grace period: end everything still waiting or running."""
+        with self._wake:
+            if self._drain_deadline is None or time.monotonic() < self._drain_deadline:
+                return
+            left = self._running + list(self._waiting)
+            self._waiting.clear()
+        for seq in left:
+            self._fail(seq, "the server is shutting down; its grace period ended before this request finished",
+                       "shutdown")  # fmt: skip
 
     def _prefill_groups(self, seqs: list[_Sequence]) -> list[list[_Sequence]]:
         """`seqs` in groups of similar prompt length: real tokens >= 2/3 of each group's padded size."""
@@ -365,19 +427,18 @@ class Engine:
         for seq in seqs:
             seq.slot, seq.started = self._free.pop(), now
             self._running.append(seq)
-        lengths = torch.tensor([len(s.prompt) for s in seqs], device=self.device)  # (B,)
-        ids = torch.zeros(len(seqs), int(lengths.max()), dtype=torch.long, device=self.device)  # (B, T)
-        for b, seq in enumerate(seqs):
-            ids[b, : len(seq.prompt)] = torch.tensor(seq.prompt, device=self.device)
-        rows = torch.tensor([s.slot for s in seqs], device=self.device)  # (B,)
         try:
+            lengths = torch.tensor([len(s.prompt) for s in seqs], device=self.device)  # (B,)
+            ids = torch.zeros(len(seqs), int(lengths.max()), dtype=torch.long, device=self.device)  # (B, T)
+            for b, seq in enumerate(seqs):
+                ids[b, : len(seq.prompt)] = torch.tensor(seq.prompt, device=self.device)
+            rows = torch.tensor([s.slot for s in seqs], device=self.device)  # (B,)
             logits = self.model(ids, 0, cache_rows=rows)  # (B, T, V)
+            logits = logits[torch.arange(len(seqs), device=self.device), lengths - 1]  # (B, V): each last prompt token
         except Exception as e:  # e.g. out of memory for long prompts: these requests fail, others go on
-            logger.exception("prefill failed")
             for seq in seqs:
-                self._fail(seq, f"prefill failed: {e}")
+                self._fail(seq, f"prefill failed: {type(e).__name__}: {e}")
             return
-        logits = logits[torch.arange(len(seqs), device=self.device), lengths - 1]  # (B, V): each last prompt token
         self.counters["prefills"] += len(seqs)
         self.counters["prefill_batches"] += 1
         self.counters["prefill_tokens"] += int(lengths.sum())
@@ -387,15 +448,14 @@ class Engine:
 
     def _decode(self) -> None:
         seqs = list(self._running)
-        tokens = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)  # (B, 1)
-        positions = torch.tensor([s.position for s in seqs], device=self.device)  # (B,)
-        rows = torch.tensor([s.slot for s in seqs], device=self.device)  # (B,)
         try:
+            tokens = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)  # (B, 1)
+            positions = torch.tensor([s.position for s in seqs], device=self.device)  # (B,)
+            rows = torch.tensor([s.slot for s in seqs], device=self.device)  # (B,)
             logits = self.model(tokens, positions, cache_rows=rows)[:, -1]  # (B, V)
         except Exception as e:
-            logger.exception("decode step failed")
             for s in seqs:
-                self._fail(s, f"decode failed: {e}")
+                self._fail(s, f"decode failed: {type(e).__name__}: {e}")
             return
         self.counters["decode_steps"] += 1
         self.counters["decode_rows"] += len(seqs)
@@ -404,32 +464,35 @@ class Engine:
         self._advance(seqs, logits)
 
     def _advance(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
-        """Sample one token for each of `seqs` from its row of logits: (B, V) float32, and act on it."""
+        """Sample one token for each of `seqs` from its row of logits: (B, V) float32, and act on it.
+        Whatever fails for one row ends that row's request alone."""
         if self.tokenizer.vocab_size < logits.shape[-1]:  # ids the tokenizer could not decode
             logits[:, self.tokenizer.vocab_size :] = float("-inf")
         greedy = logits.argmax(dim=-1).tolist()  # (B,)
         for b, seq in enumerate(seqs):
-            params, k = seq.request.sampling, seq.request.logprobs
-            row = logits[b : b + 1]  # (1, V)
-            logprobs = torch.log_softmax(row[0], dim=-1) if k is not None else None  # (V,), the model's own
-            if seq.seen is not None:
-                row = apply_repetition_penalty(row, seq.seen, params.repetition_penalty)
-            if params.temperature == 0:
-                token = greedy[b] if seq.seen is None else int(row.argmax(dim=-1))
-            else:
-                token = int(sample(row, params, seq.generator))
-            if seq.seen is not None:
-                seq.seen[0, token] = True
-            info = None
-            if logprobs is not None:
-                top = torch.topk(logprobs, k) if k else None
-                alternatives = tuple(zip(top.indices.tolist(), top.values.tolist())) if top is not None else ()
-                info = TokenLogprob(token, float(logprobs[token]), alternatives, seq.chars)
             try:
+                token, info = self._sample(seq, logits[b : b + 1], greedy[b])
                 self._accept(seq, token, info)
-            except Exception as e:  # a tokenizer that cannot decode the id, a broken sink
-                logger.exception("handling a token failed")
-                self._fail(seq, f"handling token {token} failed: {e}")
+            except Exception as e:  # a sampler or tokenizer failure, a broken model row
+                self._fail(seq, f"{type(e).__name__}: {e}")
+
+    def _sample(self, seq: _Sequence, row: torch.Tensor, greedy: int) -> tuple[int, TokenLogprob | None]:
+        """The next token from `row`: (1, V) logits, and its logprob info if the request wants it."""
+        params, k = seq.request.sampling, seq.request.logprobs
+        logprobs = torch.log_softmax(row[0], dim=-1) if k is not None else None  # (V,), the model's own
+        if seq.seen is not None:
+            row = apply_repetition_penalty(row, seq.seen, params.repetition_penalty)
+        if params.temperature == 0:
+            token = greedy if seq.seen is None else int(row.argmax(dim=-1))
+        else:
+            token = int(sample(row, params, seq.generator))
+        if seq.seen is not None:
+            seq.seen[0, token] = True
+        if logprobs is None:
+            return token, None
+        top = torch.topk(logprobs, k) if k else None
+        alternatives = tuple(zip(top.indices.tolist(), top.values.tolist())) if top is not None else ()
+        return token, TokenLogprob(token, float(logprobs[token]), alternatives, seq.chars)
 
     def _accept(self, seq: _Sequence, token: int, info: TokenLogprob | None) -> None:
         if seq.first_token is None:
@@ -444,7 +507,7 @@ class Engine:
             seq.unsent_logprobs.append(info)
         new = seq.decoder.push(token)
         seq.chars += len(new)
-        text, seq.held, hit = split_at_stop(seq.held + new, seq.stop)
+        text, hit = seq.stops.push(new)
         if hit:
             self._finish(seq, "stop", text, flush=False)
         elif len(seq.tokens) >= seq.request.max_tokens:
@@ -460,30 +523,34 @@ class Engine:
 
     def _finish(self, seq: _Sequence, reason: str, text: str, flush: bool = True) -> None:
         if flush:  # the end of the text: release what was held back (an unfinished character, a stop-string prefix)
-            more, _, hit = split_at_stop(seq.held + seq.decoder.flush(), seq.stop, final=True)
+            more, hit = seq.stops.push(seq.decoder.flush(), final=True)
             text += more
             reason = "stop" if hit else reason
-        now = time.perf_counter()
-        stats = Stats(len(seq.prompt), len(seq.tokens), seq.started - seq.submitted,
-                      (seq.first_token or now) - seq.submitted, now - seq.submitted)  # fmt: skip
         self._release(seq)
         self.counters["finished"] += 1
-        self._emit(seq, self._delta(seq, text, finish_reason=reason, stats=stats))
+        self._emit(seq, self._delta(seq, text, finish_reason=reason, stats=self._stats(seq)))
 
-    def _fail(self, seq: _Sequence, message: str) -> None:
+    def _fail(self, seq: _Sequence, message: str, kind: str = "internal") -> None:
+        """End one request with an "error" Delta: the one place where a request fails. An internal
+        failure is logged with its traceback (it is a bug or a broken device); a shutdown is not."""
+        if kind == "internal":
+            logger.error("request failed: %s", message, exc_info=sys.exc_info()[0] is not None)
+        if seq.done:  # it already had its final Delta (it failed while being sent)
+            return
         self.counters["errors"] += 1
-        if seq.slot >= 0 or seq in self._running:
-            self._release(seq)
-        else:
-            with self._wake:
-                self._in_flight -= 1
+        self._release(seq)
+        self._emit(seq, self._delta(seq, "", finish_reason="error", stats=self._stats(seq), error=message,
+                                    error_kind=kind))  # fmt: skip
+
+    def _stats(self, seq: _Sequence) -> Stats:
         now = time.perf_counter()
-        stats = Stats(len(seq.prompt), len(seq.tokens), (seq.started or now) - seq.submitted,
-                      (seq.first_token or now) - seq.submitted, now - seq.submitted)  # fmt: skip
-        self._emit(seq, self._delta(seq, "", finish_reason="error", stats=stats, error=message))
+        return Stats(len(seq.prompt), len(seq.tokens), (seq.started or now) - seq.submitted,
+                     (seq.first_token or now) - seq.submitted, now - seq.submitted)  # fmt: skip
 
     def _release(self, seq: _Sequence, cancelled: bool = False) -> None:
-        """Take `seq` out of the running set and give its slot back."""
+        """Take `seq` out of the running set (or the queue's count) and give its slot back."""
+        assert not seq.done, "a sequence released twice"
+        seq.done = True
         if seq in self._running:
             self._running.remove(seq)
         if seq.slot >= 0:
