@@ -72,3 +72,37 @@ def test_sharded_model_equals_one_process(layout):
         assert rel(r["decoded"], expected) < RTOL  # each rank's KV cache holds only its heads
         assert r["greedy"] == greedy
         assert r["heads"][0] == [config.n_heads // 2, max(1, config.n_kv_heads // 2)]
+
+
+# ---- loading per rank ---------------------------------------------------------------------------------------
+
+import llama  # noqa: E402
+
+# 8 query and 4 kv heads: Meta's format splits kv heads across shards, so 4 shards need 4 of them.
+SHARDED = BASE.replace(n_heads=8, n_kv_heads=4, head_dim=8, vocab_size=96)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """One random model as Meta files of 1, 2 and 4 shards (the embedding split on its width, as in
+    Llama 2) and as HF safetensors in several shard files."""
+    model = random_model(SHARDED)
+    root = tmp_path_factory.mktemp("tp")
+    for n in (1, 2, 4):
+        llama.save(model, root / f"meta-{n}", format="meta", n_shards=n)
+    llama.save(model, root / "hf-sharded", format="hf", max_shard_bytes=30_000)
+    with torch.no_grad():
+        expected = model(tokens(SHARDED))
+    return root, expected
+
+
+@pytest.mark.parametrize("layout, nproc", [("meta-1", 2), ("meta-2", 2), ("meta-4", 2), ("hf-sharded", 2), ("meta-2", 4)])
+def test_each_rank_loads_its_part(checkpoints, layout, nproc):
+    root, expected = checkpoints
+    assert layout != "hf-sharded" or len(list((root / layout).glob("*.safetensors"))) > 2
+    results = run("load_logits", {"path": str(root / layout)}, nproc=nproc)
+    full_bytes = sum(p.numel() * 4 for p in random_model(SHARDED).parameters())
+    for r in results:
+        assert rel(r["full"], expected) < RTOL
+        # Each rank holds about 1/nproc of the model: the norms are replicated (and tiny).
+        assert r["bytes"] < full_bytes / nproc * 1.1
