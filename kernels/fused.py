@@ -21,6 +21,8 @@ What each one saves:
   reference to ~1e-6 relative; in bf16 the reference rounds the probabilities to bf16 before the
   value matmul while SDPA's fused kernels keep them wider, so logits differ by up to a few percent
   of their range (see tests/test_kernels.py for the measured error and the bound).
+  SDPA never forms the probabilities, so a forward that asks to record them
+  (llama/core/recording.py) is refused; with sdpa=False the plain attend records them.
   Speed depends on the backend: on a CPU without native bf16 matmul, SDPA's bf16 kernel was 4x
   slower than the plain path for one decoding query against 1024 keys (float32: 2x faster), while
   prefill of 1024 tokens got 1.3-1.5x faster in both dtypes. Measure on the target device.
@@ -41,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llama.core.model import Attention, Context, FeedForward, apply_rope
+from llama.core.support import UnsupportedModelError
 
 _SDPA_HAS_GQA = torch.__version__ >= "2.5"  # TorchVersion compares as a version, not a string
 
@@ -129,6 +132,11 @@ class FastAttention(Attention):
         """q: (B, H, T, hd), k, v: (B, Hkv, S, hd) -> (B, H, T, hd)."""
         if not self.sdpa:
             return super().attend(q, k, v, ctx)
+        if ctx.recorder is not None and ctx.recorder.wants("attention", self.layer):
+            raise UnsupportedModelError(
+                f"layer {self.layer}: attention probabilities cannot be recorded through SDPA, which never "
+                "forms them; record on the plain model (without kernels.optimize) or optimize with sdpa=False"
+            )
         # Never is_causal: with a cache the T queries sit at positions start_pos.., not 0.., and
         # rows may have different start positions; the mask encodes both (and any sliding window).
         mask = ctx.mask(self.window)

@@ -210,11 +210,55 @@ class ModelConfig:
 
     @property
     def n_params(self) -> int:
-        attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads) + (2 * self.head_dim if self.qk_norm else 0)
-        ffn = (3 if self.mlp == "swiglu" else 2) * self.dim * self.ffn_dim
-        layer = attn + ffn + 2 * self.dim
-        out = 0 if self.tie_word_embeddings else self.vocab_size * self.dim
-        return self.vocab_size * self.dim + self.n_layers * layer + self.dim + out
+        """Every parameter, a tied output layer counted once: the sum of param_counts()."""
+        return sum(self.param_counts().values())
+
+    # ---- model arithmetic (docs/MATH.md works these through; scripts/model_stats.py prints them) ----
+
+    def param_counts(self) -> dict[str, int]:
+        """Parameters by part, keyed as the model's own names group them:
+
+            embedding     V x D (tok_embeddings)
+            attention     per layer wq and wo, H*hd x D each, and wk and wv, Hkv*hd x D each: GQA's
+                          fewer key/value heads shrink only the last two
+            feed_forward  per layer three D x F matrices for SwiGLU (w1, w3, w2), two for gelu
+            norms         per layer two RMSNorm weights of D (attention_norm, ffn_norm), plus two of hd
+                          with qk_norm (q_norm, k_norm), and the final norm's D
+            output        V x D, or 0 when tied to the embedding (one tensor, counted once)
+        """
+        hd, L = self.head_dim, self.n_layers
+        matrices = {"swiglu": 3, "gelu": 2}[self.mlp]
+        return {
+            "embedding": self.vocab_size * self.dim,
+            "attention": L * self.dim * hd * (2 * self.n_heads + 2 * self.n_kv_heads),
+            "feed_forward": L * matrices * self.dim * self.ffn_dim,
+            "norms": L * (2 * self.dim + (2 * hd if self.qk_norm else 0)) + self.dim,
+            "output": 0 if self.tie_word_embeddings else self.vocab_size * self.dim,
+        }
+
+    def kv_cache_bytes_per_token(self, dtype: Any = "bfloat16") -> int:
+        """Bytes the KV cache stores for one token of one sequence: a key and a value vector of
+        Hkv * hd per layer. dtype: a torch dtype or its name ("bfloat16", "float32", ...).
+        (With a sliding window this project's cache still keeps every position: the mask hides the
+        old ones.)"""
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * dtype_bytes(dtype)
+
+    def flops_per_token(self, context: int) -> int:
+        """Forward-pass FLOPs (a multiply-add is 2) of one token that attends to `context` positions,
+        itself included.
+
+        Matrices: 2 per weight that multiplies -- attention, feed-forward and the output layer (also
+        when tied); the embedding is a lookup, no arithmetic. Attention itself: q.k for every position
+        and the probability-weighted sum of v, 2 * 2 * H * hd per position per layer (a sliding-window
+        layer sees at most its window). Norms, rotary, softmax and the activation are O(D) per token
+        and left out. Training costs about 3x this (backward is two matmuls per forward one).
+        """
+        if isinstance(context, bool) or not isinstance(context, int) or context < 1:
+            raise ValueError(f"context must be a positive number of positions, got {context!r}")
+        counts = self.param_counts()
+        weights = counts["attention"] + counts["feed_forward"] + self.vocab_size * self.dim
+        attended = sum(min(context, self.window(i) or context) for i in range(self.n_layers))
+        return 2 * weights + 4 * self.n_heads * self.head_dim * attended
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
@@ -628,6 +672,20 @@ def _jsonable(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
+# Bytes per element of the dtypes a model or its cache may use (torch dtypes also carry .itemsize).
+DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1, "int8": 1}
+
+
+def dtype_bytes(dtype: Any) -> int:
+    """Bytes per element of a torch dtype or a dtype name; ValueError for anything else."""
+    itemsize = getattr(dtype, "itemsize", None)
+    if isinstance(itemsize, int):
+        return itemsize
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPE_BYTES:
+        return DTYPE_BYTES[dtype.removeprefix("torch.")]
+    raise ValueError(f"unknown dtype {dtype!r}; expected a torch dtype or one of {', '.join(DTYPE_BYTES)}")
+
+
 def meta_ffn_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
     """Meta's FFN width: 2/3 of 4*dim (SwiGLU has three matrices instead of two), optionally
     scaled, rounded up to a multiple of `multiple_of`."""
@@ -700,31 +758,36 @@ class _Getter:
         return value
 
 
-def _llama3(dim, n_layers, n_heads, ffn_dim, *, tied=False, scaled=None, max_seq_len=131072):
+def _llama3(dim, n_layers, n_heads, multiple_of, ffn_dim_multiplier, *, tied=False, scaled=None, max_seq_len=131072):
     scaling = RopeScaling("llama3", scaled, 1.0, 4.0, 8192) if scaled else None
     return ModelConfig(
-        dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=8, vocab_size=128256, ffn_dim=ffn_dim,
+        dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=8, vocab_size=128256,
+        ffn_dim=meta_ffn_dim(dim, multiple_of, ffn_dim_multiplier),
         rope_theta=500000.0, rope_scaling=scaling, tie_word_embeddings=tied,
         max_seq_len=max_seq_len if scaled else 8192,
     )  # fmt: skip
 
 
-def _llama2(dim, n_layers, n_heads, n_kv_heads, ffn_dim):
+def _llama2(dim, n_layers, n_heads, n_kv_heads, multiple_of, ffn_dim_multiplier=None):
     return ModelConfig(
         dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=32000,
-        ffn_dim=ffn_dim, max_seq_len=4096,
+        ffn_dim=meta_ffn_dim(dim, multiple_of, ffn_dim_multiplier), max_seq_len=4096,
     )  # fmt: skip
 
 
+# The FFN width is written as Meta's params.json gives it, (multiple_of, ffn_dim_multiplier), and
+# derived by meta_ffn_dim: 2/3 of 4 * dim (SwiGLU's third matrix paid for by a narrower layer),
+# times the multiplier, rounded up to the multiple. docs/MATH.md works it through.
 REGISTRY: dict[str, ModelConfig] = {
-    "llama-2-7b": _llama2(4096, 32, 32, 32, 11008),
-    "llama-2-13b": _llama2(5120, 40, 40, 40, 13824),
-    "llama-2-70b": _llama2(8192, 80, 64, 8, 28672),
-    "llama-3-8b": _llama3(4096, 32, 32, 14336),
-    "llama-3-70b": _llama3(8192, 80, 64, 28672),
-    "llama-3.1-8b": _llama3(4096, 32, 32, 14336, scaled=8.0),
-    "llama-3.1-70b": _llama3(8192, 80, 64, 28672, scaled=8.0),
-    "llama-3.1-405b": _llama3(16384, 126, 128, 53248, scaled=8.0),
-    "llama-3.2-1b": _llama3(2048, 16, 32, 8192, tied=True, scaled=32.0),
-    "llama-3.2-3b": _llama3(3072, 28, 24, 8192, tied=True, scaled=32.0),
+    #                 dim    layers heads kv  multiple_of  ffn_dim_multiplier
+    "llama-2-7b": _llama2(4096, 32, 32, 32, 256),  # ffn_dim 11008
+    "llama-2-13b": _llama2(5120, 40, 40, 40, 256),  # 13824
+    "llama-2-70b": _llama2(8192, 80, 64, 8, 4096, 1.3),  # 28672
+    "llama-3-8b": _llama3(4096, 32, 32, 1024, 1.3),  # 14336
+    "llama-3-70b": _llama3(8192, 80, 64, 4096, 1.3),  # 28672
+    "llama-3.1-8b": _llama3(4096, 32, 32, 1024, 1.3, scaled=8.0),  # 14336
+    "llama-3.1-70b": _llama3(8192, 80, 64, 4096, 1.3, scaled=8.0),  # 28672
+    "llama-3.1-405b": _llama3(16384, 126, 128, 4096, 1.2, scaled=8.0),  # 53248
+    "llama-3.2-1b": _llama3(2048, 16, 32, 256, 1.5, tied=True, scaled=32.0),  # 8192
+    "llama-3.2-3b": _llama3(3072, 28, 24, 256, 1.0, tied=True, scaled=32.0),  # 8192
 }

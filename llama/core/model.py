@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig, RopeScaling
+from .recording import Recorder
 
 
 class RMSNorm(nn.Module):
@@ -181,6 +182,7 @@ class Context:
     masks: dict[int | None, torch.Tensor]  # sliding window (None: plain causal) -> (B, 1, T, S) bool, True = attend
     cache: KVCache | None = None
     rows: torch.Tensor | None = None  # (B,) the cache row of each batch row (None: rows 0..B-1)
+    recorder: Recorder | None = None  # collects attention probabilities and hidden states (recording.py)
 
     @property
     def kv_len(self) -> int:
@@ -189,6 +191,10 @@ class Context:
 
     def mask(self, window: int | None) -> torch.Tensor:
         return self.masks[window]
+
+    def record(self, kind: str, layer: int, x: torch.Tensor) -> None:
+        if self.recorder is not None:
+            self.recorder.add(kind, layer, x)
 
 
 def attention_mask(positions: torch.Tensor, kv_len: int, window: int | None) -> torch.Tensor:
@@ -272,6 +278,7 @@ class Attention(nn.Module):
         scores = (q @ k.transpose(2, 3)) / math.sqrt(self.head_dim)  # (B, H, T, S)
         scores = scores.float().masked_fill(~ctx.mask(self.window), float("-inf"))
         probs = F.softmax(scores, dim=-1).type_as(q)  # (B, H, T, S)
+        ctx.record("attention", self.layer, probs)
         return probs @ v  # (B, H, T, hd)
 
     def project_out(self, out: torch.Tensor) -> torch.Tensor:
@@ -370,8 +377,8 @@ class Transformer(nn.Module):
 
     # ---- the forward pass --------------------------------------------------------------------------
 
-    def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor = 0, *,
-                cache_rows: torch.Tensor | None = None, kv_len: int | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor = 0, *, cache_rows: torch.Tensor | None = None,
+                kv_len: int | None = None, record: Recorder | None = None) -> torch.Tensor:
         """tokens: (B, T) int64 -> logits: (B, T, V) float32.
 
         Without a cache this is the plain causal forward over the T tokens (start_pos must be 0).
@@ -379,16 +386,19 @@ class Transformer(nn.Module):
         (start_pos: an int shared by all rows, or a (B,) tensor), and attend to everything the cache
         holds before them. For callers that drive the cache themselves (see KVCache.locate):
         cache_rows, the cache row of each batch row (a server keeps one request per row); kv_len, a
-        fixed number of cache positions to attend to (a compiled decode step).
+        fixed number of cache positions to attend to (a compiled decode step). record: a Recorder
+        that collects every layer's attention probabilities and hidden states (llama/core/recording.py).
         """
-        ctx = self.context(tokens, start_pos, cache_rows, kv_len)
+        ctx = self.context(tokens, start_pos, cache_rows, kv_len, record)
         h = self.tok_embeddings(tokens)  # (B, T, D)
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
+            ctx.record("hidden", i, h)  # the residual stream entering block i
             h = layer(h, ctx)
+        ctx.record("hidden", len(self.layers), h)
         h = self.norm(h)
         return self.output(h).float()  # (B, T, V)
 
-    def context(self, tokens: torch.Tensor, start_pos, cache_rows, kv_len) -> Context:
+    def context(self, tokens: torch.Tensor, start_pos, cache_rows, kv_len, record=None) -> Context:
         """Positions, rotation angles and masks of this call: computed once, shared by every layer."""
         B, T = tokens.shape
         starts = torch.as_tensor(start_pos, dtype=torch.long, device=tokens.device).expand(B)  # (B,)
@@ -414,4 +424,4 @@ class Transformer(nn.Module):
         angles = positions[:, :, None].float() * freqs.to(tokens.device)  # (B, T, hd/2)
         windows = {layer.attention.window for layer in self.layers} if self.layers else {None}
         masks = {w: attention_mask(positions, S, w) for w in windows}
-        return Context(positions, angles.cos(), angles.sin(), masks, self.cache, cache_rows)
+        return Context(positions, angles.cos(), angles.sin(), masks, self.cache, cache_rows, record)
