@@ -72,5 +72,47 @@ def main() -> None:
     dist.destroy_process_group()
 
 
+
+def run_requests(engine, prompts: list[list[int]], max_tokens: int = 8) -> list[list[int]]:
+    """Submit greedy requests together and wait for them: the tokens of each."""
+    import threading
+
+    from llama.serving.engine import Request
+
+    tokens = [[] for _ in prompts]
+    done = threading.Semaphore(0)
+
+    def sink(i, delta):
+        tokens[i] += delta.tokens
+        if delta.finish_reason is not None:
+            done.release()
+
+    engine.submit([Request(p, max_tokens, stop_tokens=()) for p in prompts], sink)
+    for _ in prompts:
+        assert done.acquire(timeout=120)
+    return tokens
+
+
+def engine_outputs(args: dict) -> dict:
+    """Rank 0 serves requests through the continuous-batching engine over a Leader; the others follow."""
+    import weights
+    from llama.distributed import Leader, follow
+    from llama.serving.engine import Engine
+
+    config = ModelConfig.from_dict(args["config"])
+    model = llama.distributed.shard(random_model(config))
+    if dist.get_rank() != 0:
+        return {"followed": follow(model)}
+    leader = Leader(model)
+    engine = Engine(leader, llama.load_tokenizer(weights.BUNDLED_MODEL), max_batch_size=4, max_seq_len=32)
+    engine.start()
+    try:
+        outputs = run_requests(engine, args["prompts"])
+    finally:
+        engine.stop()
+        leader.stop()
+    return {"outputs": outputs}
+
+
 if __name__ == "__main__":
     main()

@@ -106,3 +106,29 @@ def test_each_rank_loads_its_part(checkpoints, layout, nproc):
         assert rel(r["full"], expected) < RTOL
         # Each rank holds about 1/nproc of the model: the norms are replicated (and tiny).
         assert r["bytes"] < full_bytes / nproc * 1.1
+
+
+# ---- a server: rank 0 drives, the others follow -------------------------------------------------------------
+
+
+def test_engine_on_rank_0_drives_the_followers():
+    """The continuous-batching engine on rank 0, over a Leader; rank 1 mirrors every call. Outputs equal
+    one process's engine (the bundled tokenizer's vocabulary: 4096)."""
+    import threading  # noqa: F401
+
+    import weights
+    from distributed_worker import run_requests
+    from llama.serving.engine import Engine
+
+    config = BASE.replace(vocab_size=4096)
+    prompts = [[1, 5, 9, 200], [1, 7], [1, 3000, 4, 4, 4, 9], [1, 2, 3]]
+    results = run("engine_outputs", {"config": config.to_dict(), "prompts": prompts})
+    engine = Engine(random_model(config), llama.load_tokenizer(weights.BUNDLED_MODEL), max_batch_size=4, max_seq_len=32)
+    engine.start()
+    try:
+        expected = run_requests(engine, prompts)
+    finally:
+        engine.stop()
+    assert "error" not in results[0] and "error" not in results[1], results
+    assert results[0]["outputs"] == expected
+    assert results[1]["followed"] > len(prompts)  # setup_cache, prefills and decode steps

@@ -3,14 +3,17 @@
     process.py          init(): join the process group torchrun describes (gloo on CPUs, nccl on GPUs)
     tensor_parallel.py  split a model's matrices over ranks (Megatron / Meta style): shard()
     loading.py          load(): each rank reads only its part of a checkpoint
+    lockstep.py         Leader / follow(): rank 0 drives the model (a server), the others mirror it
 """
 
 from .loading import load
+from .lockstep import Leader, follow
 from .process import device, init, launched
 from .tensor_parallel import (Plan, RowParallelLinear, TensorParallelError, VocabParallelEmbedding, VocabParallelOutput,
                               current_plan, shard)  # fmt: skip
 
 __all__ = [
+    "Leader",
     "Plan",
     "RowParallelLinear",
     "TensorParallelError",
@@ -18,6 +21,7 @@ __all__ = [
     "VocabParallelOutput",
     "current_plan",
     "device",
+    "follow",
     "init",
     "launched",
     "load",
