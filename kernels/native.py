@@ -19,6 +19,8 @@ G = int4 group size. All three compute y = x @ W.T in float32 and round y once t
     gemv_int8(x, weight, scales)       weight (N, K) int8, scales (N,): Int8Linear's own buffers
     gemv_int4(x, packed, N, K, G)      packed = pack_int4(weight, scales_and_zeros, G), made once
                                        from Int4Linear's buffers (the layout: kernels/csrc/gemv_int4.cpp)
+    gemv_q8_0(x, weight, scales)       weight (N, K) int8, scales (N, K/32) float16: GGUF's Q8_0 as
+                                       Int8BlockLinear holds it (no AMX version: vdpbf16ps for any M)
 
 x is bfloat16 (M, K) on the CPU, any M; K need not be a multiple of anything (int4: of G, as
 Int4Linear requires). The activations are never quantized: int8 and int4 values are widened to
@@ -29,17 +31,20 @@ and more (where the CPU and Linux allow them), and plain loops for any other CPU
 
 Build: the first call of anything here compiles kernels/csrc/ with torch.utils.cpp_extension.load
 (needs a C++ compiler and ninja: `pip install ninja`, or the `fast` extra) for the machine it runs
-on (-march=native). That takes about a minute once; the result is cached in torch's extension
-directory (TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions), one build per kind of CPU.
+on (-march=native), saying so in one line on stderr first. That takes about a minute once; the
+result is cached under torch's extension directory (TORCH_EXTENSIONS_DIR, by default
+~/.cache/torch_extensions) in a folder named after what the build depends on (the kind of CPU,
+the sources' contents, the flags, torch and Python): every checkout and installed copy of the
+project on the machine loads that one build, and a new one is made only when one of those changes.
 If the build fails, available() is False, build_error() says why, a warning is given once, and
 swap_native_linears changes nothing: the model keeps running on PyTorch.
 
-The swapped modules (NativeLinear, NativeInt8Linear, NativeInt4Linear) subclass the modules they
-replace, share their weights (no copy; a tied `output` stays tied to the embedding) and keep their
-state-dict names. Their forward calls the kernel when x is a bfloat16 CPU tensor of at most
-max_rows rows (MAX_ROWS: where the kernel stops being faster than the module it replaced) and
-autograd is not recording; otherwise the replaced module's own computation runs: long prefills
-(matrix-matrix work that oneDNN does better), float32 models, other devices, training.
+The swapped modules (NativeLinear, NativeInt8Linear, NativeInt4Linear, NativeInt8BlockLinear)
+subclass the modules they replace, share their weights (no copy; a tied `output` stays tied to the
+embedding) and keep their state-dict names. Their forward calls the kernel when x is a bfloat16 CPU
+tensor of at most max_rows rows (MAX_ROWS: where the kernel stops being faster than the module it
+replaced) and autograd is not recording; otherwise the replaced module's own computation runs: long
+prefills (matrix-matrix work that oneDNN does better), float32 models, other devices, training.
 max_rows = 0 turns a module's kernel off.
 
 Memory: none extra for bf16 and int8. int4 keeps its own packed copy (the size of the int4
@@ -55,7 +60,9 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import os
 import platform
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -64,7 +71,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama.quantization import Int4Linear, Int8Linear
+from llama.quantization import Int4Linear, Int8BlockLinear, Int8Linear
 
 from .fused import FastAttention, FusedFeedForward
 from .support import check_supported
@@ -72,6 +79,7 @@ from .support import check_supported
 __all__ = [
     "MAX_ROWS",
     "NativeInt4Linear",
+    "NativeInt8BlockLinear",
     "NativeInt8Linear",
     "NativeLinear",
     "available",
@@ -80,6 +88,7 @@ __all__ = [
     "gemv_bf16",
     "gemv_int4",
     "gemv_int8",
+    "gemv_q8_0",
     "isa",
     "pack_int4",
     "swap_native_linears",
@@ -90,7 +99,8 @@ __all__ = [
 # VM): bf16 about even with F.linear (oneDNN) at 32 rows; int8 2x faster than Int8Linear at 64
 # rows (torch's int8 kernel to 32 rows, dequantize + matmul above), even between 128 and 256; int4
 # 2.7x faster than Int4Linear at 256 rows (its dequantization alone takes ~10 ms), 1.3x at 512.
-MAX_ROWS = {"bf16": 16, "int8": 64, "int4": 256}
+# q8_0: 4x faster than Int8BlockLinear's dequantize + matmul at 128 rows (8192 x 2048, 2 threads).
+MAX_ROWS = {"bf16": 16, "int8": 64, "int4": 256, "q8_0": 256}
 SOURCES = ("ops.cpp", "gemv_bf16.cpp", "gemv_int8.cpp", "gemv_int4.cpp")
 CSRC = Path(__file__).parent / "csrc"
 
@@ -109,21 +119,42 @@ def _cpu_tag() -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
+def _build_directory(name: str, cflags: list[str]) -> Path:
+    """Where the build of `name` with `cflags` lives: a folder keyed by everything the library depends
+    on, so any copy of these sources on this machine (another checkout, a pip-installed package)
+    finds it, and a change to any of them gets a fresh folder rather than a rebuild over another
+    copy's build."""
+    key = hashlib.sha1()
+    for part in (name, *cflags, torch.__version__, sys.version, platform.platform()):
+        key.update(part.encode() + b"\0")
+    for source in SOURCES:
+        key.update((CSRC / source).read_bytes())
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    return root / f"{name}-{key.hexdigest()[:12]}"
+
+
 def _compile(generic: bool = False) -> None:
     """Build (or find the cached build of) kernels/csrc/ and load it, which registers its operators:
     torch.ops.llama_kernels.*, or with generic=True the plain-loop build as torch.ops.llama_kernels_generic.*
     (for the tests). Raises whatever the build raises."""
+    name = f"llama_kernels{'_generic' if generic else ''}_{_cpu_tag()}"
+    variant = ["-DLLAMA_KERNELS_GENERIC", "-DLLAMA_KERNELS_NS=llama_kernels_generic"] if generic else []
+    cflags = ["-O3", "-march=native", "-fopenmp", *variant]  # -fopenmp: at::parallel_for is inline OpenMP
+    directory = _build_directory(name, cflags)
+    library, built = directory / f"{name}.so", directory / "built"
+    if built.is_file() and library.is_file():  # "built" is written after the library is complete
+        torch.ops.load_library(str(library))
+        return
+    print(f"[kernels: compiling the native CPU kernels for this machine, once (about a minute); "
+          f"cached in {directory}]", file=sys.stderr, flush=True)  # fmt: skip
     from torch.utils import cpp_extension
 
-    variant = ["-DLLAMA_KERNELS_GENERIC", "-DLLAMA_KERNELS_NS=llama_kernels_generic"] if generic else []
-    cpp_extension.load(
-        name=f"llama_kernels{'_generic' if generic else ''}_{_cpu_tag()}",
-        sources=[str(CSRC / s) for s in SOURCES],
-        extra_cflags=["-O3", "-march=native", "-fopenmp", *variant],  # -fopenmp: at::parallel_for is inline OpenMP
-        extra_ldflags=["-fopenmp"],
-        is_python_module=False,
-        verbose=False,
-    )
+    directory.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    cpp_extension.load(name=name, sources=[str(CSRC / s) for s in SOURCES], extra_cflags=cflags,
+                       extra_ldflags=["-fopenmp"], build_directory=str(directory), is_python_module=False,
+                       verbose=False)  # fmt: skip
+    built.write_text(f"built in {time.perf_counter() - started:.0f} s\n")
 
 
 def _load() -> bool:
@@ -174,6 +205,10 @@ def _register_fakes() -> None:
     def _(x, weight, scales):
         return x.new_empty(x.shape[0], weight.shape[0])
 
+    @torch.library.register_fake("llama_kernels::gemv_q8_0")
+    def _(x, weight, scales):
+        return x.new_empty(x.shape[0], weight.shape[0])
+
     @torch.library.register_fake("llama_kernels::gemv_int4")
     def _(x, packed, out_features, in_features, group_size):
         return x.new_empty(x.shape[0], out_features)
@@ -201,6 +236,13 @@ def gemv_int8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> to
     """x (M, K) bf16, weight (N, K) int8, scales (N,) float32/bf16 -> x @ (weight * scales[:, None]).T, bf16."""
     _require()
     return torch.ops.llama_kernels.gemv_int8(x, weight, scales)
+
+
+def gemv_q8_0(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x (M, K) bf16, weight (N, K) int8, scales (N, K/32) float16 -> x @ W.T with W = weight * scales
+    per block of 32 (GGUF's Q8_0), summed in float32, (M, N) bf16."""
+    _require()
+    return torch.ops.llama_kernels.gemv_q8_0(x, weight, scales)
 
 
 def pack_int4(weight: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -264,6 +306,25 @@ class NativeInt8Linear(Int8Linear):
         return f"{super().extra_repr()}, native max_rows={self.max_rows}"
 
 
+class NativeInt8BlockLinear(Int8BlockLinear):
+    """Int8BlockLinear (GGUF's Q8_0) whose decode-sized calls go to gemv_q8_0; shares the original's
+    weight and scales."""
+
+    def __init__(self, module: Int8BlockLinear, max_rows: int = MAX_ROWS["q8_0"]):
+        super().__init__(module.in_features, module.out_features, device="meta")
+        self.weight, self.scales = module.weight, module.scales  # the same tensors
+        self.max_rows = max_rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.device.type == "cpu" and _takes_kernel(x, self.in_features, self.max_rows, self.weight):
+            y = torch.ops.llama_kernels.gemv_q8_0(x.reshape(-1, self.in_features), self.weight, self.scales)
+            return y.view(*x.shape[:-1], self.out_features)  # (..., N)
+        return super().forward(x)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, native max_rows={self.max_rows}"
+
+
 class NativeInt4Linear(Int4Linear):
     """Int4Linear whose decode-sized calls go to gemv_int4 on its own packing of the weights (the
     non-persistent buffer `packed`, remade when weights are loaded through load_state_dict or
@@ -300,7 +361,7 @@ class NativeInt4Linear(Int4Linear):
         return f"{super().extra_repr()}, native max_rows={self.max_rows}"
 
 
-NATIVE_MODULES = (NativeLinear, NativeInt8Linear, NativeInt4Linear)
+NATIVE_MODULES = (NativeLinear, NativeInt8Linear, NativeInt4Linear, NativeInt8BlockLinear)
 
 
 def _native_version(module: nn.Module, max_rows: int | None = None) -> nn.Module | None:
@@ -318,6 +379,9 @@ def _native_version(module: nn.Module, max_rows: int | None = None) -> nn.Module
     elif type(module) is Int4Linear:
         if module.weight.device.type == "cpu" and module.scales_and_zeros.dtype == torch.bfloat16:
             return NativeInt4Linear(module, MAX_ROWS["int4"] if max_rows is None else max_rows)
+    elif type(module) is Int8BlockLinear:
+        if module.weight.device.type == "cpu":
+            return NativeInt8BlockLinear(module, MAX_ROWS["q8_0"] if max_rows is None else max_rows)
     return None
 
 
@@ -332,6 +396,8 @@ def _candidates(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
                 scales = child.scales if type(child) is Int8Linear else child.scales_and_zeros
                 if scales.dtype == torch.bfloat16:
                     found.append((parent, name, child))
+            elif type(child) is Int8BlockLinear:  # fp16 scales whatever the model's dtype: x decides at run time
+                found.append((parent, name, child))
     return [(p, n, c) for p, n, c in found if c.weight.device.type == "cpu"]
 
 
@@ -342,9 +408,10 @@ def swap_native_linears(model: nn.Module, max_rows: int | None = None) -> list[s
 
     Served: bias-free bfloat16 nn.Linear (wq.., the fused wqkv / w13 of kernels.optimize, output),
     Int8Linear and Int4Linear with bfloat16 scales (a bfloat16 model quantized by llama/quantization/),
-    on the CPU. Other modules, and everything when the kernels cannot be built (a warning says why),
-    stay as they are. Apply after kernels.optimize's fusions (fuse_linears takes only plain nn.Linear),
-    which kernels.optimize(native=True) does. Swapping twice is harmless.
+    and Int8BlockLinear (GGUF's Q8_0; the kernel takes bfloat16 inputs), on the CPU. Other modules,
+    and everything when the kernels cannot be built (a warning says why), stay as they are. Apply
+    after kernels.optimize's fusions (fuse_linears takes only plain nn.Linear), which
+    kernels.optimize(native=True) does. Swapping twice is harmless.
     """
     if max_rows is not None and max_rows < 0:
         raise ValueError(f"max_rows must be >= 0, got {max_rows}")

@@ -14,11 +14,12 @@ from llama.core import support
 from llama.core.model import (Attention, FeedForward, GeluFeedForward, KVCache, LayerCache, RMSNorm, Transformer,
                               TransformerBlock)  # fmt: skip
 from llama.core.support import UnsupportedModelError
-from llama.quantization import Int4Linear, Int8Linear
+from llama.quantization import Int4Linear, Int8BlockLinear, Int8Linear
 
-# The plain model's modules (and the quantized linears, which may sit in a model before any swap).
+# The plain model's modules (and the quantized linears, which may sit in a model before any swap:
+# Int8BlockLinear holds a GGUF file's Q8_0 weights).
 PLAIN_MODULES = (Transformer, TransformerBlock, Attention, FeedForward, GeluFeedForward, RMSNorm, KVCache, LayerCache,
-                 nn.ModuleList, nn.Linear, nn.Embedding, Int8Linear, Int4Linear)  # fmt: skip
+                 nn.ModuleList, nn.Linear, nn.Embedding, Int8Linear, Int4Linear, Int8BlockLinear)  # fmt: skip
 # Config variants the swaps handle: the fast modules inherit the steps that read them.
 HANDLED_FIELDS = ("qk_norm", "sliding_window", "window_layers", "nope_layers", "mlp")
 

@@ -1,7 +1,7 @@
 """A from-scratch, pure-PyTorch Llama (1, 2, 3, 3.1, 3.2 text models).
 
     import llama
-    model = llama.load("path/to/checkpoint", dtype="bfloat16")   # Meta or Hugging Face layout
+    model = llama.load("path/to/checkpoint", dtype="bfloat16")   # Meta or Hugging Face layout, or GGUF
     logits = model(tokens)                                        # (B, T) -> (B, T, vocab) float32
 
     llm = llama.Llama.load("path/to/checkpoint")                 # model + tokenizer
@@ -17,8 +17,7 @@ from .core.checkpoint import save
 from .core.config import REGISTRY, ConfigError, ModelConfig, RopeScaling
 from .core.generation import GenerationError, generate, stream
 from .core.model import Transformer
-from .core.tokenizer import load_tokenizer
-from .loading import load
+from .loading import load, load_tokenizer
 from .pipeline import Llama
 
 __all__ = [

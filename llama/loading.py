@@ -1,8 +1,10 @@
 """`llama.load`: one entry point for every kind of checkpoint this project reads.
 
 It only dispatches: a float checkpoint (Meta or Hugging Face layout) goes to llama.core.checkpoint,
-a request to quantize or an already quantized checkpoint to llama.quantization. Keeping the choice
-here lets the core loader know nothing of quantization (the dependency runs one way).
+a request to quantize or an already quantized checkpoint to llama.quantization, a GGUF file (by its
+first bytes: Ollama's blobs have no suffix) to llama.core.gguf, or llama.quantization.gguf when
+quantized. Keeping the choice here lets the core loader know nothing of quantization (the dependency
+runs one way).
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ import torch
 
 import weights
 from weights import CheckpointError
+from weights.gguf import is_gguf
 
 from . import quantization
-from .core import checkpoint
+from .core import checkpoint, gguf
+from .core import tokenizer as tokenizers
 from .core.model import Transformer
 
 
@@ -29,7 +33,7 @@ def load(
     group_size: int = 128,
     quantize_output: bool = True,
 ) -> Transformer:
-    """Load a checkpoint directory; returns the model in eval mode.
+    """Load a checkpoint directory or a GGUF file; returns the model in eval mode.
 
     dtype: float32, bfloat16 or float16 (default: the dtype the weights are stored in).
     progress: show a progress bar (default: for checkpoints over 1 GB when stderr is a terminal).
@@ -37,10 +41,17 @@ def load(
         as it is read (see llama/quantization), and so is the output projection unless
         quantize_output is False (a tied one as a quantized copy). A checkpoint written by
         llama.quantization.save_quantized loads already quantized, and then quantize must be None or
-        its own mode.
+        its own mode. A GGUF file's Q8_0 weights load as they are stored with "int8", its Q4_0
+        weights with "int4" (see llama/quantization/gguf.py); without quantize, every weight is
+        dequantized to dtype (default: float32 for quantized files).
     """
     if quantize is not None:
         quantization.check_mode(quantize, group_size)
+    if is_gguf(path):
+        if quantize is not None:
+            return quantization.gguf.load(path, quantize, group_size=group_size, include_output=quantize_output,
+                                          dtype=dtype, device=device, progress=progress)  # fmt: skip
+        return gguf.load(path, dtype=dtype, device=device, progress=progress)
     weights.detect_format(path)  # a readable directory and config file, before anything reads them
     stored = quantization.read_quantization(path)
     if stored is not None:
@@ -51,3 +62,10 @@ def load(
         return quantization.load(path, quantize, group_size=group_size, include_output=quantize_output,
                                  dtype=dtype, device=device, progress=progress)  # fmt: skip
     return checkpoint.load(path, dtype=dtype, device=device, progress=progress)
+
+
+def load_tokenizer(path: str | os.PathLike) -> tokenizers.Tokenizer:
+    """The tokenizer of a checkpoint directory, a tokenizer file, or a GGUF file (its metadata)."""
+    if is_gguf(path):
+        return gguf.load_tokenizer(path)
+    return tokenizers.load_tokenizer(path)

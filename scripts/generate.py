@@ -11,25 +11,15 @@ Tokens stream to stdout as they are generated; a summary of speed and memory goe
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
 import resource
 import sys
 import time
 from pathlib import Path
 
-import torch
-
-import kernels
-import llama
-import weights
-from llama.training.evaluate import bytes_per_token
-from llama.core.generation import GenerationError, SamplingParams, check_seed, stream, warm_up
-from llama.core.speculative import SpeculativeStats, speculative_stream
-from llama.core.tokenizer import (ChatFormatError, InvalidTextError, TokenizerFormatError, TokenizerMismatchError,
-                                  TokenizerNotFoundError, check_text)  # fmt: skip
-from llama.core.device import DeviceError, pick_device, pick_dtype
-
-USER_ERRORS = (llama.CheckpointError, llama.ConfigError, GenerationError, ChatFormatError, DeviceError,
-               TokenizerNotFoundError, TokenizerFormatError, TokenizerMismatchError, InvalidTextError)
+# torch, llama, kernels and weights are imported inside the functions, after the arguments are parsed:
+# importing torch takes seconds, and --help or a usage error should not wait for it.
 
 
 def _ranged(kind, low=None, high=None, low_open=False):
@@ -49,7 +39,7 @@ def _ranged(kind, low=None, high=None, low_open=False):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None,
-                   help="checkpoint directory (Meta or Hugging Face layout, with its tokenizer); "
+                   help="checkpoint directory (Meta or Hugging Face layout, with its tokenizer) or GGUF file; "
                         "default: the small model bundled with the project (weights/kjv)")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--prompt", help='the prompt text (default: "In the beginning")')
@@ -71,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight dtype; auto: bfloat16 where the device runs it well, else float32 (default auto)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
                    help="where to run; auto picks cuda, then mps, then cpu (default auto)")
+    p.add_argument("--threads", type=_ranged(int, 1), default=None,
+                   help="CPU threads for torch (default: one per core, less the cores other processes kept busy "
+                        "over the last minute, at least 1: on a busy machine fewer threads decode faster)")
     p.add_argument("--quantize", choices=["none", "int8", "int4"], default="none",
                    help="weight-only quantization of the transformer blocks' linears while loading: int8 per "
                         "output channel, int4 in groups of --group-size (default none; see llama/quantization/)")
@@ -99,24 +92,39 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M" if n >= 1e6 else f"{n:,}"
 
 
-def peak_memory(device: torch.device) -> str:
+def peak_memory(device) -> str:
+    import torch
+
     if device.type == "cuda":
         return f"{torch.cuda.max_memory_allocated(device) / 1e9:.2f} GB on the GPU"
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     return f"{rss / 1e9:.2f} GB resident"
 
 
-def max_new_tokens(args, prompt_ids: list[int], llm: llama.Llama | None = None) -> int:
-    """--max-new-tokens, or by default 256 capped to the context the prompt leaves free."""
+def max_new_tokens(args, prompt_ids: list[int], context: int) -> int:
+    """--max-new-tokens, or by default 256 capped to what the context (with a draft: the smaller
+    of the two) leaves after the prompt."""
+    from llama.core.generation import default_new_tokens
+
     if args.max_new_tokens is not None:
         return args.max_new_tokens
-    if llm is None:
-        return 1
-    return max(1, min(256, llm.model.config.max_seq_len - len(prompt_ids)))
+    return default_new_tokens(context, len(prompt_ids), 256)
 
 
-def run_once(llm: llama.Llama, prompt_ids: list[int], n_new: int, args, seed, device, draft=None) -> list[int]:
-    """Stream one answer to stdout and print its summary to stderr; returns the generated ids."""
+def rate(count: int, seconds: float, unit: str, digits: int = 1) -> str:
+    """"12.3 tok/s", or "n/a" where the rate is undefined (nothing counted, no time elapsed)."""
+    return f"{count / seconds:.{digits}f} {unit}" if count > 0 and seconds > 0 else "n/a"
+
+
+def run_once(llm, prompt_ids: list[int], n_new: int, args, seed, device, draft=None, echo: str = "") -> list[int]:
+    """Stream one answer to stdout, after `echo` (the prompt, for plain continuations), and print its
+    summary to stderr; returns the generated ids. The request is checked before anything is printed."""
+    import torch
+
+    from llama.core.generation import stream
+    from llama.core.speculative import SpeculativeStats, speculative_stream
+    from llama.training.evaluate import bytes_per_token
+
     decoder = llm.tokenizer.stream_decoder(prompt_ids)
     ids: list[int] = []
     start = time.perf_counter()
@@ -130,6 +138,7 @@ def run_once(llm: llama.Llama, prompt_ids: list[int], n_new: int, args, seed, de
     else:
         steps = stream(llm.model, [prompt_ids], n_new, repetition_penalty=args.repetition_penalty,
                        compile=args.compile, **sampling)  # fmt: skip
+    sys.stdout.write(echo)  # only now: both stream functions check the request when called
     for step in steps:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -144,11 +153,13 @@ def run_once(llm: llama.Llama, prompt_ids: list[int], n_new: int, args, seed, de
     end = time.perf_counter()
     first = first or end
     ttft = first - start
-    decode_rate = (len(ids) - 1) / (end - first) if len(ids) > 1 and end > first else 0.0
+    # The decode rate counts the tokens after the first (which the prefill produced); undefined for one token.
+    decoded, decode_time = len(ids) - 1, end - first
     print(
         f"[{len(prompt_ids)} prompt tokens, {len(ids)} generated | time to first token {ttft:.2f} s | "
-        f"prefill {len(prompt_ids) / ttft:.1f} tok/s | decode {decode_rate:.2f} tok/s | "
-        f"weights {bytes_per_token(llm.model) * decode_rate / 1e9:.1f} GB/s | peak memory {peak_memory(device)}"
+        f"prefill {rate(len(prompt_ids), ttft, 'tok/s')} | decode {rate(decoded, decode_time, 'tok/s', 2)} | "
+        f"weights {rate(bytes_per_token(llm.model) * decoded / 1e9, decode_time, 'GB/s')} | "
+        f"peak memory {peak_memory(device)}"
         + (f" | draft acceptance {stats.acceptance_rate:.2f}, {stats.tokens_per_target_forward:.2f} tokens per "
            f"target forward" if draft is not None and stats.proposed else "") + "]",
         file=sys.stderr,
@@ -156,39 +167,99 @@ def run_once(llm: llama.Llama, prompt_ids: list[int], n_new: int, args, seed, de
     return ids
 
 
-def compile_now(model: llama.Transformer, length: int) -> None:
-    """Compile the decode step for a cache of `length` positions before generating, and say how long it took."""
+def compile_now(model, length: int) -> None:
+    """Compile the decode step for a cache of `length` positions before generating, saying so before
+    (it takes tens of seconds to minutes) and how long it took after."""
+    from llama.core.generation import warm_up
+
+    print("[compiling the decode step with torch.compile: tens of seconds to minutes ...]", file=sys.stderr, flush=True)
     started = time.perf_counter()
     warm_up(model, 1, length)
     print(f"[compiled the decode step in {time.perf_counter() - started:.1f} s]", file=sys.stderr)
 
 
-def interactive(llm: llama.Llama, args, device) -> None:
-    history = [{"role": "system", "content": args.system}] if args.system else []
-    print("Chatting; an empty line or Ctrl-D quits.", file=sys.stderr)
-    while True:
+def chat_note(checkpoint: Path, bundled: bool) -> str | None:
+    """A one-line note for --chat / --interactive when nothing says the checkpoint was trained for
+    chat: the bundled model, or an HF checkpoint without a chat template. (A Meta checkpoint carries
+    no such sign either way: no note.)"""
+    if bundled:
+        return ("note: the bundled model is a base model, trained to continue King James Bible text and not "
+                "to chat: its answers in the chat format will be poor (without --chat it continues the prompt)")  # fmt: skip
+    if not (checkpoint / "config.json").is_file() or any((checkpoint / f).is_file() for f in ("chat_template.jinja", "chat_template.json")):
+        return None
+    try:
+        tokenizer_config = json.loads((checkpoint / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        tokenizer_config = {}
+    if isinstance(tokenizer_config, dict) and tokenizer_config.get("chat_template"):
+        return None
+    return (f"note: {checkpoint} has no chat template (tokenizer_config.json): if it is a base model, it was not "
+            "trained for chat and its answers in the chat format may be poor")  # fmt: skip
+
+
+def line_reader():
+    """A function returning the next line typed, or None at end of input. On a terminal, input()
+    gets line editing and history (Up recalls earlier lines) from readline; the "> " prompt goes to
+    stdout only when that is the terminal too, else to stderr, so that stdout holds only the answers."""
+    if sys.stdin.isatty():
         try:
-            print("> ", end="", file=sys.stderr, flush=True)  # stderr: stdout holds only the answers
-            line = input()
+            import readline  # noqa: F401 -- loading it is what gives input() editing and history
+        except ImportError:  # not on Windows
+            pass
+    to_stdout = sys.stdin.isatty() and sys.stdout.isatty()
+
+    def read() -> str | None:
+        try:
+            if to_stdout:
+                return input("> ")
+            print("> ", end="", file=sys.stderr, flush=True)
+            return input()
         except EOFError:
             print(file=sys.stderr)
+            return None
+
+    return read
+
+
+def interactive(llm, args, device, context: int) -> None:
+    """Chat in the terminal, keeping the conversation. Each answer gets room in the context
+    (--max-new-tokens, by default 256 or half the context, whichever is less): the oldest exchanges
+    are dropped to make it, with a note. With --seed S, turn i samples with seed S + i."""
+    from llama.core.generation import GenerationError, check_seed, default_new_tokens
+
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    turns: list[dict] = []  # user and assistant messages, oldest first
+    room = args.max_new_tokens or min(256, context // 2)
+    read = line_reader()
+    print("Chatting; an empty line or Ctrl-D quits.", file=sys.stderr)
+    for turn in itertools.count():
+        line = read()
+        if line is None or not line.strip():
             return
-        if not line.strip():
-            return
-        history.append({"role": "user", "content": line})
-        prompt_ids = llm.tokenizer.encode_dialog(history)
-        # Forget the oldest exchanges once the conversation outgrows the context.
-        while len(prompt_ids) + max_new_tokens(args, []) > llm.model.config.max_seq_len and len(history) > 2 - (not args.system):
-            drop = 1 if args.system else 0
-            del history[drop : drop + 2]
-            prompt_ids = llm.tokenizer.encode_dialog(history)
+        turns.append({"role": "user", "content": line})
+        prompt_ids = llm.tokenizer.encode_dialog(system + turns)
+        dropped = 0
+        while len(prompt_ids) + room > context and len(turns) > 1:
+            del turns[:2]  # the oldest user message and its answer
+            dropped += 1
+            prompt_ids = llm.tokenizer.encode_dialog(system + turns)
+        if dropped:
+            print(f"[dropped the oldest {dropped} exchange{'s' if dropped > 1 else ''} to leave {room} tokens for the "
+                  f"answer in the context of {context}]", file=sys.stderr)  # fmt: skip
+        n_new = args.max_new_tokens or default_new_tokens(context, len(prompt_ids), 256)
+        seed = None if args.seed is None else check_seed(args.seed + turn)
         try:
-            ids = run_once(llm, prompt_ids, max_new_tokens(args, prompt_ids, llm), args, check_seed(args.seed), device)
+            ids = run_once(llm, prompt_ids, n_new, args, seed, device)
         except GenerationError as e:  # e.g. one message longer than the context: say so, keep chatting
             print(f"error: {e}", file=sys.stderr)
-            history.pop()
+            turns.pop()
             continue
-        history.append({"role": "assistant", "content": llm.tokenizer.decode(ids)})
+        turns.append({"role": "assistant", "content": llm.tokenizer.decode(ids)})
+
+
+def checkpoint_bytes(path: Path) -> int:
+    """The size of a checkpoint directory's weight files (0 if there are none)."""
+    return sum(f.stat().st_size for f in path.glob("*") if f.suffix in (".safetensors", ".pth", ".bin") and f.is_file())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,6 +271,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--system needs --chat or --interactive")
     if args.draft and (args.compile or args.repetition_penalty != 1.0 or args.interactive):
         parser.error("--draft does not combine with --compile, --repetition-penalty or --interactive")
+
+    import torch
+
+    import kernels
+    import llama
+    import weights
+    from llama.core.device import DeviceError, idle_threads, pick_device, pick_dtype, set_threads
+    from llama.core.generation import GenerationError, SamplingParams, check_seed
+    from llama.core.tokenizer import (ChatFormatError, InvalidTextError, TokenizerFormatError, TokenizerMismatchError,
+                                      TokenizerNotFoundError, check_text)  # fmt: skip
+
+    user_errors = (llama.CheckpointError, llama.ConfigError, GenerationError, ChatFormatError, DeviceError,
+                   TokenizerNotFoundError, TokenizerFormatError, TokenizerMismatchError, InvalidTextError)  # fmt: skip
     if args.quantize != "none":
         try:
             llama.quantization.check_mode(args.quantize, args.group_size)
@@ -219,52 +303,61 @@ def main(argv: list[str] | None = None) -> int:
             check_text(args.system, "--system")
         device = pick_device(args.device)
         dtype = pick_dtype(args.dtype, device)
+        if device.type == "cpu":
+            set_threads(args.threads or idle_threads())
+        checkpoint = Path(args.checkpoint) if args.checkpoint else weights.BUNDLED_MODEL
+        size = checkpoint_bytes(checkpoint) if checkpoint.is_dir() else 0
+        if size > 2**30:
+            print(f"[loading {checkpoint}: {size / 1e9:.1f} GB ...]", file=sys.stderr, flush=True)
         started = time.perf_counter()
-        checkpoint = args.checkpoint or weights.BUNDLED_MODEL
         quantize = None if args.quantize == "none" else args.quantize
         model = llama.load(checkpoint, dtype=dtype, device=device, quantize=quantize, group_size=args.group_size,
                            quantize_output=args.quantize_output)
         llm = llama.Llama(model, llama.load_tokenizer(checkpoint))
         mode = getattr(model, "quantization", None)
+        threads = f", {torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''}" if device.type == "cpu" else ""
         print(f"[loaded {checkpoint} in {time.perf_counter() - started:.1f} s: "
-              f"{_count(llm.model.config.n_params)} parameters, {str(dtype).removeprefix('torch.')}, {device}"
+              f"{_count(llm.model.config.n_params)} parameters, {str(dtype).removeprefix('torch.')}, {device}{threads}"
               f"{', ' + mode['mode'] + ' weights' if mode else ''}]",
               file=sys.stderr)
+        context = llm.model.config.max_seq_len
         draft = None
         if args.draft:
             started = time.perf_counter()
             draft = llama.load(args.draft, dtype=dtype, device=device)
             print(f"[loaded the draft {args.draft} in {time.perf_counter() - started:.1f} s: "
                   f"{_count(draft.config.n_params)} parameters]", file=sys.stderr)  # fmt: skip
+            context = min(context, draft.config.max_seq_len)  # both models hold the whole sequence
         if args.kernels:
             quantized = mode is not None  # fusing stacks nn.Linear weights; quantized layers keep theirs
             kernels.optimize(model, fuse_qkv=not quantized, fuse_gate_up=not quantized)
             if draft is not None:
                 kernels.optimize(draft)
+        if args.chat or args.interactive:
+            note = chat_note(checkpoint, bundled=checkpoint.resolve() == weights.BUNDLED_MODEL.resolve())
+            if note:
+                print(note, file=sys.stderr)
         if args.interactive:
             if args.compile:
                 compile_now(model, 1)
-            interactive(llm, args, device)
+            interactive(llm, args, device, context)
             return 0
         if args.chat:
             messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]
             prompt_ids = llm.tokenizer.encode_dialog(messages)
         else:
             prompt_ids = llm.tokenizer.encode(prompt, bos=True, eos=False)
-        context = llm.model.config.max_seq_len
-        n_new = max_new_tokens(args, prompt_ids, llm)
+        n_new = max_new_tokens(args, prompt_ids, context)
         if len(prompt_ids) + n_new > context:
+            whose = "the draft's" if draft is not None and draft.config.max_seq_len < llm.model.config.max_seq_len else "the model's"
             raise GenerationError(f"the prompt ({len(prompt_ids)} tokens) plus {n_new} new tokens "
-                                  f"exceeds the model's context of {context} tokens")
+                                  f"exceeds {whose} context of {context} tokens")  # fmt: skip
         if args.compile:
             compile_now(model, len(prompt_ids) + n_new)
-        if not args.chat:
-            sys.stdout.write(prompt)
         for i in range(args.num_samples):
-            if i and not args.chat:
-                sys.stdout.write(prompt)
-            run_once(llm, prompt_ids, n_new, args, None if args.seed is None else check_seed(args.seed + i), device, draft)
-    except USER_ERRORS as e:
+            run_once(llm, prompt_ids, n_new, args, None if args.seed is None else check_seed(args.seed + i), device, draft,
+                     echo="" if args.chat else prompt)  # fmt: skip
+    except user_errors as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

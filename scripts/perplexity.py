@@ -31,7 +31,7 @@ from llama.training.pretrain import DOCUMENT_SPLITS, encode_documents
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory (Meta or HF layout) with its tokenizer")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory (Meta or HF layout) with its tokenizer, or a GGUF file")
     p.add_argument("--text-file", required=True, help="the text to score (UTF-8)")
     p.add_argument("--context-len", type=int, help="tokens per window, BOS included (default: the model's max_seq_len)")
     p.add_argument("--stride", type=int, help="how far each window advances (default: half the window)")

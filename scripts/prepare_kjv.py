@@ -2,6 +2,7 @@
 
     python scripts/prepare_kjv.py --out data/kjv                    # downloads with apt-get
     python scripts/prepare_kjv.py --out data/kjv --extracted DIR    # DIR: both .debs unpacked (dpkg -x)
+    python scripts/prepare_kjv.py --out data/kjv-runs --layout runs # verse runs as paragraphs
 
 Source: the Debian packages bible-kjv (the `bible` program; GPL-2+) and bible-kjv-text (its data;
 the King James Version of 1611, whose copyright has expired). The script runs
@@ -16,7 +17,14 @@ text with `usr/bin/bible -p usr/lib "Gen1:1-Rev22:21"`. That output looks like
 
 and is cleaned into one line per verse (verse numbers removed, wrapped lines joined with a space).
 Chapter headings ("Genesis 1") are kept as lines of their own (--no-headings drops them): they
-tell the model which book it is in. The split is by chapter: every --valid-every-th chapter
+tell the model which book it is in.
+
+--layout runs writes paragraphs instead: each chapter is cut into runs of consecutive verses,
+joined with spaces into one line, the runs separated by blank lines (train.py --documents
+paragraph makes each run one document). A run closes after a verse that ends a sentence once it
+holds --run-words words, after any verse once it would pass --max-run-words, and at the end of
+the chapter; a chapter's heading is the first line of its first run. A model trained on these
+writes a paragraph of a few verses and stops, where one trained on single verses stops after one. The split is by chapter: every --valid-every-th chapter
 (chapters 20, 40, ... counted through the whole Bible; about 5%) goes to valid.txt, the rest to
 train.txt, so the same input always gives the same files.
 """
@@ -87,6 +95,41 @@ def split_chapters(chapters: list[Chapter], valid_every: int, headings: bool = T
     return "\n".join(train) + "\n", "\n".join(valid) + "\n"
 
 
+SENTENCE_END = re.compile(r"[.?!][)'\"]*$")
+
+
+def verse_runs(verses: list[str], min_words: int, max_words: int) -> list[str]:
+    """Consecutive verses joined into paragraphs: a run closes after a verse that ends a sentence
+    once it holds min_words words, before a verse that would take it past max_words (a run holds
+    at least one verse), and at the last verse."""
+    runs: list[list[str]] = [[]]
+    words = 0
+    for verse in verses:
+        n = len(verse.split())
+        if runs[-1] and words + n > max_words:
+            runs.append([])
+            words = 0
+        runs[-1].append(verse)
+        words += n
+        if words >= min_words and SENTENCE_END.search(verse):
+            runs.append([])
+            words = 0
+    return [" ".join(run) for run in runs if run]
+
+
+def split_chapters_in_runs(chapters: list[Chapter], valid_every: int, min_words: int, max_words: int,
+                           headings: bool = True) -> tuple[str, str]:
+    """(train text, valid text) as blank-line-separated verse runs (see verse_runs); the same
+    chapters go to validation as in split_chapters."""
+    train, valid = [], []
+    for i, chapter in enumerate(chapters, 1):
+        runs = verse_runs(chapter.verses, min_words, max_words)
+        if headings:
+            runs[0] = f"{chapter.heading}\n{runs[0]}"
+        (valid if i % valid_every == 0 else train).extend(runs)
+    return "\n\n".join(train) + "\n", "\n\n".join(valid) + "\n"
+
+
 def fetch_bible_text(extracted: Path | None) -> tuple[str, str]:
     """(the output of `bible -p`, the package version), downloading and unpacking the packages when
     `extracted` is None."""
@@ -126,13 +169,13 @@ def _run(cmd: list[str], cwd=None) -> subprocess.CompletedProcess:
 
 
 README = """\
-# The King James Bible, one verse per line
+# The King James Bible, {layout_title}
 
 - train.txt: {train_lines:,} lines, {train_bytes:,} bytes, sha256 {train_sha}
 - valid.txt: {valid_lines:,} lines, {valid_bytes:,} bytes, sha256 {valid_sha}
 
 Made by scripts/prepare_kjv.py from the Debian packages bible-kjv and bible-kjv-text (version
-{version}): the output of `bible -p usr/lib "Gen1:1-Rev22:21"`, cleaned to one verse per line
+{version}): the output of `bible -p usr/lib "Gen1:1-Rev22:21"`, cleaned to {layout_text}
 (verse numbers removed, wrapped lines joined). {headings}
 
 {n_chapters} chapters, {n_verses:,} verses. Chapters {valid_every}, {valid_every2}, ... (every
@@ -151,10 +194,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--extracted", help="directory holding both packages unpacked with dpkg -x (skips apt-get)")
     p.add_argument("--valid-every", type=int, default=20, help="every N-th chapter goes to valid.txt (default 20: about 5%%)")
     p.add_argument("--no-headings", action="store_true", help="drop the chapter heading lines ('Genesis 1')")
+    p.add_argument("--layout", choices=["verses", "runs"], default="verses",
+                   help="verses: one verse per line; runs: runs of verses as blank-line-separated paragraphs (default verses)")
+    p.add_argument("--run-words", type=int, default=40, help="--layout runs: close a run at a sentence end once it has this many words (default 40)")
+    p.add_argument("--max-run-words", type=int, default=110, help="--layout runs: close a run before it passes this many words (default 110)")
     args = p.parse_args(argv)
     try:
         if args.valid_every < 2:
             raise ValueError(f"--valid-every must be at least 2, got {args.valid_every}")
+        if not 1 <= args.run_words <= args.max_run_words:
+            raise ValueError(f"need 1 <= --run-words <= --max-run-words, got {args.run_words} and {args.max_run_words}")
         extracted = Path(args.extracted) if args.extracted else None
         if extracted is not None and not extracted.is_dir():
             raise FileNotFoundError(f"{extracted}: no such directory")
@@ -167,7 +216,16 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, RuntimeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    train, valid = split_chapters(chapters, args.valid_every, headings=not args.no_headings)
+    if args.layout == "runs":
+        train, valid = split_chapters_in_runs(chapters, args.valid_every, args.run_words, args.max_run_words,
+                                              headings=not args.no_headings)  # fmt: skip
+        layout_title, layout_text = "in runs of verses", (
+            f"runs of consecutive verses, one paragraph each (a run closes at a sentence end once it has "
+            f"{args.run_words} words, before it passes {args.max_run_words}, and at the end of a chapter), "
+            "the paragraphs separated by blank lines")  # fmt: skip
+    else:
+        train, valid = split_chapters(chapters, args.valid_every, headings=not args.no_headings)
+        layout_title, layout_text = "one verse per line", "one verse per line"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "train.txt").write_text(train, encoding="utf-8")
@@ -175,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "README.md").write_text(README.format(
         train_lines=train.count("\n"), train_bytes=len(train.encode()), train_sha=hashlib.sha256(train.encode()).hexdigest(),
         valid_lines=valid.count("\n"), valid_bytes=len(valid.encode()), valid_sha=hashlib.sha256(valid.encode()).hexdigest(),
-        version=version, valid_every=args.valid_every, valid_every2=2 * args.valid_every,
+        version=version, layout_title=layout_title, layout_text=layout_text, valid_every=args.valid_every, valid_every2=2 * args.valid_every,
         headings="Chapter headings are dropped." if args.no_headings else "Chapter headings (\"Genesis 1\") are lines of their own.",
         n_chapters=len(chapters), n_verses=n_verses,
     ))  # fmt: skip

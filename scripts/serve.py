@@ -15,27 +15,19 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 import time
 from pathlib import Path
 
-import torch
-
-import kernels
-import llama
-import weights
-from llama.core.device import DeviceError, pick_device, pick_dtype, set_threads
-from llama.serving.engine import Engine
-from llama.core.tokenizer import TokenizerFormatError, TokenizerMismatchError, TokenizerNotFoundError
-
-USER_ERRORS = (llama.CheckpointError, llama.ConfigError, DeviceError, TokenizerNotFoundError, TokenizerFormatError,
-               TokenizerMismatchError)
+# torch and the project's packages are imported in main(), after the arguments are parsed and the
+# port is checked: importing torch takes seconds, and --help or a usage error should not wait for it.
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None,
-                   help="checkpoint directory (Meta or Hugging Face layout, with its tokenizer); "
+                   help="checkpoint directory (Meta or Hugging Face layout, with its tokenizer) or GGUF file; "
                         "default: the small model bundled with the project (weights/kjv)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it to the network)")
@@ -68,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True,
                    help="swap in the faster modules of kernels/ (fused projections, SDPA, native matrix-vector "
                         "kernels); --no-kernels serves the plain model of llama/core/model.py (default on)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: one per core, less the cores other processes kept busy "
+                        "over the last minute, at least 1; as for generate.py)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGTERM or Ctrl-C, seconds to let the requests in flight finish (new ones get 503); "
                         "those still running then end with an error (default 30)")
@@ -77,13 +71,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_port(host: str, port: int) -> None:
+    """Raise OSError, with a message naming the address, if (host, port) cannot be bound now: checked
+    before the model loads, so that a busy port fails in a second rather than after the load."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise OSError(f"cannot resolve --host {host}: {e.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT leftovers do not count
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise OSError(f"cannot listen on {host}:{port}: {e.strerror} (is another server running there? "
+                          "choose another --port)") from None  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     for flag, value, low in (("--port", args.port, 0), ("--max-batch-size", args.max_batch_size, 1),
                              ("--max-seq-len", args.max_seq_len, 2), ("--max-queue", args.max_queue, 0),
                              ("--max-body-size", args.max_body_size, 1),
-                             ("--max-prefill-tokens", args.max_prefill_tokens, 1)):  # fmt: skip
+                             ("--max-prefill-tokens", args.max_prefill_tokens, 1),
+                             ("--threads", args.threads if args.threads is not None else 1, 1)):  # fmt: skip
         if value < low:
             parser.error(f"{flag} must be at least {low}, got {value}")
     if not 0 <= args.shutdown_timeout < float("inf"):
@@ -94,6 +106,25 @@ def main(argv: list[str] | None = None) -> int:
     if api_key is not None and (not api_key.strip() or api_key != api_key.strip()):
         parser.error(f"{key_source} is empty or has surrounding whitespace; give a real key, or unset it to serve "
                      "without one")  # fmt: skip
+    if args.port > 65535:
+        parser.error(f"--port must be at most 65535, got {args.port}")
+    try:
+        check_port(args.host, args.port)
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    import torch
+
+    import kernels
+    import llama
+    import weights
+    from llama.core.device import DeviceError, idle_threads, pick_device, pick_dtype, set_threads
+    from llama.core.tokenizer import TokenizerFormatError, TokenizerMismatchError, TokenizerNotFoundError
+    from llama.serving.engine import Engine
+
+    user_errors = (llama.CheckpointError, llama.ConfigError, DeviceError, TokenizerNotFoundError, TokenizerFormatError,
+                   TokenizerMismatchError)  # fmt: skip
     if args.quantize != "none":
         try:
             llama.quantization.check_mode(args.quantize, args.group_size)
@@ -107,9 +138,10 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        set_threads(args.threads)
         device = pick_device(args.device)
         dtype = pick_dtype(args.dtype, device)
+        if device.type == "cpu":
+            set_threads(args.threads or idle_threads())
         checkpoint = args.checkpoint or weights.BUNDLED_MODEL
         started = time.perf_counter()
         quantize = None if args.quantize == "none" else args.quantize
@@ -119,15 +151,16 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = llama.load_tokenizer(checkpoint)
         engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
                         max_queue=args.max_queue, max_prefill_tokens=args.max_prefill_tokens)  # fmt: skip
-    except USER_ERRORS as e:
+    except user_errors as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     name = args.served_model_name or Path(checkpoint).resolve().name
     log = logging.getLogger("llama.serving.app")
     log.info(
-        "loaded %s in %.1f s: %s parameters, %s, %s; %d slots x %d positions; serving as %r on http://%s:%d",
+        "loaded %s in %.1f s: %s parameters, %s, %s%s; %d slots x %d positions; serving as %r on http://%s:%d",
         checkpoint, time.perf_counter() - started, f"{model.config.n_params / 1e6:.1f} M",
-        str(dtype).removeprefix("torch."), device, engine.max_batch_size, engine.context_len, name, args.host,
+        str(dtype).removeprefix("torch."), device, f", {torch.get_num_threads()} threads" if device.type == "cpu" else "",
+        engine.max_batch_size, engine.context_len, name, args.host,
         args.port,
     )  # fmt: skip
     if api_key is not None:

@@ -14,9 +14,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from llama.core.tokenizer import load_tokenizer
-from llama.training.pretrain import train_tokenizer
-
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -29,7 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="random seed for the sample (default 0)")
     p.add_argument("--threads", type=int, default=1, help="sentencepiece trainer threads (default 1)")
     p.add_argument("--verbose", action="store_true", help="show sentencepiece's training log")
-    args = p.parse_args(argv)
+    args = p.parse_args(argv)  # before importing the project (and torch: seconds): --help is instant
+    from llama.core.tokenizer import load_tokenizer
+    from llama.training.pretrain import train_tokenizer
+
     try:
         path = train_tokenizer(args.inputs, args.output, args.vocab_size, character_coverage=args.character_coverage,
                                max_sentences=args.max_sentences, seed=args.seed, threads=args.threads,

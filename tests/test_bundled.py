@@ -41,3 +41,27 @@ def test_generate_script_without_arguments_uses_the_bundled_model():
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("In the beginning") and len(result.stdout.split()) > 4
     assert "weights/kjv" in result.stderr and "decode" in result.stderr
+
+
+def test_prepare_kjv_cuts_chapters_into_runs_of_verses_that_end_sentences():
+    """The corpus of the bundled model: each chapter as paragraphs of consecutive verses (one
+    document each), closed at a sentence end once long enough, before growing too long, and at the
+    chapter's end; the chapter heading opens its first paragraph."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_script_prepare_kjv", ROOT / "scripts" / "prepare_kjv.py")
+    kjv = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = kjv  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(kjv)
+    verses = ["One two three,", "four five six.", "Seven eight nine ten eleven:", "twelve?", "Thirteen.", "Last words"]
+    assert kjv.verse_runs(verses, min_words=5, max_words=100) == [
+        "One two three, four five six.", "Seven eight nine ten eleven: twelve?", "Thirteen. Last words"]
+    # max_words closes a run before the verse that would pass it, sentence end or not
+    assert kjv.verse_runs(verses, min_words=50, max_words=8) == [
+        "One two three, four five six.", "Seven eight nine ten eleven: twelve? Thirteen.", "Last words"]
+    assert kjv.verse_runs(['And he said, Go.\'', "Then."], min_words=1, max_words=10) == ['And he said, Go.\'', "Then."]
+    chapters = [kjv.Chapter("Genesis 1", verses), kjv.Chapter("Genesis 2", ["Only one."])]
+    train, valid = kjv.split_chapters_in_runs(chapters, valid_every=2, min_words=5, max_words=100)
+    assert train == ("Genesis 1\nOne two three, four five six.\n\nSeven eight nine ten eleven: twelve?\n\n"
+                     "Thirteen. Last words\n")
+    assert valid == "Genesis 2\nOnly one.\n"

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -395,19 +396,46 @@ def test_without_the_kernels_nothing_is_swapped(monkeypatch):
         native.gemv_bf16(torch.zeros(1, 4, dtype=torch.bfloat16), torch.zeros(4, 4, dtype=torch.bfloat16))
 
 
-def test_a_failed_build_warns_once(monkeypatch):
+def test_a_failed_build_warns_once(monkeypatch, tmp_path):
     from torch.utils import cpp_extension
 
     def fail(**kwargs):
         raise OSError("ninja is required to load C++ extensions")
 
     monkeypatch.setattr(native, "_build", {})
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # no cached build there
     monkeypatch.setattr(cpp_extension, "load", fail)
     with pytest.warns(RuntimeWarning, match=r"could not be built, PyTorch.s are used .*: OSError: ninja is required"):
         assert native.swap_native_linears(random_model()) == []
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert not native.available()  # decided once per process: no second warning
+
+
+def test_the_build_says_so_and_is_made_once_per_machine(monkeypatch, tmp_path, capsys):
+    """A build prints one line first; any later process (here: a second _compile), from any copy of
+    the sources, loads the cached library without building or printing again."""
+    from torch.utils import cpp_extension
+
+    builds, loaded = [], []
+
+    def build(**kwargs):  # stands in for the compiler: writes the library where it was asked to
+        builds.append(kwargs)
+        (Path(kwargs["build_directory"]) / f"{kwargs['name']}.so").write_bytes(b"library")
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(cpp_extension, "load", build)
+    monkeypatch.setattr(torch.ops, "load_library", loaded.append)
+    native._compile(generic=True)
+    err = capsys.readouterr().err
+    assert len(builds) == 1 and err.count("\n") == 1 and "compiling the native CPU kernels" in err and str(tmp_path) in err
+    native._compile(generic=True)
+    assert len(builds) == 1 and capsys.readouterr().err == ""
+    assert loaded == [str(Path(builds[0]["build_directory"]) / f"{builds[0]['name']}.so")]
+    # An interrupted build (no "built" marker) is made again rather than loaded half-written.
+    (Path(builds[0]["build_directory"]) / "built").unlink()
+    native._compile(generic=True)
+    assert len(builds) == 2
 
 
 def test_a_float32_model_is_left_alone_without_building(monkeypatch):

@@ -158,7 +158,8 @@ class SafetensorsFile:
 
 
 def save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None):
-    """Write tensors to one .safetensors file (via the reference library)."""
+    """Write tensors to one .safetensors file (via the reference library), readable by all (0644)."""
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+    os.chmod(path, 0o644)  # the library writes through a private (0600) temporary file

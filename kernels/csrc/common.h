@@ -55,6 +55,30 @@ inline float bf16_to_float(bf16 h) {
 }
 
 // y.to(torch.bfloat16) for one value: round to nearest, ties to even (c10::BFloat16's rounding).
+// IEEE half precision (GGUF's block scales) to float, exactly.
+inline float fp16_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16, exponent = (h >> 10) & 0x1Fu, mantissa = h & 0x3FFu;
+  uint32_t u;
+  if (exponent == 0x1F) {
+    u = sign | 0x7F800000u | (mantissa << 13);  // inf, NaN
+  } else if (exponent != 0) {
+    u = sign | ((exponent + 112) << 23) | (mantissa << 13);  // normal: rebias 15 -> 127
+  } else if (mantissa == 0) {
+    u = sign;  // zero
+  } else {  // subnormal: mantissa * 2^-24, normalized
+    int e = -1;
+    uint32_t m = mantissa;
+    do {
+      e++;
+      m <<= 1;
+    } while (!(m & 0x400u));
+    u = sign | uint32_t(112 - e) << 23 | ((m & 0x3FFu) << 13);
+  }
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
 inline bf16 float_to_bf16(float f) {
   uint32_t u;
   std::memcpy(&u, &f, sizeof u);
@@ -148,6 +172,8 @@ void gemv_bf16(const bf16* x, int64_t M, int64_t K, const bf16* w, int64_t ldw, 
 // scales: (N,) float32 (scales_bf16 false) or bfloat16 (true).
 void gemv_int8(const bf16* x, int64_t M, int64_t K, const int8_t* w, int64_t ldw, int64_t N, const void* scales,
                bool scales_bf16, bf16* y);
+void gemv_q8_0(const bf16* x, int64_t M, int64_t K, const int8_t* w, int64_t ldw, int64_t N, const uint16_t* d,
+               bf16* y);
 // Int4Linear's buffers -> this file's blocked layout (see gemv_int4.cpp), and the kernel on it.
 int64_t int4_packed_bytes(int64_t N, int64_t K, int64_t group_size);
 void pack_int4(const uint8_t* weight, const bf16* scales_and_zeros, int64_t N, int64_t K, int64_t group_size,

@@ -15,6 +15,15 @@
 // For 2 rows of x and more, the widened rows go through AMX tiles instead (amx_block).
 // Note: -128 is not representable this way; quantize_int8 never produces it (kernels/native.py
 // leaves a layer with a -128 on the PyTorch path).
+//
+// gemv_q8_0 below is the same product for GGUF's Q8_0 (llama/quantization/gguf.py, Int8BlockLinear):
+// one fp16 scale d per block of 32 values of a row instead of one per row,
+//     y[m, n] = sum_b d[n, b] * sum_{k in block b} x[m, k] * q[n, k]
+// in float32, rounded once to bf16 (Int8BlockLinear.forward rounds the dequantized weights to bf16
+// first: the kernel is the more exact of the two). Of a chunk of 64 values, the widened registers
+// hold block 0 (values 0-31) in their words 0-15 and block 1 in words 16-31, so a chunk's two
+// vdpbf16ps leave block 0's partial sums in float lanes 0-7 and block 1's in lanes 8-15: one
+// multiply by (d0 x 8, d1 x 8) scales both blocks before they join the row's accumulator.
 #include <vector>
 
 #include "common.h"
@@ -116,6 +125,57 @@ void rows(const bf16* xp, int64_t M, int64_t Kp, int64_t K, const int8_t* q, int
   }
 }
 
+// Q8_0: y[m, r] = sum_b d[r, b] * sum_{k in block b} x[m, k] * q[r, k] for m < MR, r < NR_.
+template <int MR, int NR_>
+void q8_0_tile(const bf16* xp, int64_t Kp, int64_t K, const int8_t* q, int64_t ldw, const uint16_t* d, int64_t ldd,
+               bf16* y, int64_t ldy) {
+  const Widen widen;
+  __m512 acc[MR][NR_];
+  for (int m = 0; m < MR; m++)
+    for (int r = 0; r < NR_; r++) acc[m][r] = _mm512_setzero_ps();
+  const int64_t n_blocks = K / 32;
+  const __m512i halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  for (int64_t k = 0; k < Kp; k += 64) {
+    __m512i wa[NR_], wb[NR_];
+    __m512 scale[NR_];
+    const int64_t b = k / 32;  // the chunk's first block; a last chunk of 32 values has no second
+    for (int r = 0; r < NR_; r++) {
+      widen(q + r * ldw + k, K - k, &wa[r], &wb[r]);
+      // d[b], d[b + 1] as floats (F16C), broadcast to lanes 0-7 and 8-15.
+      uint32_t pair = d[r * ldd + b];
+      if (b + 1 < n_blocks) pair |= uint32_t(d[r * ldd + b + 1]) << 16;
+      const __m128 two = _mm_cvtph_ps(_mm_cvtsi32_si128(int(pair)));
+      scale[r] = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(two));
+    }
+    for (int m = 0; m < MR; m++) {
+      const __m512bh xa = (__m512bh)_mm512_loadu_si512(xp + m * Kp + k);
+      const __m512bh xb = (__m512bh)_mm512_loadu_si512(xp + m * Kp + k + 32);
+      for (int r = 0; r < NR_; r++) {
+        __m512 part = _mm512_dpbf16_ps(_mm512_setzero_ps(), xa, (__m512bh)wa[r]);
+        part = _mm512_dpbf16_ps(part, xb, (__m512bh)wb[r]);  // lanes 0-7: block b, 8-15: block b + 1
+        acc[m][r] = _mm512_fmadd_ps(part, scale[r], acc[m][r]);
+      }
+    }
+  }
+  for (int m = 0; m < MR; m++)
+    for (int r = 0; r < NR_; r++) y[m * ldy + r] = float_to_bf16(_mm512_reduce_add_ps(acc[m][r]));
+}
+
+template <int NR_>
+void q8_0_rows(const bf16* xp, int64_t M, int64_t Kp, int64_t K, const int8_t* q, int64_t ldw, const uint16_t* d,
+               int64_t ldd, bf16* y, int64_t ldy) {
+  for (int64_t m = 0; m < M; m += 4) {
+    const bf16* xm = xp + m * Kp;
+    bf16* ym = y + m * ldy;
+    switch (M - m >= 4 ? 4 : M - m) {
+      case 1: q8_0_tile<1, NR_>(xm, Kp, K, q, ldw, d, ldd, ym, ldy); break;
+      case 2: q8_0_tile<2, NR_>(xm, Kp, K, q, ldw, d, ldd, ym, ldy); break;
+      case 3: q8_0_tile<3, NR_>(xm, Kp, K, q, ldw, d, ldd, ym, ldy); break;
+      default: q8_0_tile<4, NR_>(xm, Kp, K, q, ldw, d, ldd, ym, ldy); break;
+    }
+  }
+}
+
 #ifdef LLAMA_KERNELS_AMX
 // AMX version for 2..16 rows of x (the AMX tiles are explained in common.h). Per chunk of 64
 // values, the 16 weight rows of a block are widened as above and stored as the rows of two A
@@ -193,10 +253,10 @@ void amx_gemv(const bf16* xp, int64_t M, int64_t Kp, int64_t K, const int8_t* q,
 
 }  // namespace
 
-void gemv_int8(const bf16* x, int64_t M, int64_t K, const int8_t* q, int64_t ldw, int64_t N, const void* scales,
-               bool scales_bf16, bf16* y) {
-  // xp: x with each chunk of 64 reordered like the widened weights, zero-padded to Kp.
-  const int64_t Kp = (K + 63) / 64 * 64;
+namespace {
+
+// x with each chunk of 64 reordered like the widened weights, zero-padded to Kp = K rounded up to 64.
+std::vector<bf16> reorder_x(const bf16* x, int64_t M, int64_t K, int64_t Kp) {
   std::vector<bf16> xp(M * Kp, 0);
   for (int64_t m = 0; m < M; m++)
     for (int64_t k = 0; k < K; k += 64)
@@ -204,6 +264,35 @@ void gemv_int8(const bf16* x, int64_t M, int64_t K, const int8_t* q, int64_t ldw
         const int64_t src = k + chunk_source(j), n = K - src < 8 ? K - src : 8;
         if (n > 0) std::memcpy(&xp[m * Kp + k + j], x + m * K + src, n * sizeof(bf16));
       }
+  return xp;
+}
+
+}  // namespace
+
+void gemv_q8_0(const bf16* x, int64_t M, int64_t K, const int8_t* q, int64_t ldw, int64_t N, const uint16_t* d,
+               bf16* y) {
+  const int64_t Kp = (K + 63) / 64 * 64, ldd = K / 32;
+  const std::vector<bf16> xp = reorder_x(x, M, K, Kp);
+  const int64_t n_tiles = (N + NR - 1) / NR;
+  at::parallel_for(0, n_tiles, grain_for(NR * K), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; t++) {
+      const int64_t n = t * NR;
+      const int8_t* qn = q + n * ldw;
+      const uint16_t* dn = d + n * ldd;
+      switch (N - n >= NR ? NR : N - n) {
+        case 1: q8_0_rows<1>(xp.data(), M, Kp, K, qn, ldw, dn, ldd, y + n, N); break;
+        case 2: q8_0_rows<2>(xp.data(), M, Kp, K, qn, ldw, dn, ldd, y + n, N); break;
+        case 3: q8_0_rows<3>(xp.data(), M, Kp, K, qn, ldw, dn, ldd, y + n, N); break;
+        default: q8_0_rows<NR>(xp.data(), M, Kp, K, qn, ldw, dn, ldd, y + n, N); break;
+      }
+    }
+  });
+}
+
+void gemv_int8(const bf16* x, int64_t M, int64_t K, const int8_t* q, int64_t ldw, int64_t N, const void* scales,
+               bool scales_bf16, bf16* y) {
+  const int64_t Kp = (K + 63) / 64 * 64;
+  const std::vector<bf16> xp = reorder_x(x, M, K, Kp);
 #ifdef LLAMA_KERNELS_AMX
   if (M >= AMX_MIN_ROWS && amx_usable()) {
     amx_gemv(xp.data(), M, Kp, K, q, ldw, N, scales, scales_bf16, y);
@@ -245,6 +334,26 @@ void gemv_int8(const bf16* x, int64_t M, int64_t K, const int8_t* q, int64_t ldw
         for (int j = 0; j < 16; j++) acc += part[j];
         for (; k < K; k++) acc += xf[m * K + k] * float(q[n * ldw + k]);
         y[m * N + n] = float_to_bf16(acc * load_scale(scales, scales_bf16, n));
+      }
+    }
+  });
+}
+
+void gemv_q8_0(const bf16* x, int64_t M, int64_t K, const int8_t* q, int64_t ldw, int64_t N, const uint16_t* d,
+               bf16* y) {
+  std::vector<float> xf(M * K);  // x.float()
+  for (int64_t i = 0; i < M * K; i++) xf[i] = bf16_to_float(x[i]);
+  const int64_t ldd = K / 32;
+  at::parallel_for(0, N, grain_for(K), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; n++) {
+      for (int64_t m = 0; m < M; m++) {
+        float acc = 0.f;
+        for (int64_t b = 0; b < K / 32; b++) {
+          float part = 0.f;  // sum over the block, then its scale
+          for (int64_t j = 0; j < 32; j++) part += xf[m * K + b * 32 + j] * float(q[n * ldw + b * 32 + j]);
+          acc += part * fp16_to_float(d[n * ldd + b]);
+        }
+        y[m * N + n] = float_to_bf16(acc);
       }
     }
   });

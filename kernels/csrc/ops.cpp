@@ -53,6 +53,24 @@ at::Tensor gemv_int8_op(const at::Tensor& x_, const at::Tensor& w_, const at::Te
   return y;
 }
 
+at::Tensor gemv_q8_0_op(const at::Tensor& x_, const at::Tensor& w_, const at::Tensor& d_) {
+  const at::Tensor w = check_w(w_, at::kChar, "gemv_q8_0");
+  const at::Tensor x = check_x(x_, w.size(1), "gemv_q8_0");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK_VALUE(K % 32 == 0, "gemv_q8_0: in_features ", K, " is not a multiple of the block size 32");
+  TORCH_CHECK_VALUE(d_.dim() == 2 && d_.size(0) == N && d_.size(1) == K / 32 && d_.device().is_cpu() &&
+                  d_.scalar_type() == at::kHalf,
+              "gemv_q8_0: scales must be a (", N, ", ", K / 32, ") float16 CPU tensor, got ", d_.scalar_type(), " ",
+              d_.sizes());
+  const at::Tensor d = d_.contiguous();
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M > 0 && N > 0)
+    gemv_q8_0(bf16_ptr(x), M, K, w.data_ptr<int8_t>(), w.stride(0), N,
+              reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>()),
+              reinterpret_cast<bf16*>(y.data_ptr<at::BFloat16>()));
+  return y;
+}
+
 void check_int4_shape(int64_t N, int64_t K, int64_t G, const char* op) {
   TORCH_CHECK_VALUE(G == 32 || G == 64 || G == 128 || G == 256, op, ": group_size must be 32, 64, 128 or 256, got ", G);
   TORCH_CHECK_VALUE(N > 0 && K > 0 && K % G == 0, op, ": in_features ", K,
@@ -100,6 +118,7 @@ std::string isa_op() { return isa(); }
 LK_LIBRARY(LLAMA_KERNELS_NS, m) {
   m.def("gemv_bf16(Tensor x, Tensor weight) -> Tensor");
   m.def("gemv_int8(Tensor x, Tensor weight, Tensor scales) -> Tensor");
+  m.def("gemv_q8_0(Tensor x, Tensor weight, Tensor scales) -> Tensor");
   m.def("pack_int4(Tensor weight, Tensor scales_and_zeros, int group_size) -> Tensor");
   m.def("gemv_int4(Tensor x, Tensor packed, int out_features, int in_features, int group_size) -> Tensor");
   m.def("isa() -> str", &isa_op);
@@ -108,6 +127,7 @@ LK_LIBRARY(LLAMA_KERNELS_NS, m) {
 LK_LIBRARY_IMPL(LLAMA_KERNELS_NS, CPU, m) {
   m.impl("gemv_bf16", &gemv_bf16_op);
   m.impl("gemv_int8", &gemv_int8_op);
+  m.impl("gemv_q8_0", &gemv_q8_0_op);
   m.impl("pack_int4", &pack_int4_op);
   m.impl("gemv_int4", &gemv_int4_op);
 }

@@ -187,12 +187,36 @@ def checkpoint_stop_tokens(path: str | os.PathLike) -> frozenset[int]:
         return frozenset(eos_ids_from_configs(Path(path)))
 
 
+# What a checkpoint directory holds besides the weights and their config: the tokenizer, the
+# generation defaults (eos ids) and the chat template. save(tokenizer_from=...) and convert() copy them.
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "chat_template.jinja", "chat_template.json")  # fmt: skip
+
+
+def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[Path]:
+    """Copy the TOKENIZER_FILES that `src` has into `dst` (mode 0644); returns the files written."""
+    import shutil
+
+    written = []
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copyfile(Path(src) / name, Path(dst) / name)
+            (Path(dst) / name).chmod(0o644)
+            written.append(Path(dst) / name)
+    return written
+
+
 def save(model: Transformer, path: str | os.PathLike, *, format: str = "hf", n_shards: int = 1,
-         max_shard_bytes: int | None = None) -> list[Path]:
+         max_shard_bytes: int | None = None, tokenizer_from: str | os.PathLike | None = None) -> list[Path]:
     """Write a model as a Meta (params.json + consolidated.NN.pth) or HF (config.json + safetensors)
-    checkpoint directory. Returns the files written."""
+    checkpoint directory, with the tokenizer, generation config and chat template files of the
+    checkpoint directory `tokenizer_from` (e.g. the one the model was loaded from), so that the
+    result runs as it is. Returns the files written."""
     state = {n: t.detach().cpu() for n, t in model.state_dict().items()}
-    return save_state_dict(model.config, state, path, format=format, n_shards=n_shards, max_shard_bytes=max_shard_bytes)
+    written = save_state_dict(model.config, state, path, format=format, n_shards=n_shards, max_shard_bytes=max_shard_bytes)
+    if tokenizer_from is not None:
+        written += copy_tokenizer_files(tokenizer_from, path)
+    return written
 
 
 def save_state_dict(config: ModelConfig, state: dict[str, torch.Tensor], path, *, format: str = "hf",
@@ -214,12 +238,16 @@ def save_state_dict(config: ModelConfig, state: dict[str, torch.Tensor], path, *
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, format: str, n_shards: int = 1,
-            max_shard_bytes: int | None = None, dtype: str | torch.dtype | None = None) -> list[Path]:
-    """Convert a checkpoint directory to `format` ("hf" or "meta"), losslessly unless `dtype` is given.
+            max_shard_bytes: int | None = None, dtype: str | torch.dtype | None = None,
+            progress: bool | None = None) -> list[Path]:
+    """Convert a checkpoint directory to `format` ("hf" or "meta"), losslessly unless `dtype` is given,
+    with the source's tokenizer, generation config and chat template files (TOKENIZER_FILES).
 
     The source is checked completely (config, every tensor name and shape) before anything is
     written, and the output is written to a temporary directory that is renamed into place only
     when complete, so a failure leaves no partial checkpoint behind. `dst` must not exist yet.
+    progress: a progress bar while reading (default: for checkpoints over 1 GB when stderr is a terminal).
+    Files are written 0644 and the directory 0755.
     """
     import shutil
     import tempfile
@@ -234,7 +262,18 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, format: str, n_sh
     try:
         config = config_from_checkpoint(ckpt)
         names = check_tensors(ckpt, meta_model(config))
-        state = {name: ckpt.read(name, dtype) for name in names}
+        shapes = ckpt.shapes()
+        total = sum(torch.Size(shapes[n]).numel() * (dtype or ckpt.dtype(n)).itemsize for n in names)
+        if progress is None:
+            progress = total > 2**30 and sys.stderr.isatty()
+        from tqdm import tqdm
+
+        state = {}
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"reading {Path(src).name}", file=sys.stderr,
+                  disable=not progress) as bar:  # fmt: skip
+            for name in names:
+                state[name] = ckpt.read(name, dtype)
+                bar.update(state[name].nbytes)
     finally:
         ckpt.close()
     if format == "hf" and not config.tie_word_embeddings and torch.equal(state["output.weight"], state["tok_embeddings.weight"]):
@@ -245,6 +284,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, format: str, n_sh
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     try:
         written = save_state_dict(config, state, tmp, format=format, n_shards=n_shards, max_shard_bytes=max_shard_bytes)
+        written += copy_tokenizer_files(src, tmp)
+        tmp.chmod(0o755)  # mkdtemp made it 0700, for this process only
         tmp.rename(dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 
@@ -28,6 +30,25 @@ def set_threads(threads: int | None) -> None:
     if threads < 1:
         raise DeviceError(f"--threads must be positive, got {threads}")
     torch.set_num_threads(threads)
+
+
+def idle_threads(cores: int | None = None, load: float | None = None) -> int:
+    """A thread count for decoding on a CPU: torch's default (one per physical core) less the cores
+    that other processes kept busy over the last minute (the whole part of the 1-minute load
+    average), at least 1.
+
+    Decoding one token is a chain of small matrix-vector products, each split across the threads
+    and joined at a barrier: a thread that has to wait for a busy core stalls all the others at
+    every barrier. On this project's busy 2-core machine, one thread decoded about 10x faster than
+    two. `cores` and `load` default to this machine's (for the tests).
+    """
+    cores = torch.get_num_threads() if cores is None else cores
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except (AttributeError, OSError):  # no load average on this platform (Windows)
+            load = 0.0
+    return max(1, min(cores, cores - int(load)))  # int: a core busy for less than the whole minute counts as free
 
 
 def bf16_supported(device: torch.device) -> bool:

@@ -199,6 +199,13 @@ def stream(
     return _decode_loop(model, prompts, max_new_tokens, params, seed, stop, stop_strings, tokenizer, compile)
 
 
+def default_new_tokens(context: int, prompt_len: int, cap: int = 256) -> int:
+    """The number of new tokens to ask for when the caller gave none: `cap`, or what the context
+    leaves after the prompt when that is less (at least 1, so that a prompt that fills the context
+    still gets stream's error, which names the lengths)."""
+    return max(1, min(cap, context - prompt_len))
+
+
 def check_prompt(prompt, index: int, vocab: int) -> list[int]:
     """A prompt as a list of Python ints in [0, vocab), or a GenerationError naming what is wrong."""
     try:

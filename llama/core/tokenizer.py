@@ -85,6 +85,11 @@ class Tokenizer(ABC):
     pad_id: int  # -1 when the tokenizer has no padding token
     vocab_size: int
     stop_tokens: frozenset[int]
+    # What a GGUF file says about its tokenizer (llama/core/gguf.py sets them; other files leave
+    # these defaults): whether texts get bos / eos, and the chat template (a Jinja string).
+    add_bos: bool = True
+    add_eos: bool = False
+    chat_template: str | None = None
 
     @abstractmethod
     def encode(self, text: str, *, bos: bool, eos: bool) -> list[int]: ...
@@ -370,22 +375,26 @@ LLAMA2_ROLES = ("system", "user", "assistant")
 
 
 class SentencePieceTokenizer(Tokenizer):
-    """Llama 1/2 tokenizer: a sentencepiece model file (bos 1, eos 2, unk 0, no pad id)."""
+    """Llama 1/2 tokenizer: a sentencepiece model file (bos 1, eos 2, unk 0, no pad id), or the
+    model's serialized bytes as `model_proto` (path None)."""
 
-    def __init__(self, path: str | PathLike, extra_stop_tokens: Sequence[int] = ()):
-        proto = _read_bytes(path)  # not model_file=path: sentencepiece's own open would block on a FIFO
+    def __init__(self, path: str | PathLike | None, extra_stop_tokens: Sequence[int] = (), *,
+                 model_proto: bytes | None = None):  # fmt: skip
+        # not model_file=path: sentencepiece's own open would block on a FIFO
+        proto = model_proto if model_proto is not None else _read_bytes(path)
+        where = path if model_proto is None else "sentencepiece model"
         try:
             self._model = sentencepiece.SentencePieceProcessor(model_proto=proto)
         except RuntimeError as e:
-            raise TokenizerFormatError(f"{path} is neither a tiktoken nor a sentencepiece model: {e}") from None
+            raise TokenizerFormatError(f"{where} is neither a tiktoken nor a sentencepiece model: {e}") from None
         n = self._model.vocab_size()
         if n < 1 or not all(0 <= i < n for i in (self._model.bos_id(), self._model.eos_id())):
-            raise TokenizerFormatError(f"{path}: a sentencepiece model without a vocabulary, or without bos and eos pieces")
+            raise TokenizerFormatError(f"{where}: a sentencepiece model without a vocabulary, or without bos and eos pieces")
         try:  # every piece must be text, or decoding it fails later, in the middle of a generation
             for i in range(n):
                 self._model.id_to_piece(i)
         except UnicodeDecodeError:
-            raise TokenizerFormatError(f"{path}: piece {i} of the sentencepiece model is not UTF-8 text") from None
+            raise TokenizerFormatError(f"{where}: piece {i} of the sentencepiece model is not UTF-8 text") from None
         self.bos_id = self._model.bos_id()
         self.eos_id = self._model.eos_id()
         self.pad_id = self._model.pad_id()

@@ -59,6 +59,9 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, *, tokenizer_from:
     info = getattr(model, "quantization", None)
     if info is None:
         raise ValueError("the model is not quantized; call quantize_model() first or load with quantize=...")
+    if "gguf_kept" in info:
+        raise ValueError("a model loaded from GGUF with quantize= keeps GGUF's own blocks, which this format "
+                         "cannot hold; keep the GGUF file, or convert it with scripts/convert.py")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {n: t.detach().cpu() for n, t in model.state_dict().items()}

@@ -61,7 +61,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..core.generation import GenerationError, SamplingParams
+from ..core.generation import GenerationError, SamplingParams, default_new_tokens
 from ..core.tokenizer import ChatFormatError, InvalidTextError, check_text
 from .engine import ContextLengthError, Delta, Engine, EngineFullError, EngineStoppedError, Request, token_text
 
@@ -383,7 +383,8 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
         ids = await asyncio.to_thread(
             lambda: [tokenizer.encode(p, bos=True, eos=False) if isinstance(p, str) else list(p) for p in prompts]
         )
-        max_tokens = body.max_tokens or DEFAULT_COMPLETION_TOKENS
+        # OpenAI's default, or what the context leaves after the longest prompt when that is less
+        max_tokens = body.max_tokens or default_new_tokens(engine.context_len, max(map(len, ids)), DEFAULT_COMPLETION_TOKENS)
         job = _start(body, ids, max_tokens, body.logprobs, "prompt", request)
         kind = _Completions(job, body, request, tokenizer, model_name, [len(i) for i in ids])
         return await kind.respond()

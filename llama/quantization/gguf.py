@@ -1,0 +1,157 @@
+"""GGUF's quantized weights kept as they are stored: Q8_0 as Int8BlockLinear, Q4_0 as Int4Linear.
+
+    model = llama.load("model-Q4_0.gguf", quantize="int4", dtype="bfloat16")   # runs in about the file's size
+    model = llama.load("model-Q8_0.gguf", quantize="int8")
+
+A GGUF weight of a type that maps onto a quantized module without loss is copied into it:
+
+- Q8_0 (blocks of 32 int8 values with one fp16 scale d: w = q * d) has a scale per block of 32
+  inputs, which this project's Int8Linear (one scale per output row) cannot hold. Int8BlockLinear
+  below holds it as it is: weight (N, K) int8, scales (N, K/32) fp16.
+- Q4_0 (blocks of 32 4-bit values q with one fp16 scale d: w = (q - 8) * d) is Int4Linear with
+  group size 32 and zero point 0, since Int4Linear computes w = (q - 8) * scale + zero. The nibbles
+  are reordered (Q4_0 pairs value j with j + 16 in a byte, Int4Linear value 2j with 2j + 1) and
+  the scales take the model's dtype: exact in float32 and float16, rounded to 8 bits of mantissa in
+  bfloat16 (as every bfloat16 Int4Linear's scales are).
+
+Every other weight is dequantized (weights/gguf.py) and quantized by the requested mode as any
+checkpoint is (int8 per channel; int4 in groups of group_size), or stays in float where that mode
+cannot take it. The embedding and the norms stay in float, as elsewhere in this project.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from weights.gguf import GGMLType, quantize_q8_0
+
+from ..core import gguf as core_gguf
+from .linear import Int4Linear, Int8Linear, _row_chunks, check_mode, pack_nibbles, target_names
+
+Q8_0_BLOCK = 34  # bytes of one Q8_0 block: fp16 d, then 32 int8 values
+Q4_0_BLOCK = 18  # fp16 d, then 16 bytes of 4-bit values
+
+
+class Int8BlockLinear(nn.Module):
+    """y = x @ W.T with W[n, k] = weight[n, k] * scales[n, k // 32]: GGUF's Q8_0, kept as stored.
+
+    Buffers: weight (N, K) int8, scales (N, K/32) float16. The forward widens a slice of rows at a
+    time into x's dtype (through float32, so W is exactly Q8_0's dequantized value rounded once to
+    that dtype) and multiplies; the slices keep the float temporaries small (see _row_chunks). That
+    costs several passes over the weights, so decoding is slow here: kernels.optimize swaps in
+    kernels/native.py's NativeInt8BlockLinear, which reads the int8 values once (gemv_q8_0).
+    """
+
+    block_size = 32
+
+    def __init__(self, in_features: int, out_features: int, device=None):
+        super().__init__()
+        if in_features % self.block_size:
+            raise ValueError(f"in_features {in_features} is not a multiple of the block size {self.block_size}")
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.ones(out_features, in_features // self.block_size,
+                                                  dtype=torch.float16, device=device))  # fmt: skip
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear) -> "Int8BlockLinear":
+        module = cls(linear.in_features, linear.out_features, linear.weight.device)
+        module.load_weight(linear.weight.detach())
+        return module
+
+    def load_q8_0(self, data: torch.Tensor) -> None:
+        """Fill from the Q8_0 bytes of an (N, K) weight (1-D uint8, as stored in a GGUF file)."""
+        N, K = self.out_features, self.in_features
+        blocks = data.view(N, K // self.block_size, Q8_0_BLOCK)
+        self.scales = blocks[..., :2].contiguous().view(torch.float16).view(N, K // self.block_size)
+        self.weight = blocks[..., 2:].contiguous().view(torch.int8).view(N, K)
+
+    def load_weight(self, w: torch.Tensor) -> None:
+        """Quantize a float (N, K) weight as Q8_0 (ggml's rounding) into this module."""
+        self.load_q8_0(quantize_q8_0(w.detach().cpu()).to(w.device))
+
+    def dequantize(self, dtype=torch.float32, rows: slice = slice(None)) -> torch.Tensor:
+        """W[rows] in dtype: (n, K)."""
+        q = self.weight[rows].view(-1, self.in_features // self.block_size, self.block_size).float()
+        w = q * self.scales[rows].float().unsqueeze(-1)  # (n, K/32, 32): the value Q8_0 stands for, in float32
+        return w.view(-1, self.in_features).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        y = torch.empty(x2.shape[0], self.out_features, dtype=x.dtype, device=x.device)
+        for rows in _row_chunks(self.weight):
+            y[:, rows] = F.linear(x2, self.dequantize(x.dtype, rows))
+        return y.view(*x.shape[:-1], self.out_features)  # (..., N)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"int8 per block of {self.block_size} (Q8_0)")
+
+
+def int4_from_q4_0(data: torch.Tensor, out_features: int, in_features: int,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Q4_0 bytes of an (N, K) weight -> Int4Linear's buffers (weight (N, K/2) uint8 as pack_nibbles
+    packs, scales_and_zeros (K/32, N, 2) with zero 0): the same (q - 8) * d."""
+    N, K = out_features, in_features
+    blocks = data.view(N * K // 32, Q4_0_BLOCK)
+    d = blocks[:, :2].contiguous().view(torch.float16).view(N, K // 32)
+    qs = blocks[:, 2:]  # byte j: value j in the low nibble, value j + 16 in the high one
+    q = torch.cat([qs & 0x0F, qs >> 4], dim=1).view(N, K)  # (N*K/32, 32) -> (N, K), values 0..15
+    sz = torch.stack([d.to(dtype), torch.zeros(N, K // 32, dtype=dtype)], dim=-1)  # (N, K/32, 2)
+    return pack_nibbles(q), sz.transpose(0, 1).contiguous()
+
+
+def load(path: str | os.PathLike, mode: str, *, group_size: int = 128, include_output: bool = True,
+         dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu", progress: bool | None = None):
+    """Load a GGUF file with its linears quantized: Q8_0 weights (mode "int8") and Q4_0 weights (mode
+    "int4") copied as they are stored, every other one quantized from its dequantized values
+    (see the module docstring). include_output: quantize the output projection too (a tied one as a
+    quantized copy of the embedding). model.quantization records the mode and what came from GGUF."""
+    check_mode(mode, group_size)
+    kept: list[str] = []
+    requantized: list[str] = []
+
+    def swap(model, dtype, types):
+        fills = {}
+        for name in target_names(model, include_output):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            linear = getattr(parent, child)
+            if not isinstance(linear, nn.Linear):
+                continue
+            N, K, kind = linear.out_features, linear.in_features, types[f"{name}.weight"]
+            if mode == "int8" and kind == GGMLType.Q8_0:
+                module = Int8BlockLinear(K, N, device="meta")
+                fills[name] = lambda weight, module=module: module.load_q8_0(weight.data)
+                kept.append(name)
+            elif mode == "int4" and kind == GGMLType.Q4_0:
+                module = Int4Linear(K, N, 32, dtype, device="meta")
+                fills[name] = lambda weight, module=module: _fill_int4(module, weight.data)
+                kept.append(name)
+            elif mode == "int8" or K % group_size == 0:
+                module = (Int8Linear(K, N, dtype, "meta") if mode == "int8"
+                          else Int4Linear(K, N, group_size, dtype, "meta"))  # fmt: skip
+                fills[name] = lambda weight, module=module: module.load_weight(weight.dequantized(dtype))
+                requantized.append(name)
+            else:
+                continue  # stays in float, as llama/quantization does with a width the groups do not divide
+            setattr(parent, child, module)
+        return fills
+
+    model = core_gguf.load(path, dtype=dtype, device=device, progress=progress, swap=swap)
+    model.quantization = {"mode": mode, "group_size": group_size, "include_output": "output" in kept + requantized,
+                          "gguf_kept": len(kept), "gguf_requantized": len(requantized)}  # fmt: skip
+    # No prepare_kernels here: the packing torch's int4 kernel wants is made on a module's first use
+    # instead, by the modules that use it (kernels.optimize swaps in ones with their own packing), so
+    # that loading does not peak at the int32 copy torch's packing makes of each matrix (1 GB for a
+    # 1B model's output projection).
+    return model
+
+
+def _fill_int4(module: Int4Linear, raw: torch.Tensor) -> None:
+    module.weight, module.scales_and_zeros = int4_from_q4_0(raw, module.out_features, module.in_features,
+                                                            module.scales_and_zeros.dtype)  # fmt: skip
