@@ -42,6 +42,10 @@ def shard_logits(args: dict) -> dict:
     """Logits of a full forward and of cached decoding, and greedy tokens, of the sharded model."""
     config = ModelConfig.from_dict(args["config"])
     model = llama.distributed.shard(random_model(config))
+    if args.get("kernels"):
+        import kernels
+
+        kernels.optimize(model)
     t = tokens(config)
     with torch.no_grad():
         full = model(t)

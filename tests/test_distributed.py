@@ -74,6 +74,34 @@ def test_sharded_model_equals_one_process(layout):
         assert r["heads"][0] == [config.n_heads // 2, max(1, config.n_kv_heads // 2)]
 
 
+def test_kernels_optimize_a_sharded_model():
+    """kernels.optimize fuses a rank's column-parallel projections and keeps the row- and vocabulary-
+    parallel modules (with their collectives): the same logits as one plain process."""
+    results = run("shard_logits", {"config": BASE.to_dict(), "kernels": True})
+    model = random_model(BASE)
+    with torch.no_grad():
+        expected = model(tokens(BASE))
+    for r in results:
+        assert "error" not in r, r
+        assert rel(r["full"], expected) < RTOL and rel(r["decoded"], expected) < RTOL
+
+
+def test_kernels_refuse_an_unknown_parallel_module():
+    """A subclass of a parallel module (say a researcher's) is not one kernels was written for: refused by name."""
+    import kernels
+    from llama.distributed import RowParallelLinear
+    from llama.core.support import UnsupportedModelError
+
+    class OverlappedRowParallel(RowParallelLinear):
+        pass
+
+    model = random_model(BASE)
+    model.layers[0].attention.wo = OverlappedRowParallel(BASE.dim, BASE.dim)
+    with pytest.raises(UnsupportedModelError, match="OverlappedRowParallel"):
+        kernels.optimize(model)
+    assert type(model.layers[1].attention).__name__ == "Attention"  # refused before changing anything
+
+
 # ---- loading per rank ---------------------------------------------------------------------------------------
 
 import llama  # noqa: E402

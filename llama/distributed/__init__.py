@@ -9,10 +9,11 @@
 from .loading import load
 from .lockstep import Leader, follow
 from .process import device, init, launched
-from .tensor_parallel import (Plan, RowParallelLinear, TensorParallelError, VocabParallelEmbedding, VocabParallelOutput,
+from .tensor_parallel import (PARALLEL_MODULES, Plan, RowParallelLinear, TensorParallelError, VocabParallelEmbedding, VocabParallelOutput,
                               current_plan, shard)  # fmt: skip
 
 __all__ = [
+    "PARALLEL_MODULES",
     "Leader",
     "Plan",
     "RowParallelLinear",
