@@ -3,6 +3,7 @@
     python scripts/perplexity.py --checkpoint runs/kjv --text-file data/kjv/valid.txt --context-len 256 --stride 128
     python scripts/perplexity.py --checkpoint path/to/Llama-2-7b --text-file wiki.test.raw \\
         --documents file --window-bos --context-len 4096 --stride 512
+    torchrun --nproc-per-node 8 scripts/perplexity.py --checkpoint path/to/Llama-3.1-70B --tp 8 --text-file wiki.test.raw
 
 Tokens: the text is cut into documents (--documents: each line by default, as scripts/train.py cuts
 its data) and each is encoded as BOS + text + EOS, all in one stream; so on a model trained by
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -30,6 +32,8 @@ from llama.training.pretrain import DOCUMENT_SPLITS, encode_documents
 
 
 def main(argv: list[str] | None = None) -> int:
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 speaks: the result, the errors
+        sys.stdout = sys.stderr = open(os.devnull, "w")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (Meta or HF layout) with its tokenizer, or a GGUF file")
     p.add_argument("--text-file", required=True, help="the text to score (UTF-8)")
@@ -48,18 +52,29 @@ def main(argv: list[str] | None = None) -> int:
                         "--no-quantize-output keeps it in float: better quality, more bytes read per token (default on)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--tp", type=int, default=None,
+                   help="tensor parallelism over this many processes started by torchrun (--nproc-per-node N): "
+                        "each holds 1/N of every matrix, only rank 0 prints (default: torchrun's number of "
+                        "processes, 1 without torchrun)")
     args = p.parse_args(argv)
     try:
         set_threads(args.threads)
-        device = pick_device(args.device)
+        tp = llama.distributed.start(args.tp)
+        if tp > 1 and args.quantize != "none":
+            raise llama.distributed.TensorParallelError("--quantize runs in one process only, not with --tp / under torchrun")
+        device = llama.distributed.device() if tp > 1 else pick_device(args.device)
         try:
             text = Path(args.text_file).read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
             raise ValueError(f"{args.text_file} is not UTF-8 text: {e}") from None
-        tokenizer = llama.load_tokenizer(args.checkpoint)
-        model = llama.load(args.checkpoint, dtype=args.dtype, device=device,
-                           quantize=None if args.quantize == "none" else args.quantize, group_size=args.group_size,
-                           quantize_output=args.quantize_output)
+        with llama.distributed.together():  # a rank that fails to load stops them all
+            tokenizer = llama.load_tokenizer(args.checkpoint)
+            if tp > 1:
+                model = llama.distributed.load(args.checkpoint, dtype=args.dtype, device=device)
+            else:
+                model = llama.load(args.checkpoint, dtype=args.dtype, device=device,
+                                   quantize=None if args.quantize == "none" else args.quantize,
+                                   group_size=args.group_size, quantize_output=args.quantize_output)  # fmt: skip
         check_vocabulary(tokenizer, model.config.vocab_size)  # TokenizerMismatchError, a ValueError
         context_len = args.context_len or model.config.max_seq_len
         stride = args.stride or max(1, context_len // 2)
@@ -83,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  context {result.context_len} tokens per window, stride {result.stride}, {result.n_windows} windows; "
           f"tokens: {doc} encoded as BOS + text + EOS; "
           f"{'every window starts with an extra BOS' if result.bos else 'no BOS added to windows'}; "
-          f"{args.dtype} on {device.type}, {seconds:.1f} s")  # fmt: skip
+          f"{args.dtype} on {device.type}{f', tensor-parallel over {tp} processes' if tp > 1 else ''}, {seconds:.1f} s")  # fmt: skip
     return 0
 
 

@@ -118,5 +118,13 @@ def engine_outputs(args: dict) -> dict:
     return {"outputs": outputs}
 
 
+def one_rank_fails(args: dict) -> dict:
+    """Rank 1 raises inside together(), rank 0 does not."""
+    with llama.distributed.together():
+        if dist.get_rank() == 1:
+            raise llama.CheckpointError("no checkpoint on this machine")
+    return {"error": None}
+
+
 if __name__ == "__main__":
     main()

@@ -160,3 +160,161 @@ def test_engine_on_rank_0_drives_the_followers():
     assert "error" not in results[0] and "error" not in results[1], results
     assert results[0]["outputs"] == expected
     assert results[1]["followed"] > len(prompts)  # setup_cache, prefills and decode steps
+
+
+# ---- the scripts under torchrun -----------------------------------------------------------------------------
+
+SCRIPTS = Path(__file__).parents[1] / "scripts"
+FLOAT = ["--dtype", "float32", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def script_checkpoint(tmp_path_factory) -> Path:
+    """A small random model with the bundled model's tokenizer (4096 tokens)."""
+    import shutil
+
+    import weights
+
+    path = tmp_path_factory.mktemp("tp-script")
+    llama.save(random_model(BASE.replace(vocab_size=4096)), path)
+    shutil.copy(weights.BUNDLED_MODEL / "tokenizer.model", path)
+    return path
+
+
+def torchrun(script: str, *args, nproc: int = 2) -> subprocess.CompletedProcess:
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
+            str(free_port()), str(SCRIPTS / script), *map(str, args)]  # fmt: skip
+    return subprocess.run(argv, capture_output=True, text=True, timeout=300)
+
+
+def one_process(script: str, *args) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, str(SCRIPTS / script), *map(str, args)], capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def ranks(script: str, *args, nproc: int = 2, env: dict | None = None) -> list[subprocess.Popen]:
+    """The ranks started as torchrun starts them (its environment variables), so that the test sees each
+    one's exit status and output."""
+    import os
+
+    port = str(free_port())
+    return [subprocess.Popen([sys.executable, str(SCRIPTS / script), *map(str, args)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True,
+                             env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(nproc),
+                                      MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **(env or {})))
+            for r in range(nproc)]  # fmt: skip
+
+
+def finish(processes: list[subprocess.Popen], timeout: float = 300) -> list[tuple[int, str, str]]:
+    """(exit status, stdout, stderr) of each rank."""
+    outputs = [p.communicate(timeout=timeout) for p in processes]
+    return [(p.returncode, *output) for p, output in zip(processes, outputs)]
+
+
+@pytest.mark.parametrize("sampling", [["--temperature", "0"], ["--temperature", "0.8", "--seed", "7"]])
+def test_generate_under_torchrun_prints_one_process_text(script_checkpoint, sampling):
+    args = ["--checkpoint", script_checkpoint, "--max-new-tokens", "16", *FLOAT, *sampling]
+    expected = one_process("generate.py", *args)
+    done = torchrun("generate.py", *args)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == expected.stdout  # rank 0's text, once: the other rank prints nothing
+    assert done.stderr.count("tensor-parallel over 2 processes") == 1
+
+
+def test_perplexity_under_torchrun_equals_one_process(script_checkpoint, tmp_path):
+    import re
+
+    text = tmp_path / "text.txt"
+    text.write_text("In the beginning God created the heaven and the earth.\nAnd the earth was without form.\n" * 3)
+    args = ["--checkpoint", script_checkpoint, "--text-file", text, "--context-len", "16", "--stride", "8",
+            "--no-progress", *FLOAT]  # fmt: skip
+    value = lambda out: float(re.search(r"perplexity (\S+)", out)[1])  # noqa: E731
+    expected = value(one_process("perplexity.py", *args).stdout)
+    done = torchrun("perplexity.py", *args)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("perplexity ") == 1
+    assert value(done.stdout) == pytest.approx(expected, rel=RTOL)
+
+
+def test_serve_under_torchrun_answers_as_one_process(script_checkpoint):
+    """Rank 0 serves, rank 1 follows; greedy completions equal the library's in this process; on SIGTERM
+    rank 0 shuts down and releases rank 1: both exit 0."""
+    import signal
+    import time
+    import urllib.request
+
+    port = free_port()
+    processes = ranks("serve.py", "--checkpoint", script_checkpoint, "--port", port, *FLOAT)
+    try:
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except OSError:
+                assert all(p.poll() is None for p in processes), finish(processes)
+                time.sleep(0.5)
+        body = json.dumps({"prompt": "In the beginning", "max_tokens": 12, "temperature": 0}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
+                                         {"Content-Type": "application/json"})  # fmt: skip
+        answer = json.loads(urllib.request.urlopen(request, timeout=60).read())["choices"][0]["text"]
+    finally:
+        processes[0].send_signal(signal.SIGTERM)
+        results = finish(processes, timeout=60)
+    llm = llama.Llama.load(script_checkpoint, dtype="float32")
+    ids = llm.tokenizer.encode("In the beginning", bos=True, eos=False)
+    expected = llama.generate(llm.model, [ids], 12, temperature=0, stop_tokens=llm.tokenizer.stop_tokens)[0]
+    assert answer == llm.tokenizer.decode(expected)
+    assert [status for status, _, _ in results] == [0, 0], results
+    assert results[1][1] == results[1][2] == ""  # the follower prints nothing
+
+
+# ---- errors: one line, from rank 0; every rank exits 2 -------------------------------------------------------
+
+
+def error_cases(checkpoint: Path, tmp: Path) -> dict[str, tuple[list, str]]:
+    odd = tmp / "odd-heads"  # 3 heads: not divisible by 2 ranks
+    llama.save(random_model(BASE.replace(dim=48, n_heads=3, n_kv_heads=3, vocab_size=4096)), odd)
+    (odd / "tokenizer.model").write_bytes((checkpoint / "tokenizer.model").read_bytes())
+    return {
+        "tp not the world size": (["generate.py", "--checkpoint", checkpoint, "--tp", "3"], "--tp 3 does not match the 2"),
+        "heads not divisible": (["generate.py", "--checkpoint", odd], "n_heads 3 is not divisible by the world size 2"),
+        "missing checkpoint": (["perplexity.py", "--checkpoint", tmp / "nothing", "--text-file", __file__], "nothing"),
+        "interactive under tp": (["generate.py", "--checkpoint", checkpoint, "--interactive"], "--interactive runs in one"),
+        "port taken": (["serve.py", "--checkpoint", checkpoint, "--port", "PORT"], "cannot listen on"),
+        "usage": (["serve.py", "--max-batch-size", "0"], "--max-batch-size must be at least 1"),
+    }
+
+
+def test_user_errors_print_one_line_and_every_rank_exits_2(script_checkpoint, tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        cases = error_cases(script_checkpoint, tmp_path)
+        started = {name: ranks(*[port if a == "PORT" else a for a in argv], *FLOAT[2:]) for name, (argv, _) in cases.items()}
+        results = {name: finish(processes, timeout=120) for name, processes in started.items()}
+    for name, (_, message) in cases.items():
+        (status0, out0, err0), (status1, out1, err1) = results[name]
+        assert (status0, status1) == (2, 2), (name, results[name])
+        assert "Traceback" not in err0 + err1, (name, err0, err1)
+        assert out1 == err1 == "", name  # only rank 0 speaks
+        lines = [line for line in err0.splitlines() if "error:" in line]
+        assert len(lines) == 1 and message in lines[0], (name, err0)
+
+
+def test_tp_without_torchrun_is_refused(script_checkpoint):
+    done = subprocess.run([sys.executable, str(SCRIPTS / "generate.py"), "--checkpoint", str(script_checkpoint), "--tp", "2"],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error: --tp 2 needs 2 processes: start the script with torchrun")
+
+
+def test_a_rank_that_fails_stops_them_all():
+    """together(): rank 1 fails (a checkpoint missing on its machine), rank 0 does not -- rank 0 raises
+    naming rank 1 instead of waiting for it in the next collective."""
+    results = run("one_rank_fails", {})
+    assert results[1]["error"] == "CheckpointError"
+    assert results[0]["error"] == "TensorParallelError"
+    assert results[0]["message"] == "rank 1 failed: no checkpoint on this machine"

@@ -1,6 +1,7 @@
 """Running one model over several processes with torch.distributed (launched by torchrun).
 
-    process.py          init(): join the process group torchrun describes (gloo on CPUs, nccl on GPUs)
+    process.py          init(): join the process group torchrun describes (gloo on CPUs, nccl on GPUs);
+                        start(), together(): what the scripts need to run under torchrun
     tensor_parallel.py  split a model's matrices over ranks (Megatron / Meta style): shard()
     loading.py          load(): each rank reads only its part of a checkpoint
     lockstep.py         Leader / follow(): rank 0 drives the model (a server), the others mirror it
@@ -8,7 +9,7 @@
 
 from .loading import load
 from .lockstep import Leader, follow
-from .process import device, init, launched
+from .process import device, init, launched, shared_seed, start, together
 from .tensor_parallel import (PARALLEL_MODULES, Plan, RowParallelLinear, TensorParallelError, VocabParallelEmbedding, VocabParallelOutput,
                               current_plan, shard)  # fmt: skip
 
@@ -27,4 +28,7 @@ __all__ = [
     "launched",
     "load",
     "shard",
+    "shared_seed",
+    "start",
+    "together",
 ]
