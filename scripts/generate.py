@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize-output", action=argparse.BooleanOptionalAction, default=True,
                    help="with --quantize, quantize the output projection too (a tied one as a copy); "
                         "--no-quantize-output keeps it in float: better quality, more bytes read per token (default on)")
+    p.add_argument("--adapter", metavar="DIR",
+                   help="a LoRA adapter (peft layout, e.g. from scripts/finetune.py) applied to the checkpoint: merged "
+                        "into float weights, kept beside quantized ones (default none)")
     p.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True,
                    help="swap in the fused modules and native matrix-vector kernels of kernels/ "
                         "(--no-kernels runs the plain reference model of llama/core/model.py; default on)")
@@ -269,7 +272,8 @@ def check_tensor_parallel(args) -> None:
     from llama.distributed import TensorParallelError
 
     alone = [flag for flag, on in (("--interactive", args.interactive), ("--draft", args.draft), ("--compile", args.compile),
-                                   ("--quantize", args.quantize != "none"), ("--prompt-file -", args.prompt_file == "-"))
+                                   ("--quantize", args.quantize != "none"), ("--prompt-file -", args.prompt_file == "-"),
+                                   ("--adapter", args.adapter))
              if on]  # fmt: skip
     if alone:
         raise TensorParallelError(f"{', '.join(alone)} run{'s' if len(alone) == 1 else ''} in one process only, not "
@@ -341,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
                 model = llama.distributed.load(checkpoint, dtype=dtype, device=device)
             else:
                 model = llama.load(checkpoint, dtype=dtype, device=device, quantize=quantize,
-                                   group_size=args.group_size, quantize_output=args.quantize_output)  # fmt: skip
+                                   group_size=args.group_size, quantize_output=args.quantize_output,
+                                   adapter=args.adapter)  # fmt: skip
             llm = llama.Llama(model, llama.load_tokenizer(checkpoint))
         args.seed = llama.distributed.shared_seed(args.seed)  # under tp: every rank samples the same tokens
         mode = getattr(model, "quantization", None)

@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quantize-output", action=argparse.BooleanOptionalAction, default=True,
                    help="with --quantize, quantize the output projection too (a tied one as a copy); "
                         "--no-quantize-output keeps it in float: better quality, more bytes read per token (default on)")
+    p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter (peft layout, e.g. from scripts/finetune.py) applied to the checkpoint")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--tp", type=int, default=None,
@@ -60,8 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         set_threads(args.threads)
         tp = llama.distributed.start(args.tp)
-        if tp > 1 and args.quantize != "none":
-            raise llama.distributed.TensorParallelError("--quantize runs in one process only, not with --tp / under torchrun")
+        if tp > 1 and (args.quantize != "none" or args.adapter):
+            raise llama.distributed.TensorParallelError(f"{'--quantize' if args.quantize != 'none' else '--adapter'} runs "
+                                                        "in one process only, not with --tp / under torchrun")  # fmt: skip
         device = llama.distributed.device() if tp > 1 else pick_device(args.device)
         try:
             text = Path(args.text_file).read_text(encoding="utf-8")
@@ -74,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 model = llama.load(args.checkpoint, dtype=args.dtype, device=device,
                                    quantize=None if args.quantize == "none" else args.quantize,
-                                   group_size=args.group_size, quantize_output=args.quantize_output)  # fmt: skip
+                                   group_size=args.group_size, quantize_output=args.quantize_output,
+                                   adapter=args.adapter)  # fmt: skip
         check_vocabulary(tokenizer, model.config.vocab_size)  # TokenizerMismatchError, a ValueError
         context_len = args.context_len or model.config.max_seq_len
         stride = args.stride or max(1, context_len // 2)

@@ -5,6 +5,7 @@
     LLAMA_API_KEY=KEY python scripts/serve.py --checkpoint path/to/Llama-3.2-1B-Instruct --max-batch-size 16
     curl http://127.0.0.1:8000/v1/completions -H "Content-Type: application/json" \\
         -d '{"prompt": "And God said", "max_tokens": 20, "temperature": 0}'
+    python scripts/serve.py --lora kjv-words=weights/kjv-lora      # the base as "kjv", the adapter as "kjv-words"
     torchrun --nproc-per-node 8 scripts/serve.py --checkpoint path/to/Llama-3.1-70B-Instruct --tp 8
 
 Under torchrun (--tp N), rank 0 runs the HTTP server and the engine; the engine's every model call is
@@ -62,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=["none", "int8", "int4"], default="none",
                    help="weight-only quantization of the transformer blocks' linears while loading (default none)")
     p.add_argument("--group-size", type=int, default=128, help="int4 group size: 32, 64, 128 or 256 (default 128)")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME=DIR",
+                   help="serve a LoRA adapter (peft layout, e.g. from scripts/finetune.py) as model NAME beside the base "
+                        "model; repeatable. Requests for different adapters and the base share each batch")
     p.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True,
                    help="swap in the faster modules of kernels/ (fused projections, SDPA, native matrix-vector "
                         "kernels); --no-kernels serves the plain model of llama/core/model.py (default on)")
@@ -95,6 +99,19 @@ def check_port(host: str, port: int) -> None:
         except OSError as e:
             raise OSError(f"cannot listen on {host}:{port}: {e.strerror} (is another server running there? "
                           "choose another --port)") from None  # fmt: skip
+
+
+def lora_modules(items: list[str]) -> list[tuple[str, str]]:
+    """--lora NAME=DIR values as (name, directory); ValueError for a malformed or repeated one."""
+    pairs = []
+    for item in items:
+        name, sep, directory = item.partition("=")
+        if not sep or not name.strip() or not directory.strip():
+            raise ValueError(f"--lora {item!r}: expected NAME=DIR")
+        if name in (n for n, _ in pairs):
+            raise ValueError(f"--lora {name}: given twice")
+        pairs.append((name.strip(), directory.strip()))
+    return pairs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     from llama.core.device import DeviceError, idle_threads, pick_device, pick_dtype, set_threads
     from llama.core.tokenizer import TokenizerFormatError, TokenizerMismatchError, TokenizerNotFoundError
     from llama.serving.engine import Engine
+    from llama.training import lora
 
     user_errors = (llama.CheckpointError, llama.ConfigError, DeviceError, TokenizerNotFoundError, TokenizerFormatError,
                    TokenizerMismatchError, llama.distributed.TensorParallelError, kernels.UnsupportedModelError, OSError)  # fmt: skip
@@ -145,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             parser.error(str(e))
     try:
+        adapters = lora_modules(args.lora)
+    except ValueError as e:
+        parser.error(str(e))
+    try:
         import llama.serving.app  # noqa: F401  (serve() uses it: FastAPI and uvicorn are an extra)
     except ImportError as e:
         print(f"error: the server needs FastAPI and uvicorn: pip install -e '.[serve]' ({e})", file=sys.stderr)
@@ -153,8 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         tp = llama.distributed.start(args.tp)
-        if tp > 1 and args.quantize != "none":
-            raise llama.distributed.TensorParallelError("--quantize runs in one process only, not with --tp / under torchrun")
+        if tp > 1 and (args.quantize != "none" or args.lora):
+            raise llama.distributed.TensorParallelError(f"{'--quantize' if args.quantize != 'none' else '--lora'} runs "
+                                                        "in one process only, not with --tp / under torchrun")  # fmt: skip
         device = llama.distributed.device() if tp > 1 else pick_device(args.device)
         dtype = pick_dtype(args.dtype, device)
         if device.type == "cpu":
@@ -169,8 +192,11 @@ def main(argv: list[str] | None = None) -> int:
                 model = llama.distributed.load(checkpoint, dtype=dtype, device=device)
             else:
                 model = llama.load(checkpoint, dtype=dtype, device=device, quantize=quantize, group_size=args.group_size)
-            if args.kernels:
-                kernels.optimize(model, fuse_qkv=quantize is None, fuse_gate_up=quantize is None)
+            for name, directory in adapters:
+                lora.load_adapter(model, directory, name)
+            if args.kernels:  # fusing stacks plain nn.Linear weights: not quantized ones, nor those under adapters
+                fuse = quantize is None and not args.lora
+                kernels.optimize(model, fuse_qkv=fuse, fuse_gate_up=fuse)
             tokenizer = llama.load_tokenizer(checkpoint)
     except user_errors as e:
         print(f"error: {e}", file=sys.stderr)
@@ -192,22 +218,26 @@ def main(argv: list[str] | None = None) -> int:
             # uvicorn handles SIGTERM (a graceful shutdown), then raises it again once it has shut down; the
             # default action would end this process there, before the followers are released below.
             signal.signal(signal.SIGTERM, lambda *_: None)
-        serve(args, engine, model, checkpoint, api_key, key_source, started, dtype, device)
+        status = serve(args, engine, model, checkpoint, api_key, key_source, started, dtype, device)
     finally:
         if tp > 1:
             if engine is not None:
                 engine.stop()  # (the app has stopped it already: no model call may follow the stop below)
             driver.stop()  # release the followers
-    return 0
+    return status
 
 
-def serve(args, engine, model, checkpoint, api_key, key_source, started, dtype, device) -> None:
-    """Log what is served and run the HTTP server until SIGTERM or Ctrl-C."""
+def serve(args, engine, model, checkpoint, api_key, key_source, started, dtype, device) -> int:
+    """Log what is served and run the HTTP server until SIGTERM or Ctrl-C; returns the exit status."""
     import torch
 
     from llama.serving.app import create_app, run_server
 
     name = args.served_model_name or Path(checkpoint).resolve().name
+    if name in engine.adapters:
+        print(f"error: --lora {name}: the base model is served under that name; choose another "
+              "(or --served-model-name)", file=sys.stderr)  # fmt: skip
+        return 2
     log = logging.getLogger("llama.serving.app")
     log.info(
         "loaded %s in %.1f s: %s parameters, %s, %s%s; %d slots x %d positions; serving as %r on http://%s:%d",
@@ -224,6 +254,7 @@ def serve(args, engine, model, checkpoint, api_key, key_source, started, dtype, 
                 args.host, args.port)  # fmt: skip
     app = create_app(engine, model_name=name, api_key=api_key, max_body_bytes=args.max_body_size)
     run_server(app, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
+    return 0
 
 
 if __name__ == "__main__":

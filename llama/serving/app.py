@@ -5,7 +5,7 @@
     run_server(app, host="127.0.0.1", port=8000)        # scripts/serve.py does this; Ctrl-C drains
 
 Endpoints, in OpenAI's request and response shapes:
-    GET  /v1/models            the one served model
+    GET  /v1/models            the served model, and each LoRA adapter of it as a model of its own
     POST /v1/completions       prompt: a string, a list of strings, token ids, or lists of token ids
     POST /v1/chat/completions  messages in the checkpoint's chat format (tokenizer.encode_dialog)
     GET  /health               {"status": "ok", "engine": {counters}}; 503 if the engine thread died
@@ -24,8 +24,9 @@ logprobs / top_logprobs <= MAX_LOGPROBS, MAX_LOGIT_BIAS logit_bias entries, and 
 than the engine's slots plus its queue.
 Fields whose non-default values change the output in ways not implemented here (echo, suffix,
 best_of, logit_bias, presence/frequency penalties, tools, non-text response_format) are refused
-with a 400 rather than ignored. A `model` other than the served name is a 404 (model_not_found);
-omitting it means the served model.
+with a 400 rather than ignored. A `model` other than the served name (or one of the engine's LoRA
+adapters, which are served under their own names) is a 404 (model_not_found); omitting it means
+the served base model.
 
 Every error is OpenAI's object {"error": {"message", "type", "param", "code"}}: malformed JSON and
 bad fields 400, a missing or wrong API key 401, unknown model or path 404, a body over the size limit
@@ -337,14 +338,23 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         return APIError(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}", code=code).response()
 
-    def check_model(name: str | None) -> None:
-        if name is not None and name != model_name:
-            raise APIError(404, f"The model `{name}` does not exist; this server serves `{model_name}`.",
-                           param="model", code="model_not_found")  # fmt: skip
+    # The base model under model_name, and each LoRA adapter of the engine's model under its own name
+    # (vLLM's convention for --lora-modules): a request picks one with "model".
+    served = [model_name, *(a for a in engine.adapters if a != model_name)]
 
-    def model_card() -> dict:
-        return {"id": model_name, "object": "model", "created": created, "owned_by": "llama-from-scratch",
+    def check_model(name: str | None) -> str:
+        """The served name a request asked for (omitted: the base model)."""
+        if name is not None and name not in served:
+            raise APIError(404, f"The model `{name}` does not exist; this server serves {', '.join(f'`{m}`' for m in served)}.",
+                           param="model", code="model_not_found")  # fmt: skip
+        return model_name if name is None else name
+
+    def model_card(name: str) -> dict:
+        card = {"id": name, "object": "model", "created": created, "owned_by": "llama-from-scratch",
                 "max_model_len": engine.context_len}  # fmt: skip
+        if name != model_name:
+            card.update(root=name, parent=model_name)  # a LoRA adapter of the base model (as vLLM lists them)
+        return card
 
     @app.get("/health")
     async def health():
@@ -355,16 +365,15 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card(name) for name in served]}
 
     @app.get("/v1/models/{name:path}")
     async def model(name: str):
-        check_model(name)
-        return model_card()
+        return model_card(check_model(name))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: HTTPRequest):
-        check_model(body.model)
+        name = check_model(body.model)
         _refuse_unsupported(body)
         tokenizer = engine.tokenizer
         prompt = body.prompt
@@ -385,13 +394,13 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
         )
         # OpenAI's default, or what the context leaves after the longest prompt when that is less
         max_tokens = body.max_tokens or default_new_tokens(engine.context_len, max(map(len, ids)), DEFAULT_COMPLETION_TOKENS)
-        job = _start(body, ids, max_tokens, body.logprobs, "prompt", request)
-        kind = _Completions(job, body, request, tokenizer, model_name, [len(i) for i in ids])
+        job = _start(body, ids, max_tokens, body.logprobs, "prompt", request, name)
+        kind = _Completions(job, body, request, tokenizer, name, [len(i) for i in ids])
         return await kind.respond()
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: HTTPRequest):
-        check_model(body.model)
+        name = check_model(body.model)
         _refuse_unsupported(body)
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
@@ -411,8 +420,8 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
             raise APIError(400, str(e), param="messages") from None
         max_tokens = body.max_completion_tokens or body.max_tokens or max(1, engine.context_len - len(prompt))
         k = (body.top_logprobs or 0) if body.logprobs else None
-        job = _start(body, [prompt], max_tokens, k, "messages", request)
-        kind = _ChatCompletions(job, body, request, engine.tokenizer, model_name, [len(prompt)])
+        job = _start(body, [prompt], max_tokens, k, "messages", request, name)
+        kind = _ChatCompletions(job, body, request, engine.tokenizer, name, [len(prompt)])
         return await kind.respond()
 
     def check_capacity(body: _Common, prompts: int) -> None:
@@ -423,7 +432,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
                            f"{capacity}", param="n")  # fmt: skip
 
     def _start(body: _Common, prompts: list[list[int]], max_tokens: int, logprobs: int | None, param: str,
-               request: HTTPRequest) -> _Job:  # fmt: skip
+               request: HTTPRequest, name: str) -> _Job:  # fmt: skip
         n = body.n or 1
         sampling = _sampling(body)
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
@@ -432,7 +441,8 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
         for p in prompts:
             for j in range(n):  # choice j of a prompt: seed + j, so n samples differ but reproduce
                 seed = None if body.seed is None else (body.seed + j) % 2**64
-                requests.append(Request(p, max_tokens, sampling, seed, stop, stop_tokens, logprobs))
+                adapter = None if name == model_name else name
+                requests.append(Request(p, max_tokens, sampling, seed, stop, stop_tokens, logprobs, adapter))
         _log_info(request).update(prompt_tokens=sum(len(p) for p in prompts))
         return _submit(engine, requests, param)
 

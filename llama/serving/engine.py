@@ -37,6 +37,13 @@ matmul over B rows may sum in another order than over 1, and attention runs over
 row with the extra positions masked (float32: about 1e-6 relative). Greedy tokens are therefore the
 same unless two logits tie to that precision.
 
+LoRA adapters. A model holding several adapters (llama.training.lora) serves each request with
+the adapter it names (Request.adapter; None: the base model). Rows of different adapters share the
+same prefill and decode forwards: the base weights are read once per step for every row, and each
+adapter adds its low-rank product s * B (A x) to its own rows only (lora.per_row_adapters). A
+request computes what the model with only its adapter active computes, up to the same rounding as
+any batch.
+
 Prefill policy. Prefilling together pays where a forward is bound by reading the weights (a
 prompt of 10 tokens costs about one decode step, so 16 short prompts alone cost 16 steps and
 together about one). Where it is bound by compute (long prompts, CPUs), padding tokens cost as much
@@ -62,6 +69,7 @@ of kind "shutdown". stop() ends the thread.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import sys
@@ -76,6 +84,7 @@ import torch
 from ..core.generation import GenerationError, SamplingParams, apply_repetition_penalty, check_seed, sample
 from ..core.stops import StopMatcher
 from ..core.tokenizer import check_vocabulary
+from ..training import lora
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +126,7 @@ class Request:
     stop: Sequence[str] = ()
     stop_tokens: frozenset[int] | None = None
     logprobs: int | None = None
+    adapter: str | None = None  # a LoRA adapter of the model (llama.training.lora), or None: the base model
 
 
 @dataclass(frozen=True)
@@ -231,6 +241,8 @@ class Engine:
             stop_tokens = getattr(model, "stop_tokens", None) or tokenizer.stop_tokens
         self.stop_tokens = frozenset(stop_tokens)
         self.device = model.tok_embeddings.weight.device
+        # Several LoRA adapters on one base: each row of a forward uses its request's adapter (or none).
+        self.adapters = tuple(lora.adapter_names(model))
         model.setup_cache(max_batch_size, self.context_len)
 
         self._free = list(range(max_batch_size - 1, -1, -1))  # free slots; pop() gives the lowest
@@ -342,6 +354,8 @@ class Engine:
             check_seed(r.seed)
         except GenerationError as e:
             raise GenerationError(f"request {index}: {e}") from None
+        if r.adapter is not None and r.adapter not in self.adapters:
+            raise GenerationError(f"request {index}: no adapter named {r.adapter!r}; the model has {list(self.adapters)}")
 
     def _cancel(self, ticket: Ticket) -> None:
         with self._wake:
@@ -433,7 +447,8 @@ class Engine:
             for b, seq in enumerate(seqs):
                 ids[b, : len(seq.prompt)] = torch.tensor(seq.prompt, device=self.device)
             rows = torch.tensor([s.slot for s in seqs], device=self.device)  # (B,)
-            logits = self.model(ids, 0, cache_rows=rows)  # (B, T, V)
+            with self._adapters(seqs):
+                logits = self.model(ids, 0, cache_rows=rows)  # (B, T, V)
             logits = logits[torch.arange(len(seqs), device=self.device), lengths - 1]  # (B, V): each last prompt token
         except Exception as e:  # e.g. out of memory for long prompts: these requests fail, others go on
             for seq in seqs:
@@ -452,7 +467,8 @@ class Engine:
             tokens = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)  # (B, 1)
             positions = torch.tensor([s.position for s in seqs], device=self.device)  # (B,)
             rows = torch.tensor([s.slot for s in seqs], device=self.device)  # (B,)
-            logits = self.model(tokens, positions, cache_rows=rows)[:, -1]  # (B, V)
+            with self._adapters(seqs):
+                logits = self.model(tokens, positions, cache_rows=rows)[:, -1]  # (B, V)
         except Exception as e:
             for s in seqs:
                 self._fail(s, f"decode failed: {type(e).__name__}: {e}")
@@ -462,6 +478,13 @@ class Engine:
         for s in seqs:
             s.position += 1
         self._advance(seqs, logits)
+
+    def _adapters(self, seqs: list[_Sequence]):
+        """Row b of the next forward uses the adapter of seqs[b]'s request: the base projections run
+        once for every row, each adapter adds its low-rank product to its own rows only."""
+        if not self.adapters:
+            return contextlib.nullcontext()
+        return lora.per_row_adapters(self.model, [s.request.adapter for s in seqs])
 
     def _advance(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
         """Sample one token for each of `seqs` from its row of logits: (B, V) float32, and act on it.
