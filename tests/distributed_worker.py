@@ -126,5 +126,42 @@ def one_rank_fails(args: dict) -> dict:
     return {"error": None}
 
 
+
+# ---- data-parallel training (FSDP2) -------------------------------------------------------------------------
+
+
+def training_setup(args: dict):
+    """The model, data and TrainConfig of the training cases (the same in the test's one process)."""
+    import numpy as np
+
+    from llama.training.loop import TrainConfig
+    from llama.training.pretrain import TokenWindows
+
+    config = ModelConfig.from_dict(args["config"])
+    model = random_model(config).train()
+    for p in model.parameters():
+        p.data.mul_(0.3)  # a trainable scale: the loss falls over the steps
+    tokens = (np.arange(5000) * 7 % 61).astype(np.int64)  # a cycle: learnable in a few steps
+    train_config = TrainConfig(max_steps=5, batch_size=4, grad_accum=2, context=16, lr=1e-2, min_lr=1e-3, warmup_steps=1,
+                               eval_every=100, save_every=100, precision="float32", seed=3)  # fmt: skip
+    return model, TokenWindows(tokens[:4000], tokens[4000:], train_config), train_config
+
+
+def fsdp_train(args: dict) -> dict:
+    """Train (or resume) under FSDP2 over every rank; losses and, from rank 0, the whole final weights."""
+    from llama.training import loop
+
+    model, data, config = training_setup(args)
+    parallel = llama.distributed.DataParallel()
+    parallel.shard(model)
+    result = loop.train(model, data, config, out_dir=args["out"], resume=args.get("resume", False),
+                        stop_at=args.get("stop_at"), progress=False, parallel=parallel)  # fmt: skip
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    weights = {name: t.tolist() for name, t in state.items()} if dist.get_rank() == 0 else None
+    return {"losses": result.train_losses, "weights": weights}
+
+
 if __name__ == "__main__":
     main()

@@ -5,15 +5,18 @@
     tensor_parallel.py  split a model's matrices over ranks (Megatron / Meta style): shard()
     loading.py          load(): each rank reads only its part of a checkpoint
     lockstep.py         Leader / follow(): rank 0 drives the model (a server), the others mirror it
+    training.py         DataParallel: training over several processes with FSDP2 (fully_shard)
 """
 
 from .loading import load
 from .lockstep import Leader, follow
 from .process import device, init, launched, shared_seed, start, together
+from .training import DataParallel
 from .tensor_parallel import (PARALLEL_MODULES, Plan, RowParallelLinear, TensorParallelError, VocabParallelEmbedding, VocabParallelOutput,
                               current_plan, shard)  # fmt: skip
 
 __all__ = [
+    "DataParallel",
     "PARALLEL_MODULES",
     "Leader",
     "Plan",
