@@ -54,7 +54,7 @@ def free_port() -> int:
 
 
 def rel(a, b) -> float:
-    a, b = torch.tensor(a), torch.as_tensor(b)
+    a, b = torch.as_tensor(a), torch.as_tensor(b)
     return float((a - b).norm() / b.norm())
 
 
@@ -366,3 +366,30 @@ def test_a_state_saved_by_2_processes_resumes_in_1_and_back(tmp_path):
     train_one_process(tmp_path / "b", stop_at=3)
     results = run("fsdp_train", {"config": TRAIN.to_dict(), "out": str(tmp_path / "b"), "resume": True})
     check_same_run(results, losses, weights)
+
+
+def test_train_script_under_torchrun_writes_one_process_checkpoint(tmp_path):
+    """scripts/train.py on 2 ranks (FSDP2, automatic under torchrun): the same losses, and rank 0 writes
+    the whole checkpoint, which loads in one process with the one-process run's weights."""
+    import weights
+
+    lines = [" ".join(["in the beginning god created the heaven and the earth"][0].split()[i % 7 :]) for i in range(200)]
+    (tmp_path / "train.txt").write_text("\n".join(lines))
+    args = ["--data", tmp_path / "train.txt", "--tokenizer", weights.BUNDLED_MODEL / "tokenizer.model", "--dim", "64",
+            "--n-layers", "2", "--n-heads", "4", "--context", "32", "--max-steps", "4", "--batch-size", "4",
+            "--precision", "float32", "--save-dtype", "float32", "--no-progress", "--threads", "1"]  # fmt: skip
+    one_process("train.py", *args, "--out", tmp_path / "one")
+    done = torchrun("train.py", *args, "--out", tmp_path / "two")
+    assert done.returncode == 0, done.stderr
+    summaries = [json.loads((tmp_path / run / "train_summary.json").read_text()) for run in ("one", "two")]
+    assert summaries[1]["final_train_loss"] == pytest.approx(summaries[0]["final_train_loss"], rel=1e-4)
+    one, two = (llama.load(tmp_path / run).state_dict() for run in ("one", "two"))
+    for name, expected in one.items():
+        assert rel(two[name], expected) < 1e-4, name
+
+
+def test_fsdp_without_torchrun_is_refused(tmp_path):
+    done = subprocess.run([sys.executable, str(SCRIPTS / "train.py"), "--data", __file__, "--tokenizer", "x", "--out",
+                           str(tmp_path / "o"), "--fsdp"], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "error: --fsdp trains over several processes: start with torchrun" in done.stderr

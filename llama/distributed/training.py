@@ -83,6 +83,11 @@ class DataParallel:
         trainable = [name for name, p in model.named_parameters() if p.requires_grad]
         return {name: weights[name] for name in trainable}, by_index(moments)
 
+    def full_weights(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
+        """The model's whole state dict on the CPU, on rank 0 (None on the others): what a checkpoint holds."""
+        weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return weights if self.writes else None
+
     def load_full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, weights: dict, moments: dict) -> None:
         """Give each rank its shard of a whole state (full_state's, or one process's)."""
         options = StateDictOptions(full_state_dict=True, strict=False)
