@@ -63,12 +63,13 @@ def start(tp: int | None) -> int:
         raise TensorParallelError(f"--tp must be at least 1, got {tp}")
     if not launched():
         if tp is not None and tp > 1:
-            raise TensorParallelError(f"--tp {tp} needs {tp} processes: start the script with torchrun --nproc-per-node {tp} ...")
+            raise TensorParallelError(f"--tp {tp} needs {tp} processes: start the script with "
+                                      f"torchrun --nproc-per-node {tp} ...")  # fmt: skip
         return 1
     world = int(os.environ["WORLD_SIZE"])
     if tp is not None and tp != world:
-        raise TensorParallelError(f"--tp {tp} does not match the {world} processes torchrun started (WORLD_SIZE={world}): "
-                                  "give --nproc-per-node (times --nnodes) equal to --tp")  # fmt: skip
+        raise TensorParallelError(f"--tp {tp} does not match the {world} processes torchrun started "
+                                  f"(WORLD_SIZE={world}): give --nproc-per-node (times --nnodes) equal to --tp")  # fmt: skip
     if world == 1:
         return 1
     rank = int(os.environ["RANK"])

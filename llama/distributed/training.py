@@ -106,7 +106,8 @@ class RankBatches:
         x, y = self.data.train_batch(step, micro)  # (B, T) each
         B = x.shape[0]
         if B % self.world:
-            raise ValueError(f"the batch size {B} is not divisible by the {self.world} processes: each takes B / {self.world} rows")
+            raise ValueError(f"the batch size {B} is not divisible by the {self.world} processes: each takes "
+                             f"B / {self.world} rows")  # fmt: skip
         rows = slice(self.rank * B // self.world, (self.rank + 1) * B // self.world)
         return x[rows], y[rows]  # (B / W, T)
 

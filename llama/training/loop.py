@@ -421,7 +421,8 @@ def _load_state(path: Path, model, optimizer, config: TrainConfig, identity: dic
                 p.copy_(state["model"][name])
         optimizer.load_state_dict(state["optimizer"])
     else:  # whatever the number of processes that saved it: each rank takes its shard
-        parallel.load_full_state(model, optimizer, {name: state["model"][name] for name in trainable}, state["optimizer"])
+        weights = {name: state["model"][name] for name in trainable}
+        parallel.load_full_state(model, optimizer, weights, state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
