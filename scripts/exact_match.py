@@ -17,12 +17,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-import llama
-import weights
-from llama.core.device import DeviceError, pick_device, set_threads
-from llama.core.tokenizer import TokenizerFormatError, TokenizerNotFoundError
-from llama.training.data import read_records
-from llama.training.evaluate import exact_match
+# torch and the project are imported in main(), after the arguments are parsed: --help and a usage
+# error should not wait seconds for torch.
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +34,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--show", type=int, default=5, help="answers to print (default 5)")
     p.add_argument("--json", help="also write the score and every answer to this JSON file")
     args = p.parse_args(argv)
+
+    import llama
+    import weights
+    from llama.core.device import DeviceError, pick_device, set_threads
+    from llama.core.tokenizer import TokenizerFormatError, TokenizerNotFoundError
+    from llama.training.data import read_records
+    from llama.training.evaluate import exact_match
+
     try:
         set_threads(args.threads)
         records = [record for _, record in read_records(args.data)]

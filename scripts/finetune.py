@@ -25,18 +25,17 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+if __package__:  # installed as the package llama_cli
+    from .loop_flags import add_loop_arguments
+else:  # python scripts/finetune.py: scripts/ is sys.path[0]
+    from loop_flags import add_loop_arguments
 
-import llama
-from llama.core.device import DeviceError, pick_device, set_threads
-from llama.core.tokenizer import TokenizerFormatError, TokenizerNotFoundError
-from llama.training import lora
-from llama.training.cli import add_loop_arguments, check_out_dir, finish, interrupted, summary, train_config
-from llama.training.data import InstructionBatches, encode_records, read_records, split_examples
-from llama.loading import SETTABLE_FIELDS
-from llama.training.finetune import METHODS, FinetuneSpec, load_for_finetuning, parameter_counts, save_checkpoint, save_merged
-from llama.training.loop import autocast_dtype, train
-
+# torch and the project are imported in main(), after the arguments are parsed: importing torch takes
+# seconds, and --help or a usage error should not wait for it. The choices below are the library's,
+# spelled out for that reason (tests/test_finetune_script.py checks they agree).
+METHODS = ("lora", "qlora", "full")  # llama.training.finetune.METHODS
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # lora.DEFAULT_TARGETS
+SETTABLE_FIELDS = ("rope_theta", "rope_scaling", "max_seq_len")  # llama.loading.SETTABLE_FIELDS
 DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "full": 2e-5}
 
 
@@ -69,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora-rank", type=int, default=8, help="adapter rank r (default 8)")
     g.add_argument("--lora-alpha", type=float, help="scaling numerator: the update is alpha / r * B A (default 2 * rank)")
     g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input (default 0)")
-    g.add_argument("--lora-targets", default=",".join(lora.DEFAULT_TARGETS),
+    g.add_argument("--lora-targets", default=",".join(LORA_TARGETS),
                    help="comma-separated projections, HF names (q_proj k_proj v_proj o_proj gate_proj up_proj down_proj lm_head) "
                         "or Meta's (wq wk wv wo w1 w3 w2 output) (default: the seven of every block)")
     g.add_argument("--rslora", action="store_true", help="rank-stabilised scaling alpha / sqrt(r) instead of alpha / r")
@@ -93,6 +92,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.out)
+
+    import torch
+
+    import llama
+    from llama.core.device import DeviceError, pick_device, set_threads
+    from llama.core.tokenizer import TokenizerFormatError, TokenizerNotFoundError
+    from llama.training import lora
+    from llama.training.cli import check_out_dir, finish, interrupted, summary, train_config
+    from llama.training.data import InstructionBatches, encode_records, read_records, split_examples
+    from llama.training.finetune import FinetuneSpec, load_for_finetuning, parameter_counts, save_checkpoint, save_merged
+    from llama.training.loop import autocast_dtype, train
+
     try:
         if args.lr is None:
             args.lr = DEFAULT_LR[args.method]

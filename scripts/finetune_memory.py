@@ -1,6 +1,6 @@
 """Peak memory, seconds per step and trainable parameters of each fine-tuning method, each in its own process.
 
-    python scripts/random_checkpoint.py llama-3.2-1b /tmp/rand-1b
+    python scripts/random_checkpoint.py llama-3.2-1b /tmp/rand-1b --dtype bfloat16
     python scripts/finetune_memory.py --checkpoint /tmp/rand-1b --context 512 --batch-size 1 --steps 3
 
 Configurations: full fine-tuning in bf16, LoRA on a bf16 base, QLoRA on an int8 and an int4 base
@@ -9,8 +9,9 @@ activation checkpointing. Every configuration runs in a fresh process: load the 
 method (finetune.load_for_finetuning), then --steps optimiser steps of llama.training.loop.train on
 random tokens (every position trained, bf16 autocast, AdamW). Peak memory is the process's peak
 resident set (getrusage), which includes loading and the Python/torch runtime; the resident set after
-importing (the runtime: ~0.35 GB) and after loading are reported too, and "peak above the runtime" is
-what the model and training added (comparable with GPU tables, which count tensor memory only).
+importing (the runtime: ~0.25 GB) and after loading are reported too, as is the peak while loading
+(reading and quantizing the checkpoint), and "peak above the runtime" is what the model and training
+added (comparable with GPU tables, which count tensor memory only).
 Seconds per step: the mean over the steps after the first (the first pays one-off allocations), as
 wall-clock time and as the CPU time the process used (on a shared machine the wall-clock time
 depends on what else runs; the CPU time much less).
@@ -62,6 +63,7 @@ def measure(args, name: str) -> dict:
     t0 = time.perf_counter()
     model = load_for_finetuning(args.checkpoint, spec, dtype="bfloat16")
     load_s, after_load = time.perf_counter() - t0, rss_gb()
+    peak_loading = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # the peak so far: loading's
     rng = random.Random(0)
     vocab = model.config.vocab_size
     examples = [Example(ids, [IGNORE] + ids[1:]) for ids in
@@ -86,7 +88,8 @@ def measure(args, name: str) -> dict:
     return {
         "config": name, "method": method, "quantize": quantize, "checkpointing": ckpt,
         "peak_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 3),  # ru_maxrss: KiB
-        "runtime_gb": round(runtime, 3), "after_load_gb": round(after_load, 3), "load_s": round(load_s, 1),
+        "runtime_gb": round(runtime, 3), "after_load_gb": round(after_load, 3),
+        "peak_loading_gb": round(peak_loading, 3), "load_s": round(load_s, 1),
         "s_per_step": round(sum(steps[1:]) / max(1, len(steps) - 1), 2), "first_step_s": round(steps[0], 2),
         # CPU seconds the process used per step (all its threads): what a step costs whatever share of
         # the machine the process got
@@ -138,13 +141,13 @@ def main(argv: list[str] | None = None) -> int:
             continue
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(f"{name}: {rows[-1]}", file=sys.stderr)
-    print("| method | activation checkpointing | peak RSS GB | peak above the runtime GB | after loading GB | s / step "
-          "| CPU s / step | trainable parameters |")  # fmt: skip
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("| method | activation checkpointing | peak RSS GB | peak above the runtime GB | peak while loading GB "
+          "| after loading GB | s / step | CPU s / step | trainable parameters |")  # fmt: skip
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         label = {"full": "full, bf16", "lora": "LoRA, bf16 base", "qlora": f"QLoRA, {r['quantize']} base"}[r["method"]]
         print(f"| {label} | {'yes' if r['checkpointing'] else 'no'} | {r['peak_gb']:.2f} | {r['peak_gb'] - r['runtime_gb']:.2f} | "
-              f"{r['after_load_gb']:.2f} | {r['s_per_step']:.1f} | {r['cpu_s_per_step']:.1f} | "
+              f"{r['peak_loading_gb']:.2f} | {r['after_load_gb']:.2f} | {r['s_per_step']:.1f} | {r['cpu_s_per_step']:.1f} | "
               f"{r['trainable']:,} ({100 * r['trainable'] / r['parameters']:.2f}%) |")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")

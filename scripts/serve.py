@@ -84,6 +84,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def lora_modules(items: list[str]) -> list[tuple[str, str]]:
+    """--lora NAME=DIR values as (name, directory); ValueError for a malformed or repeated one."""
+    pairs = []
+    for item in items:
+        name, sep, directory = item.partition("=")
+        if not sep or not name.strip() or not directory.strip():
+            raise ValueError(f"--lora {item!r}: expected NAME=DIR")
+        if name in (n for n, _ in pairs):
+            raise ValueError(f"--lora {name}: given twice")
+        pairs.append((name.strip(), directory.strip()))
+    return pairs
+
+
 def check_port(host: str, port: int) -> None:
     """Raise OSError, with a message naming the address, if (host, port) cannot be bound now: checked
     before the model loads, so that a busy port fails in a second rather than after the load."""
@@ -99,19 +112,6 @@ def check_port(host: str, port: int) -> None:
         except OSError as e:
             raise OSError(f"cannot listen on {host}:{port}: {e.strerror} (is another server running there? "
                           "choose another --port)") from None  # fmt: skip
-
-
-def lora_modules(items: list[str]) -> list[tuple[str, str]]:
-    """--lora NAME=DIR values as (name, directory); ValueError for a malformed or repeated one."""
-    pairs = []
-    for item in items:
-        name, sep, directory = item.partition("=")
-        if not sep or not name.strip() or not directory.strip():
-            raise ValueError(f"--lora {item!r}: expected NAME=DIR")
-        if name in (n for n, _ in pairs):
-            raise ValueError(f"--lora {name}: given twice")
-        pairs.append((name.strip(), directory.strip()))
-    return pairs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--port must be at most 65535, got {args.port}")
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1  # under torchrun: checked below, once the ranks can agree
     try:
+        adapters = lora_modules(args.lora)
+    except ValueError as e:
+        parser.error(str(e))
+    try:
         if not several:
             check_port(args.host, args.port)
     except OSError as e:
@@ -162,10 +166,6 @@ def main(argv: list[str] | None = None) -> int:
             llama.quantization.check_mode(args.quantize, args.group_size)
         except ValueError as e:
             parser.error(str(e))
-    try:
-        adapters = lora_modules(args.lora)
-    except ValueError as e:
-        parser.error(str(e))
     try:
         import llama.serving.app  # noqa: F401  (serve() uses it: FastAPI and uvicorn are an extra)
     except ImportError as e:

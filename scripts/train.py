@@ -34,9 +34,14 @@ import llama
 from llama.core.checkpoint import save_state_dict
 from llama.core.device import pick_device, set_threads
 from llama.core.tokenizer import TokenizerFormatError, TokenizerNotFoundError
-from llama.training.cli import add_loop_arguments, check_out_dir, finish, interrupted, summary, train_config
+from llama.training.cli import check_out_dir, finish, interrupted, summary, train_config
 from llama.training.pretrain import (DOCUMENT_SPLITS, autocast_dtype, default_ffn_dim, encode_documents, init_weights, text_files,
                                      train)  # fmt: skip
+
+if __package__:  # installed as the package llama_cli
+    from .loop_flags import add_loop_arguments
+else:  # python scripts/train.py: scripts/ is sys.path[0]
+    from loop_flags import add_loop_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
