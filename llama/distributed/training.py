@@ -25,11 +25,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)  # fmt: skip
-from torch.distributed.fsdp import fully_shard
 
 from ..core.model import Transformer
+
+# torch.distributed.fsdp and torch.distributed.checkpoint are imported where they are used: together
+# they take most of a second to import, and `import llama` should not pay for them.
 from .tensor_parallel import TensorParallelError
 
 
@@ -54,6 +54,8 @@ class DataParallel:
     def shard(self, model: Transformer) -> Transformer:
         """FSDP2 over the model, in place: each transformer block one unit (its parameters gathered
         together), the embedding, final norm and output in the root unit."""
+        from torch.distributed.fsdp import fully_shard
+
         for block in model.layers:
             fully_shard(block)
         fully_shard(model)
@@ -75,6 +77,8 @@ class DataParallel:
     def full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict] | None:
         """The trainable parameters {name: tensor} and the optimizer's state dict, whole, on the CPU,
         in one process's layout; on rank 0 (None on the others)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         weights = get_model_state_dict(model, options=options)
         moments = get_optimizer_state_dict(model, optimizer, options=options)
@@ -85,11 +89,15 @@ class DataParallel:
 
     def full_weights(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
         """The model's whole state dict on the CPU, on rank 0 (None on the others): what a checkpoint holds."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
         weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return weights if self.writes else None
 
     def load_full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, weights: dict, moments: dict) -> None:
         """Give each rank its shard of a whole state (full_state's, or one process's)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
         options = StateDictOptions(full_state_dict=True, strict=False)
         set_model_state_dict(model, weights, options=options)
         set_optimizer_state_dict(model, optimizer, by_name(moments, model, optimizer), options=options)
