@@ -85,6 +85,7 @@ class Tokenizer(ABC):
     pad_id: int  # -1 when the tokenizer has no padding token
     vocab_size: int
     stop_tokens: frozenset[int]
+    special_ids: frozenset[int]  # control tokens (BOS, EOS, chat headers ...): their text is not what they mean
     # What a GGUF file says about its tokenizer (llama/core/gguf.py sets them; other files leave
     # these defaults): whether texts get bos / eos, and the chat template (a Jinja string).
     add_bos: bool = True
@@ -239,6 +240,7 @@ class TiktokenTokenizer(Tokenizer):
         self.eos_id = special_tokens["<|end_of_text|>"]
         self.pad_id = special_tokens.get("<|finetune_right_pad_id|>", -1)
         self.vocab_size = self._model.n_vocab
+        self.special_ids = frozenset(special_tokens.values())
         # eom ends a message with a tool call, eot a turn; Llama 3.0 files name 128008 a reserved token.
         stops = {special_tokens[t] for t in ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>") if t in special_tokens}
         self.stop_tokens = frozenset(stops | set(extra_stop_tokens))
@@ -322,10 +324,10 @@ class TiktokenTokenizer(Tokenizer):
         _check_messages(messages, LLAMA3_ROLES)
         ids = [self.bos_id]
         for message in messages:
-            ids += self._header(message["role"])
+            ids += self.header(message["role"])
             ids += self.encode(message["content"].strip(), bos=False, eos=False)
             ids.append(self.special_tokens["<|eot_id|>"])
-        return ids + self._header("assistant")
+        return ids + self.header("assistant")
 
     def encode_dialog_for_training(self, messages: Sequence[Message]) -> tuple[list[int], list[bool]]:
         """encode_dialog's format for a finished dialog: an assistant message's content and its
@@ -334,13 +336,14 @@ class TiktokenTokenizer(Tokenizer):
         _check_finished(messages)
         ids, trained = [self.bos_id], [False]
         for message in messages:
-            header = self._header(message["role"])
+            header = self.header(message["role"])
             body = self.encode(message["content"].strip(), bos=False, eos=False) + [self.special_tokens["<|eot_id|>"]]
             ids += header + body
             trained += [False] * len(header) + [message["role"] == "assistant"] * len(body)
         return ids, trained
 
-    def _header(self, role: str) -> list[int]:
+    def header(self, role: str) -> list[int]:
+        """The ids that open a message of `role`: <|start_header_id|>role<|end_header_id|>\\n\\n."""
         role = "ipython" if role == "tool" else role
         return [
             self.special_tokens["<|start_header_id|>"],
@@ -418,6 +421,7 @@ class SentencePieceTokenizer(Tokenizer):
         self.eos_id = self._model.eos_id()
         self.pad_id = self._model.pad_id()
         self.vocab_size = self._model.vocab_size()
+        self.special_ids = frozenset(i for i in range(n) if self._model.is_control(i) or self._model.is_unknown(i))
         self.stop_tokens = frozenset([self.eos_id, *extra_stop_tokens])
 
     def encode(self, text: str, *, bos: bool, eos: bool) -> list[int]:
