@@ -15,6 +15,7 @@ from llama.core.cache import QuantizedLayerCache
 from llama.core.model import (Attention, FeedForward, GeluFeedForward, KVCache, LayerCache, RMSNorm, Transformer,
                               TransformerBlock)  # fmt: skip
 from llama.core.support import UnsupportedModelError
+from llama.distributed import PARALLEL_MODULES
 from llama.quantization import Int4Linear, Int8BlockLinear, Int8Linear
 from llama.training.lora import LoRALinear
 
@@ -27,6 +28,12 @@ from llama.training.lora import LoRALinear
 PLAIN_MODULES = (Transformer, TransformerBlock, Attention, FeedForward, GeluFeedForward, RMSNorm, KVCache, LayerCache,
                  QuantizedLayerCache, nn.ModuleList, nn.Linear, nn.Embedding, Int8Linear, Int4Linear, Int8BlockLinear,
                  LoRALinear, nn.ParameterDict)  # fmt: skip
+# A tensor-parallel model (llama.distributed.shard / load) also holds the row- and vocabulary-parallel
+# modules, whose forward ends in a collective. No swap replaces them: the swaps pick modules by exact
+# type (a plain nn.Linear, Attention, FeedForward), so FastAttention / FusedFeedForward take them over
+# as they are, and the column-parallel projections -- plain nn.Linear holding this rank's rows -- are
+# fused and served like any other (FastAttention splits by the rank's n_heads / n_kv_heads).
+PLAIN_MODULES += PARALLEL_MODULES
 # Config variants the swaps handle: the fast modules inherit the steps that read them.
 HANDLED_FIELDS = ("qk_norm", "sliding_window", "window_layers", "nope_layers", "mlp")
 

@@ -12,7 +12,7 @@
 
 from weights import CheckpointError
 
-from . import quantization
+from . import distributed, quantization
 from .core.checkpoint import save
 from .core.config import REGISTRY, ConfigError, ModelConfig, RopeScaling
 from .core.generation import GenerationError, generate, stream
@@ -32,6 +32,7 @@ __all__ = [
     "generate",
     "load",
     "load_tokenizer",
+    "distributed",
     "quantization",
     "save",
     "stream",

@@ -4,6 +4,7 @@
     python scripts/generate.py --checkpoint path/to/Llama-3.2-1B --prompt "The capital of France is"
     python scripts/generate.py --checkpoint path/to/Llama-3.2-1B-Instruct --chat --prompt "Hi!"
     python scripts/generate.py --checkpoint path/to/Llama-3.2-1B-Instruct --interactive
+    torchrun --nproc-per-node 8 scripts/generate.py --checkpoint path/to/Llama-3.1-70B --tp 8 --prompt "..."
 
 Tokens stream to stdout as they are generated; a summary of speed and memory goes to stderr.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import resource
 import sys
 import time
@@ -97,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step with torch.compile (static KV cache; the first compilation "
                         "takes tens of seconds to minutes and is reported; default off)")
+    p.add_argument("--tp", type=_ranged(int, 1), default=None,
+                   help="tensor parallelism over this many processes started by torchrun (--nproc-per-node N, "
+                        "times --nnodes): each holds 1/N of every matrix and reads only its part of the checkpoint; "
+                        "only rank 0 prints. Each rank takes the GPU of its LOCAL_RANK, else the CPU (gloo) "
+                        "(default: torchrun's number of processes, 1 without torchrun)")
     return p
 
 
@@ -317,12 +324,29 @@ def scaling_note(config, spec: str | None) -> str:
     return f", {s.kind} RoPE scaling x{s.factor:g} of {config.trained_context} positions: context {config.max_seq_len}"
 
 
+def check_tensor_parallel(args) -> None:
+    """Refuse what generate.py does not run under tensor parallelism (raises TensorParallelError)."""
+    from llama.distributed import TensorParallelError
+
+    alone = [flag for flag, on in (("--interactive", args.interactive), ("--draft", args.draft), ("--compile", args.compile),
+                                   ("--quantize", args.quantize != "none"), ("--prompt-file -", args.prompt_file == "-"),
+                                   ("--adapter", args.adapter),
+                                   ("--rope-scaling", args.rope_scaling is not None),
+                                   ("--kv-cache-dtype", args.kv_cache_dtype is not None))
+             if on]  # fmt: skip
+    if alone:
+        raise TensorParallelError(f"{', '.join(alone)} run{'s' if len(alone) == 1 else ''} in one process only, not "
+                                  "with --tp / under torchrun")  # fmt: skip
+
+
 def checkpoint_bytes(path: Path) -> int:
     """The size of a checkpoint directory's weight files (0 if there are none)."""
     return sum(f.stat().st_size for f in path.glob("*") if f.suffix in (".safetensors", ".pth", ".bin") and f.is_file())
 
 
 def main(argv: list[str] | None = None) -> int:
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 speaks: the text, the notes, the errors
+        sys.stdout = sys.stderr = open(os.devnull, "w")
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.interactive and (args.prompt or args.prompt_file):
@@ -343,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
                                       TokenizerNotFoundError, check_text)  # fmt: skip
 
     user_errors = (llama.CheckpointError, llama.ConfigError, GenerationError, ChatFormatError, DeviceError,
-                   TokenizerNotFoundError, TokenizerFormatError, TokenizerMismatchError, InvalidTextError)  # fmt: skip
+                   TokenizerNotFoundError, TokenizerFormatError, TokenizerMismatchError, InvalidTextError,
+                   llama.distributed.TensorParallelError, kernels.UnsupportedModelError)  # fmt: skip
     if args.quantize != "none":
         try:
             llama.quantization.check_mode(args.quantize, args.group_size)
@@ -351,6 +376,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(str(e))
     try:
         SamplingParams(args.temperature, args.top_p, args.top_k, args.min_p, args.repetition_penalty)
+        tp = llama.distributed.start(args.tp)
+        if tp > 1:
+            check_tensor_parallel(args)
         if args.prompt_file is not None:
             try:
                 prompt = sys.stdin.read() if args.prompt_file == "-" else Path(args.prompt_file).read_text(encoding="utf-8")
@@ -361,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
             prompt = check_text(args.prompt, "--prompt") if args.prompt is not None else "In the beginning"
         if args.system is not None:
             check_text(args.system, "--system")
-        device = pick_device(args.device)
+        device = llama.distributed.device() if tp > 1 else pick_device(args.device)
         dtype = pick_dtype(args.dtype, device)
         if device.type == "cpu":
             set_threads(args.threads or idle_threads())
@@ -371,14 +399,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[loading {checkpoint}: {size / 1e9:.1f} GB ...]", file=sys.stderr, flush=True)
         started = time.perf_counter()
         quantize = None if args.quantize == "none" else args.quantize
-        model = llama.load(checkpoint, dtype=dtype, device=device, quantize=quantize, group_size=args.group_size,
-                           quantize_output=args.quantize_output, adapter=args.adapter,
-                           kv_cache_dtype=args.kv_cache_dtype, rope_scaling=args.rope_scaling)  # fmt: skip
-        llm = llama.Llama(model, llama.load_tokenizer(checkpoint))
+        with llama.distributed.together():  # a rank that fails to load stops them all
+            if tp > 1:
+                model = llama.distributed.load(checkpoint, dtype=dtype, device=device)
+            else:
+                model = llama.load(checkpoint, dtype=dtype, device=device, quantize=quantize,
+                                   group_size=args.group_size, quantize_output=args.quantize_output,
+                                   adapter=args.adapter, kv_cache_dtype=args.kv_cache_dtype,
+                                   rope_scaling=args.rope_scaling)  # fmt: skip
+            llm = llama.Llama(model, llama.load_tokenizer(checkpoint))
+        args.seed = llama.distributed.shared_seed(args.seed)  # under tp: every rank samples the same tokens
         mode = getattr(model, "quantization", None)
         threads = f", {torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''}" if device.type == "cpu" else ""
         print(f"[loaded {checkpoint} in {time.perf_counter() - started:.1f} s: "
               f"{_count(llm.model.config.n_params)} parameters, {str(dtype).removeprefix('torch.')}, {device}{threads}"
+              f"{f', tensor-parallel over {tp} processes' if tp > 1 else ''}"
               f"{', ' + mode['mode'] + ' weights' if mode else ''}{scaling_note(model.config, args.rope_scaling)}]",
               file=sys.stderr)
         context = llm.model.config.max_seq_len

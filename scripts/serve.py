@@ -5,8 +5,11 @@
     LLAMA_API_KEY=KEY python scripts/serve.py --checkpoint path/to/Llama-3.2-1B-Instruct --max-batch-size 16
     curl http://127.0.0.1:8000/v1/completions -H "Content-Type: application/json" \\
         -d '{"prompt": "And God said", "max_tokens": 20, "temperature": 0}'
-
     python scripts/serve.py --lora kjv-words=weights/kjv-lora      # the base as "kjv", the adapter as "kjv-words"
+    torchrun --nproc-per-node 8 scripts/serve.py --checkpoint path/to/Llama-3.1-70B-Instruct --tp 8
+
+Under torchrun (--tp N), rank 0 runs the HTTP server and the engine; the engine's every model call is
+broadcast to the other ranks, which run it in step on their parts (llama/distributed/lockstep.py).
 
 Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions, GET /health.
 See llama/serving/app.py for the fields and errors, llama/serving/engine.py for the batching.
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import socket
 import sys
 import time
@@ -80,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "those still running then end with an error (default 30)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info",
                    help="logging level; info logs one line per request (default info)")
+    p.add_argument("--tp", type=int, default=None,
+                   help="tensor parallelism over this many processes started by torchrun (--nproc-per-node N): "
+                        "rank 0 serves, every rank holds 1/N of each matrix (default: torchrun's number of "
+                        "processes, 1 without torchrun)")
     return p
 
 
@@ -114,6 +122,9 @@ def check_port(host: str, port: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    rank = int(os.environ.get("RANK", "0"))
+    if rank != 0:  # under torchrun only rank 0 speaks: its log, its errors
+        sys.stdout = sys.stderr = open(os.devnull, "w")
     parser = build_parser()
     args = parser.parse_args(argv)
     for flag, value, low in (("--port", args.port, 0), ("--max-batch-size", args.max_batch_size, 1),
@@ -133,12 +144,14 @@ def main(argv: list[str] | None = None) -> int:
                      "without one")  # fmt: skip
     if args.port > 65535:
         parser.error(f"--port must be at most 65535, got {args.port}")
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1  # under torchrun: checked below, once the ranks can agree
     try:
         adapters = lora_modules(args.lora)
     except ValueError as e:
         parser.error(str(e))
     try:
-        check_port(args.host, args.port)
+        if not several:
+            check_port(args.host, args.port)
     except OSError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -154,40 +167,83 @@ def main(argv: list[str] | None = None) -> int:
     from llama.training import lora
 
     user_errors = (llama.CheckpointError, llama.ConfigError, DeviceError, TokenizerNotFoundError, TokenizerFormatError,
-                   TokenizerMismatchError)  # fmt: skip
+                   TokenizerMismatchError, llama.distributed.TensorParallelError, kernels.UnsupportedModelError, OSError)  # fmt: skip
     if args.quantize != "none":
         try:
             llama.quantization.check_mode(args.quantize, args.group_size)
         except ValueError as e:
             parser.error(str(e))
     try:
-        from llama.serving.app import create_app, run_server
+        import llama.serving.app  # noqa: F401  (serve() uses it: FastAPI and uvicorn are an extra)
     except ImportError as e:
         print(f"error: the server needs FastAPI and uvicorn: pip install -e '.[serve]' ({e})", file=sys.stderr)
         return 2
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        device = pick_device(args.device)
+        tp = llama.distributed.start(args.tp)
+        single = [flag for flag, given in (("--quantize", args.quantize != "none"), ("--lora", args.lora),
+                                           ("--rope-scaling", args.rope_scaling is not None),
+                                           ("--kv-cache-dtype", args.kv_cache_dtype is not None)) if given]  # fmt: skip
+        if tp > 1 and single:
+            raise llama.distributed.TensorParallelError(f"{single[0]} runs in one process only, not with --tp / under "
+                                                        "torchrun")  # fmt: skip
+        device = llama.distributed.device() if tp > 1 else pick_device(args.device)
         dtype = pick_dtype(args.dtype, device)
         if device.type == "cpu":
             set_threads(args.threads or idle_threads())
         checkpoint = args.checkpoint or weights.BUNDLED_MODEL
         started = time.perf_counter()
         quantize = None if args.quantize == "none" else args.quantize
-        model = llama.load(checkpoint, dtype=dtype, device=device, quantize=quantize, group_size=args.group_size,
-                           kv_cache_dtype=args.kv_cache_dtype, rope_scaling=args.rope_scaling)  # fmt: skip
-        for name, directory in adapters:
-            lora.load_adapter(model, directory, name)
-        if args.kernels:  # fusing stacks plain nn.Linear weights: not quantized ones, nor those under adapters
-            fuse = quantize is None and not args.lora
-            kernels.optimize(model, fuse_qkv=fuse, fuse_gate_up=fuse)
-        tokenizer = llama.load_tokenizer(checkpoint)
-        engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
-                        max_queue=args.max_queue, max_prefill_tokens=args.max_prefill_tokens)  # fmt: skip
+        with llama.distributed.together():  # a rank that fails (a busy port, a missing file) stops them all
+            if tp > 1 and rank == 0:
+                check_port(args.host, args.port)
+            if tp > 1:
+                model = llama.distributed.load(checkpoint, dtype=dtype, device=device)
+            else:
+                model = llama.load(checkpoint, dtype=dtype, device=device, quantize=quantize, group_size=args.group_size,
+                                   kv_cache_dtype=args.kv_cache_dtype, rope_scaling=args.rope_scaling)  # fmt: skip
+            for name, directory in adapters:
+                lora.load_adapter(model, directory, name)
+            if args.kernels:  # fusing stacks plain nn.Linear weights: not quantized ones, nor those under adapters
+                fuse = quantize is None and not args.lora
+                kernels.optimize(model, fuse_qkv=fuse, fuse_gate_up=fuse)
+            tokenizer = llama.load_tokenizer(checkpoint)
     except user_errors as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if rank != 0:
+        llama.distributed.follow(model)  # until rank 0's server stops
+        return 0
+    # Under tp the engine drives a Leader: each model call is first sent to the other ranks, which run it too.
+    driver = llama.distributed.Leader(model) if tp > 1 else model
+    engine = None
+    try:
+        try:
+            engine = Engine(driver, tokenizer, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
+                            max_queue=args.max_queue, max_prefill_tokens=args.max_prefill_tokens)  # fmt: skip
+        except user_errors as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if tp > 1:
+            # uvicorn handles SIGTERM (a graceful shutdown), then raises it again once it has shut down; the
+            # default action would end this process there, before the followers are released below.
+            signal.signal(signal.SIGTERM, lambda *_: None)
+        status = serve(args, engine, model, checkpoint, api_key, key_source, started, dtype, device)
+    finally:
+        if tp > 1:
+            if engine is not None:
+                engine.stop()  # (the app has stopped it already: no model call may follow the stop below)
+            driver.stop()  # release the followers
+    return status
+
+
+def serve(args, engine, model, checkpoint, api_key, key_source, started, dtype, device) -> int:
+    """Log what is served and run the HTTP server until SIGTERM or Ctrl-C; returns the exit status."""
+    import torch
+
+    from llama.serving.app import create_app, run_server
+
     name = args.served_model_name or Path(checkpoint).resolve().name
     if name in engine.adapters:
         print(f"error: --lora {name}: the base model is served under that name; choose another "

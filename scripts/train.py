@@ -6,6 +6,7 @@
     python scripts/train.py ... --resume               # continue the run saved in --out
     python scripts/train.py --data data/kjv/train.txt --valid data/kjv/valid.txt --init-from weights/kjv \
         --rope-scaling linear:4 --out runs/kjv-1024 --max-steps 200 --lr 1e-4   # fine-tune to a 4x longer context
+    torchrun --nproc-per-node 2 scripts/train.py ...   # data-parallel over 2 processes with FSDP2 (--fsdp)
 
 Data: each line of the text is a document, tokenized as BOS + line + EOS, and all documents are
 packed into one token stream (--documents paragraph|file for other cuttings); a training example
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shutil
 import sys
 import time
@@ -91,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_loop_arguments(p, lr=6e-4, batch_size=16, max_steps=1000, weight_decay=0.1)
     p.add_argument("--save-dtype", choices=["bfloat16", "float32", "float16"], default="bfloat16", help="dtype of the exported checkpoint (default bfloat16)")
     p.add_argument("--compile", action="store_true", help="run the forward pass through torch.compile")
+    p.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=None,
+                   help="data-parallel training over the processes torchrun started, with FSDP2: parameters, "
+                        "gradients and AdamW's moments sharded, each rank training on B / N rows of every "
+                        "micro-batch (the same global batch as one process); the state and checkpoint saved whole "
+                        "by rank 0 (default: on when torchrun started several processes)")
     return p
 
 
@@ -168,13 +175,26 @@ def load_data(args, tokenizer) -> tuple[np.ndarray, np.ndarray | None, list[Path
 
 
 def main(argv: list[str] | None = None) -> int:
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 speaks: the progress, the errors
+        sys.stdout = sys.stderr = open(os.devnull, "w")
     args = build_parser().parse_args(argv)
     out = Path(args.out)
+    parallel = None
     try:
         if not 0 <= args.valid_fraction < 1:
             raise ValueError(f"--valid-fraction must be in [0, 1), got {args.valid_fraction}")
         set_threads(args.threads)
-        device = pick_device(args.device)
+        several = llama.distributed.launched() and int(os.environ["WORLD_SIZE"]) > 1
+        if args.fsdp and not several:
+            raise ValueError("--fsdp trains over several processes: start with torchrun --nproc-per-node N")
+        if several and args.fsdp is not False:
+            llama.distributed.start(None)
+            parallel = llama.distributed.DataParallel()
+            if args.compile:
+                raise ValueError("--compile is not supported with --fsdp")
+        elif several:
+            raise ValueError("torchrun started several processes but --no-fsdp asks for one: drop --no-fsdp")
+        device = llama.distributed.device() if parallel else pick_device(args.device)
         if args.tokenizer is None:
             if args.init_from is None:
                 raise ValueError("--tokenizer is required (unless --init-from gives a checkpoint with its tokenizer)")
@@ -198,9 +218,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"model: {model_cfg.n_params / 1e6:.2f}M parameters (dim {model_cfg.dim}, {model_cfg.n_layers} layers, "
               f"{model_cfg.n_heads} heads, {model_cfg.n_kv_heads} kv heads, ffn {model_cfg.ffn_dim}, vocab {model_cfg.vocab_size}); "
               f"{device.type}, {precision}, {torch.get_num_threads()} threads", file=sys.stderr)  # fmt: skip
+        if parallel is not None:
+            parallel.shard(model)  # every rank initialised the same weights from --seed: each keeps its shard
+            print(f"fsdp: {parallel.world} processes, {config.batch_size // parallel.world} of the {config.batch_size} "
+                  "rows of each micro-batch per process", file=sys.stderr)  # fmt: skip
         forward = torch.compile(model) if args.compile else model
         result = train(model, data, valid, config, out_dir=out, resume=args.resume, stop_at=args.stop_at,
-                       time_limit=args.time_limit, progress=not args.no_progress, forward=forward)  # fmt: skip
+                       time_limit=args.time_limit, progress=not args.no_progress, forward=forward,
+                       parallel=parallel)  # fmt: skip
     except KeyboardInterrupt:
         return interrupted(out, args.save_every)
     except (llama.ConfigError, llama.CheckpointError, TokenizerNotFoundError, TokenizerFormatError, OSError, ValueError,
@@ -208,9 +233,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 2
 
-    # The checkpoint: HF layout in --save-dtype, with the tokenizer beside it.
+    # The checkpoint: HF layout in --save-dtype, with the tokenizer beside it (under FSDP: gathered
+    # whole and written by rank 0 alone).
     save_dtype = getattr(torch, args.save_dtype)
-    state = {name: t.detach().to("cpu", save_dtype) for name, t in model.state_dict().items()}
+    state = parallel.full_weights(model) if parallel is not None else model.state_dict()
+    if state is None:
+        return 0
+    state = {name: t.detach().to("cpu", save_dtype) for name, t in state.items()}
     save_state_dict(model_cfg, state, out, format="hf")
     shutil.copyfile(args.tokenizer, out / ("tokenizer.json" if args.tokenizer.endswith(".json") else "tokenizer.model"))
 

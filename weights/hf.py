@@ -196,13 +196,31 @@ class HFCheckpoint:
         file, hf_name = self._where[name]
         return file.dtype(hf_name)
 
-    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The tensor in `dtype` (default: as stored), in Meta's name and row order."""
+    def read(self, name: str, dtype: torch.dtype | None = None, region: tuple[int, slice] | None = None) -> torch.Tensor:
+        """The tensor in `dtype` (default: as stored), in Meta's name and row order.
+
+        region: (dim, slice) to read only part of it (a rank of a tensor-parallel group). Rows are read
+        as one byte range; columns a block of rows at a time, so the whole tensor is never in memory.
+        A tensor in the rotary row order is cut at whole heads, which both layouts keep together."""
         file, hf_name = self._where[name]
-        tensor = file.read(hf_name)
         heads = rotary_heads(name, self.config)
-        if heads is not None:
-            tensor = permute_to_meta(tensor, heads)
+        if region is None or region[0] == 0:
+            rows = None if region is None else region[1]
+            tensor = file.read(hf_name, rows)
+            if heads is not None:
+                total = file.shape(hf_name)[0]
+                tensor = permute_to_meta(tensor, heads * tensor.shape[0] // total)
+        else:
+            dim, cols = region
+            shape = file.shape(hf_name)
+            if dim != 1 or len(shape) != 2 or heads is not None:
+                raise CheckpointError(f"{self.file_of(name)}: cannot read a region along dim {dim} of {list(shape)}")
+            start, stop, _ = cols.indices(shape[1])
+            tensor = torch.empty(shape[0], stop - start, dtype=dtype or file.dtype(hf_name))
+            block = max(1, (64 << 20) // max(1, shape[1] * file.dtype(hf_name).itemsize))
+            for first in range(0, shape[0], block):
+                part = file.read(hf_name, slice(first, first + block))
+                tensor[first : first + block] = part[:, start:stop]
         if dtype is not None and tensor.dtype != dtype:
             tensor = tensor.to(dtype)
         return tensor

@@ -120,19 +120,34 @@ class MetaCheckpoint:
     def dtype(self, name: str) -> torch.dtype:
         return self.shards[0][name].dtype
 
-    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The merged tensor in `dtype` (default: as stored), in fresh CPU memory."""
-        pieces = [shard[name] for shard in self.shards]
-        out = torch.empty(self._shapes[name], dtype=dtype or pieces[0].dtype)
+    def read(self, name: str, dtype: torch.dtype | None = None, region: tuple[int, slice] | None = None) -> torch.Tensor:
+        """The merged tensor in `dtype` (default: as stored), in fresh CPU memory.
+
+        region: (dim, slice) to read only that part of the merged tensor (a rank of a tensor-parallel
+        group). Each shard contributes the part of its slice that falls inside, whatever dim the
+        shards were split on, so a rank reads only the bytes it keeps: with as many shards as ranks
+        and the same split, exactly its own shard's."""
+        shape = self._shapes[name]
         d = self.split[name]
+        pieces = [shard[name] for shard in self.shards] if d is not None else [self.shards[0][name]]
+        lo, hi = [0] * len(shape), list(shape)  # the box to read, in merged coordinates
+        if region is not None:
+            dim, part = region
+            lo[dim], hi[dim], _ = part.indices(shape[dim])
+        out = torch.empty([h - l for l, h in zip(lo, hi)], dtype=dtype or pieces[0].dtype)
         try:
             offset = 0
             for piece in pieces:
-                target = out if d is None else out.narrow(d, offset, piece.shape[d])
-                _copy_releasing(target, piece)
-                if d is None:
-                    break  # replicated: shard 0's copy
-                offset += piece.shape[d]
+                src, dst = piece, out
+                for k in range(len(shape)):  # intersect the piece's box with the wanted one, dim by dim
+                    start = offset if k == d else 0
+                    a, b = max(lo[k], start), min(hi[k], start + piece.shape[k])
+                    if a >= b:
+                        break
+                    src, dst = src.narrow(k, a - start, b - a), dst.narrow(k, a - lo[k], b - a)
+                else:
+                    _copy_releasing(dst, src)
+                offset += piece.shape[d] if d is not None else 0
         except RuntimeError as e:  # a truncated file surfaces as a bus error or read failure here
             raise CheckpointError(f"{self.file_of(name)}: cannot read tensor {name!r}: {e}") from e
         return out

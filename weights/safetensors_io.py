@@ -134,9 +134,15 @@ class SafetensorsFile:
     def dtype(self, name: str) -> torch.dtype:
         return self.entries[name][0]
 
-    def read(self, name: str) -> torch.Tensor:
-        """The tensor, in its stored dtype, in fresh CPU memory."""
+    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        """The tensor, in its stored dtype, in fresh CPU memory; with `rows`, only those rows of its first
+        dimension (one contiguous byte range: a rank of a tensor-parallel group reads just its part)."""
         dtype, shape, begin, end = self.entries[name]
+        if rows is not None:
+            start, stop, _ = rows.indices(shape[0])
+            row_bytes = (end - begin) // shape[0] if shape[0] else 0
+            begin, end = begin + start * row_bytes, begin + max(stop, start) * row_bytes
+            shape = (max(stop - start, 0), *shape[1:])
         buffer = torch.empty(end - begin, dtype=torch.uint8)
         try:
             with open_regular(self.path) as f:

@@ -18,13 +18,11 @@ element: 1 byte + 4 / hd for the scale (int8 at hd 64: 1.06 bytes, against bfloa
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from .model import Context
+# "Context" in the annotations below is llama.core.model.Context (the positions and masks of one
+# forward); it is not imported, since model.py imports this module.
 
 # kv_cache_dtype names: float caches store keys and values as they are (rounded to that dtype),
 # quantized ones as 8-bit numbers with a scale per vector.

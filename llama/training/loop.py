@@ -209,26 +209,31 @@ def _chunk_loss(output: nn.Module, h: torch.Tensor, targets: torch.Tensor) -> to
 
 
 def train_step(model, optimizer, batches, *, grad_clip: float, autocast, params=None, loss_chunk: int = 0,
-               base: nn.Module | None = None) -> tuple[float, float, int]:
+               base: nn.Module | None = None, total=None) -> tuple[float, float, int]:
     """One optimiser step over the micro-batches `batches` [(x, y), ...]; returns (loss, gradient
     norm, trained targets).
 
     Each micro-batch's summed loss is divided by the targets of all of them, so the gradients add up
     to those of one batch holding them all (gradient accumulation). params: what to clip (default:
-    every parameter of `model`). loss_chunk, base: see token_loss.
+    every parameter of `model`). loss_chunk, base: see token_loss. total: sums a number over the
+    processes of a data-parallel run (llama.distributed.DataParallel.sum): the targets and the loss
+    are those of every process's micro-batches together.
     """
+    total_over_ranks = total or (lambda value: value)
     optimizer.zero_grad(set_to_none=True)
-    n_targets = sum(int((y != IGNORE).sum()) for _, y in batches)
-    total = 0.0
+    n_targets = total_over_ranks(sum(int((y != IGNORE).sum()) for _, y in batches))
+    loss_sum = 0.0
     for x, y in batches:
         with autocast():
             loss = token_loss(model, x, y, loss_chunk, base) / max(n_targets, 1)
         loss.backward()
-        total += loss.item()
+        loss_sum += loss.item()
     params = list(model.parameters()) if params is None else params
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    if hasattr(grad_norm, "full_tensor"):  # sharded parameters (FSDP): a DTensor, whole on every rank
+        grad_norm = grad_norm.full_tensor()
     optimizer.step()
-    return total, float(grad_norm), n_targets
+    return total_over_ranks(loss_sum), float(grad_norm), n_targets
 
 
 @torch.no_grad()
@@ -259,6 +264,7 @@ def train(
     progress: bool = True,
     forward=None,
     run: dict[str, Any] | None = None,
+    parallel=None,
 ) -> TrainResult:
     """Train the parameters of `model` (on its device) that require gradients, on `data`.
 
@@ -269,7 +275,11 @@ def train(
     forward: what computes the logits (default: the model itself; e.g. a torch.compile'd model).
     run: a JSON-like description of the run beyond the two configs (the fine-tuning method, the
         base checkpoint...); resuming requires the same.
+    parallel: a llama.distributed.DataParallel for a run over several processes (the model already
+        sharded by it): each rank trains on its rows of every batch, the state is saved whole by rank 0.
     """
+    if parallel is not None:
+        data = parallel.batches(data)
     device = next(model.parameters()).device
     if stop_at is not None and stop_at < 1:
         raise ValueError(f"stop_at must be a step >= 1, got {stop_at}")
@@ -289,7 +299,7 @@ def train(
     if resume:
         if state_path is None or not state_path.is_file():
             raise FileNotFoundError(f"nothing to resume: {state_path} does not exist")
-        result = _load_state(state_path, model, optimizer, config, identity, result)
+        result = _load_state(state_path, model, optimizer, config, identity, result, parallel)
     else:
         if state_path is not None and state_path.exists():
             raise FileExistsError(f"{state_path} exists: resume that run, or choose another output directory")
@@ -299,7 +309,7 @@ def train(
 
     def save():
         if state_path is not None:
-            _save_state(state_path, model, optimizer, config, identity, result)
+            _save_state(state_path, model, optimizer, config, identity, result, parallel)
 
     model.train()
     start_step, start_tokens, start_time = result.step, result.tokens_seen, time.perf_counter()
@@ -317,7 +327,8 @@ def train(
         batches = [(x.to(device), y.to(device)) for x, y in batches]
         t0 = time.perf_counter()
         loss, grad_norm, n_targets = train_step(forward, optimizer, batches, grad_clip=config.grad_clip, autocast=autocast,
-                                                params=params, loss_chunk=config.loss_chunk, base=model)  # fmt: skip
+                                                params=params, loss_chunk=config.loss_chunk, base=model,
+                                                total=parallel.sum if parallel is not None else None)  # fmt: skip
         train_time += time.perf_counter() - t0
 
         result.step = step + 1
@@ -338,6 +349,8 @@ def train(
         bar.set_postfix(postfix, refresh=False)
         bar.update(1)
         out_of_time = time_limit is not None and time.perf_counter() - start_time > time_limit
+        if parallel is not None:  # every rank stops after the same step, or the others would wait for it
+            out_of_time = parallel.sum(int(out_of_time)) > 0
         if result.step % config.save_every == 0 or result.step == last or out_of_time:
             result.completed = result.step == config.max_steps
             save()
@@ -349,12 +362,20 @@ def train(
     return result
 
 
-def _save_state(path: Path, model, optimizer, config: TrainConfig, identity: dict, result: TrainResult) -> None:
+def _save_state(path: Path, model, optimizer, config: TrainConfig, identity: dict, result: TrainResult,
+                parallel=None) -> None:
+    if parallel is None:
+        # Only what training changes: a LoRA run's state holds the adapters, not the frozen base.
+        weights, moments = {name: p.detach() for name, p in trainable_parameters(model)}, optimizer.state_dict()
+    else:  # gathered whole, in the same layout, on the one rank that writes
+        gathered = parallel.full_state(model, optimizer)
+        if gathered is None:
+            return
+        weights, moments = gathered
     state = {
         "format": 1,
-        # Only what training changes: a LoRA run's state holds the adapters, not the frozen base.
-        "model": {name: p.detach() for name, p in trainable_parameters(model)},
-        "optimizer": optimizer.state_dict(),
+        "model": weights,
+        "optimizer": moments,
         "model_config": _plain(dataclasses.asdict(model.config)),
         "train_config": _plain(dataclasses.asdict(config)),
         "data": identity["data"],
@@ -370,7 +391,8 @@ def _save_state(path: Path, model, optimizer, config: TrainConfig, identity: dic
     os.replace(tmp, path)  # a crash while saving leaves the previous state intact
 
 
-def _load_state(path: Path, model, optimizer, config: TrainConfig, identity: dict, result: TrainResult) -> TrainResult:
+def _load_state(path: Path, model, optimizer, config: TrainConfig, identity: dict, result: TrainResult,
+                parallel=None) -> TrainResult:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state.get("format") != 1:
         raise ValueError(f"{path}: not a training state of this version (format {state.get('format')!r})")
@@ -393,10 +415,14 @@ def _load_state(path: Path, model, optimizer, config: TrainConfig, identity: dic
         problems.append(f"trainable parameters missing from the state: {', '.join(missing[:4])}")
     if problems:
         raise ValueError(f"{path}: cannot resume, the run differs from the saved one: " + "; ".join(problems))
-    with torch.no_grad():
-        for name, p in trainable.items():
-            p.copy_(state["model"][name])
-    optimizer.load_state_dict(state["optimizer"])
+    if parallel is None:
+        with torch.no_grad():
+            for name, p in trainable.items():
+                p.copy_(state["model"][name])
+        optimizer.load_state_dict(state["optimizer"])
+    else:  # whatever the number of processes that saved it: each rank takes its shard
+        weights = {name: state["model"][name] for name in trainable}
+        parallel.load_full_state(model, optimizer, weights, state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
