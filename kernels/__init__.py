@@ -61,8 +61,9 @@ def optimize(
     sdpa:               attention through F.scaled_dot_product_attention (FastAttention)
     inplace_rope:       rotate q and k inside their own storage (FastAttention)
     fuse_gate_up:       one matmul for SwiGLU's gate and up projections (FusedFeedForward)
-    native:             C++ kernels for bf16 / int8 / int4 linears at decode sizes, where they
-                        build (kernels.native.swap_native_linears)
+    native:             C++ kernels for bf16 / int8 / int4 linears at decode sizes, and for
+                        attention of one decoding query over the cache (with sdpa, bf16), where
+                        they build (kernels.native.swap_native_linears, swap_native_attention)
 
     Refuses (UnsupportedModelError, before changing anything) a model holding a module type or a
     config variant it was not written for (kernels/support.py). Only plain modules are replaced, so
@@ -84,4 +85,5 @@ def optimize(
         # GeluFeedForward (config.mlp = "gelu") has no gate/up pair to fuse: it runs as written.
     if native:
         native_kernels.swap_native_linears(model)
+        native_kernels.swap_native_attention(model)
     return model
