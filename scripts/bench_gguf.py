@@ -76,7 +76,7 @@ def run_ours(args, path: str, quantize: str | None) -> dict:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     model = llama.load(path, dtype="bfloat16", quantize=quantize, group_size=32)
-    kernels.optimize(model, fuse_qkv=quantize is None, fuse_gate_up=quantize is None)
+    kernels.optimize(model, **kernels.fusable(model))  # quantized projections fuse too, unless mixed
     load = time.perf_counter() - start
     generator = torch.Generator().manual_seed(0)
     P, n = args.prompt_len, args.new_tokens

@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         quantize = None if args.quantize == "none" else args.quantize
         model = llama.load(checkpoint, dtype=dtype, device=device, quantize=quantize, group_size=args.group_size)
         if args.kernels:
-            kernels.optimize(model, fuse_qkv=quantize is None, fuse_gate_up=quantize is None)
+            kernels.optimize(model, **kernels.fusable(model))  # quantized projections fuse too, unless mixed
         tokenizer = llama.load_tokenizer(checkpoint)
         engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
                         max_queue=args.max_queue, max_prefill_tokens=args.max_prefill_tokens)  # fmt: skip
