@@ -307,8 +307,12 @@ def test_swapped_model_matches_the_plain_one(kind, tied):
     with torch.no_grad():
         # A prefill of 15 rows and decoding steps of 3 rows ...
         logits, expected, reference = (decode_logits(m, TOKENS, 5).float() for m in (fast, plain, exact))
-        assert_close(logits, expected, MODEL_REL)
-        assert (logits - reference).abs().max() <= 1.25 * (expected - reference).abs().max(), "less accurate than torch"
+        # The decoding steps also attend through decode_attention, which keeps the probabilities in
+        # float32 where the plain model's bf16 SDPA does not: the two may differ by the plain model's own
+        # distance from float32 on top of the linears' rounding (seen: 0.22 with 0.26 of it, logits ~8).
+        plain_error = (expected - reference).abs().max().item()
+        assert (logits - expected).abs().max() <= MODEL_REL * expected.abs().max() + plain_error
+        assert (logits - reference).abs().max() <= 1.25 * plain_error, "less accurate than torch"
         # ... and a forward of 36 rows: bf16 on torch's path; int8 and int4 on the kernels, while the
         # plain model dequantizes to bf16 weights (rounding them) above 32 rows, so only the accuracy is compared.
         logits, expected, reference = (m(TOKENS).float() for m in (fast, plain, exact))
