@@ -15,11 +15,15 @@ from llama.core.model import (Attention, FeedForward, GeluFeedForward, KVCache, 
                               TransformerBlock)  # fmt: skip
 from llama.core.support import UnsupportedModelError
 from llama.quantization import Int4Linear, Int8BlockLinear, Int8Linear
+from llama.training.lora import LoRALinear
 
 # The plain model's modules (and the quantized linears, which may sit in a model before any swap:
-# Int8BlockLinear holds a GGUF file's Q8_0 weights).
+# Int8BlockLinear holds a GGUF file's Q8_0 weights; and LoRA adapters left unmerged, as a server of
+# several adapters keeps them: a LoRALinear calls its base projection, which the native swap replaces
+# like any other; fusing refuses it, see check_fusable).
 PLAIN_MODULES = (Transformer, TransformerBlock, Attention, FeedForward, GeluFeedForward, RMSNorm, KVCache, LayerCache,
-                 nn.ModuleList, nn.Linear, nn.Embedding, Int8Linear, Int4Linear, Int8BlockLinear)  # fmt: skip
+                 nn.ModuleList, nn.Linear, nn.Embedding, Int8Linear, Int4Linear, Int8BlockLinear, LoRALinear,
+                 nn.ParameterDict)  # fmt: skip
 # Config variants the swaps handle: the fast modules inherit the steps that read them.
 HANDLED_FIELDS = ("qk_norm", "sliding_window", "window_layers", "nope_layers", "mlp")
 

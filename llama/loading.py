@@ -3,13 +3,15 @@
 It only dispatches: a float checkpoint (Meta or Hugging Face layout) goes to llama.core.checkpoint,
 a request to quantize or an already quantized checkpoint to llama.quantization, a GGUF file (by its
 first bytes: Ollama's blobs have no suffix) to llama.core.gguf, or llama.quantization.gguf when
-quantized. Keeping the choice here lets the core loader know nothing of quantization (the dependency
-runs one way).
+quantized, and a LoRA adapter, once the model is loaded, to llama.training.lora. Keeping the choice
+here lets the core loader know nothing of quantization (the dependency runs one way).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from typing import Sequence
 
 import torch
 
@@ -20,7 +22,9 @@ from weights.gguf import is_gguf
 from . import quantization
 from .core import checkpoint, gguf
 from .core import tokenizer as tokenizers
-from .core.model import Transformer
+from .core.config import ModelConfig
+from .core.model import Transformer, rope_frequencies
+from .training import lora
 
 
 def load(
@@ -32,6 +36,7 @@ def load(
     quantize: str | None = None,
     group_size: int = 128,
     quantize_output: bool = True,
+    adapter: str | os.PathLike | None = None,
 ) -> Transformer:
     """Load a checkpoint directory or a GGUF file; returns the model in eval mode.
 
@@ -44,7 +49,14 @@ def load(
         its own mode. A GGUF file's Q8_0 weights load as they are stored with "int8", its Q4_0
         weights with "int4" (see llama/quantization/gguf.py); without quantize, every weight is
         dequantized to dtype (default: float32 for quantized files).
+    adapter: a LoRA adapter directory in peft's layout (scripts/finetune.py's output, or peft's),
+        applied after loading: merged into float weights (the model stays a plain Transformer, as
+        fast as the base), kept as an unmerged adapter beside quantized ones (llama.training.lora).
     """
+    if adapter is not None:
+        model = load(path, dtype=dtype, device=device, progress=progress, quantize=quantize, group_size=group_size,
+                     quantize_output=quantize_output)  # fmt: skip
+        return _with_adapter(model, adapter)
     if quantize is not None:
         quantization.check_mode(quantize, group_size)
     if is_gguf(path):
@@ -69,3 +81,36 @@ def load_tokenizer(path: str | os.PathLike) -> tokenizers.Tokenizer:
     if is_gguf(path):
         return gguf.load_tokenizer(path)
     return tokenizers.load_tokenizer(path)
+
+
+def _with_adapter(model: Transformer, adapter: str | os.PathLike) -> Transformer:
+    settings = lora.read_base_settings(adapter)
+    if settings:  # the base's RoPE / context settings the adapter was trained with
+        model = set_config_fields(model, settings)
+    lora.load_adapter(model, adapter)
+    if not any(isinstance(m.base, (quantization.Int8Linear, quantization.Int4Linear)) for _, m in lora.lora_modules(model)):
+        lora.merge_lora(model)
+        lora.unload_lora(model)
+    return model.eval()
+
+
+# ModelConfig fields that may change on a loaded model: they change no weight's shape, and
+# set_config_fields updates everything the model derived from them.
+SETTABLE_FIELDS = ("rope_theta", "rope_scaling", "max_seq_len")
+
+
+def set_config_fields(model: Transformer, assignments: Sequence[str]) -> Transformer:
+    """Apply `field=value` assignments (a CLI's --set) to a loaded model; only SETTABLE_FIELDS (a
+    checkpoint's weights fix every other field: their shapes, or modules built from them)."""
+    config = model.config.override(assignments)
+    changed = [f.name for f in dataclasses.fields(ModelConfig) if getattr(config, f.name) != getattr(model.config, f.name)]
+    refused = [name for name in changed if name not in SETTABLE_FIELDS]
+    if refused:
+        raise ValueError(f"--set {', '.join(refused)}: a loaded checkpoint keeps its architecture; "
+                         f"only {', '.join(SETTABLE_FIELDS)} can be set")  # fmt: skip
+    model.config = config
+    # The only state the model derived from these fields: the rotary frequencies (max_seq_len is
+    # read from the config when a cache is made).
+    freqs = rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
+    model.rope_freqs = freqs.to(model.rope_freqs.device)
+    return model

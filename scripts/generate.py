@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize-output", action=argparse.BooleanOptionalAction, default=True,
                    help="with --quantize, quantize the output projection too (a tied one as a copy); "
                         "--no-quantize-output keeps it in float: better quality, more bytes read per token (default on)")
+    p.add_argument("--adapter", metavar="DIR",
+                   help="a LoRA adapter (peft layout, e.g. from scripts/finetune.py) applied to the checkpoint: merged "
+                        "into float weights, kept beside quantized ones (default none)")
     p.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True,
                    help="swap in the fused modules and native matrix-vector kernels of kernels/ "
                         "(--no-kernels runs the plain reference model of llama/core/model.py; default on)")
@@ -312,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         quantize = None if args.quantize == "none" else args.quantize
         model = llama.load(checkpoint, dtype=dtype, device=device, quantize=quantize, group_size=args.group_size,
-                           quantize_output=args.quantize_output)
+                           quantize_output=args.quantize_output, adapter=args.adapter)
         llm = llama.Llama(model, llama.load_tokenizer(checkpoint))
         mode = getattr(model, "quantization", None)
         threads = f", {torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''}" if device.type == "cpu" else ""

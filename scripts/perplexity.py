@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quantize-output", action=argparse.BooleanOptionalAction, default=True,
                    help="with --quantize, quantize the output projection too (a tied one as a copy); "
                         "--no-quantize-output keeps it in float: better quality, more bytes read per token (default on)")
+    p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter (peft layout, e.g. from scripts/finetune.py) applied to the checkpoint")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = llama.load_tokenizer(args.checkpoint)
         model = llama.load(args.checkpoint, dtype=args.dtype, device=device,
                            quantize=None if args.quantize == "none" else args.quantize, group_size=args.group_size,
-                           quantize_output=args.quantize_output)
+                           quantize_output=args.quantize_output, adapter=args.adapter)
         check_vocabulary(tokenizer, model.config.vocab_size)  # TokenizerMismatchError, a ValueError
         context_len = args.context_len or model.config.max_seq_len
         stride = args.stride or max(1, context_len // 2)

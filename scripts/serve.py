@@ -6,6 +6,8 @@
     curl http://127.0.0.1:8000/v1/completions -H "Content-Type: application/json" \\
         -d '{"prompt": "And God said", "max_tokens": 20, "temperature": 0}'
 
+    python scripts/serve.py --lora kjv-words=weights/kjv-lora      # the base as "kjv", the adapter as "kjv-words"
+
 Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions, GET /health.
 See llama/serving/app.py for the fields and errors, llama/serving/engine.py for the batching.
 """
@@ -57,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=["none", "int8", "int4"], default="none",
                    help="weight-only quantization of the transformer blocks' linears while loading (default none)")
     p.add_argument("--group-size", type=int, default=128, help="int4 group size: 32, 64, 128 or 256 (default 128)")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME=DIR",
+                   help="serve a LoRA adapter (peft layout, e.g. from scripts/finetune.py) as model NAME beside the base "
+                        "model; repeatable. Requests for different adapters and the base share each batch")
     p.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True,
                    help="swap in the faster modules of kernels/ (fused projections, SDPA, native matrix-vector "
                         "kernels); --no-kernels serves the plain model of llama/core/model.py (default on)")
@@ -69,6 +74,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info",
                    help="logging level; info logs one line per request (default info)")
     return p
+
+
+def lora_modules(items: list[str]) -> list[tuple[str, str]]:
+    """--lora NAME=DIR values as (name, directory); ValueError for a malformed or repeated one."""
+    pairs = []
+    for item in items:
+        name, sep, directory = item.partition("=")
+        if not sep or not name.strip() or not directory.strip():
+            raise ValueError(f"--lora {item!r}: expected NAME=DIR")
+        if name in (n for n, _ in pairs):
+            raise ValueError(f"--lora {name}: given twice")
+        pairs.append((name.strip(), directory.strip()))
+    return pairs
 
 
 def check_port(host: str, port: int) -> None:
@@ -109,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.port > 65535:
         parser.error(f"--port must be at most 65535, got {args.port}")
     try:
+        adapters = lora_modules(args.lora)
+    except ValueError as e:
+        parser.error(str(e))
+    try:
         check_port(args.host, args.port)
     except OSError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -122,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     from llama.core.device import DeviceError, idle_threads, pick_device, pick_dtype, set_threads
     from llama.core.tokenizer import TokenizerFormatError, TokenizerMismatchError, TokenizerNotFoundError
     from llama.serving.engine import Engine
+    from llama.training import lora
 
     user_errors = (llama.CheckpointError, llama.ConfigError, DeviceError, TokenizerNotFoundError, TokenizerFormatError,
                    TokenizerMismatchError)  # fmt: skip
@@ -146,8 +169,11 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         quantize = None if args.quantize == "none" else args.quantize
         model = llama.load(checkpoint, dtype=dtype, device=device, quantize=quantize, group_size=args.group_size)
-        if args.kernels:
-            kernels.optimize(model, **kernels.fusable(model))  # quantized projections fuse too, unless mixed
+        for name, directory in adapters:
+            lora.load_adapter(model, directory, name)
+        if args.kernels:  # quantized projections fuse too (kernels.fusable); those under adapters do not
+            fuse = {"fuse_qkv": False, "fuse_gate_up": False} if args.lora else kernels.fusable(model)
+            kernels.optimize(model, **fuse)
         tokenizer = llama.load_tokenizer(checkpoint)
         engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
                         max_queue=args.max_queue, max_prefill_tokens=args.max_prefill_tokens)  # fmt: skip
@@ -155,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     name = args.served_model_name or Path(checkpoint).resolve().name
+    if name in engine.adapters:
+        print(f"error: --lora {name}: the base model is served under that name; choose another "
+              "(or --served-model-name)", file=sys.stderr)  # fmt: skip
+        return 2
     log = logging.getLogger("llama.serving.app")
     log.info(
         "loaded %s in %.1f s: %s parameters, %s, %s%s; %d slots x %d positions; serving as %r on http://%s:%d",

@@ -32,8 +32,14 @@ import llama
 from llama.core.checkpoint import save_state_dict
 from llama.core.device import pick_device, set_threads
 from llama.core.tokenizer import TokenizerFormatError, TokenizerNotFoundError
-from llama.training.pretrain import (DOCUMENT_SPLITS, STATE_FILE, TrainConfig, autocast_dtype, default_ffn_dim, encode_documents,
-                            init_weights, plot_losses, text_files, train)  # fmt: skip
+from llama.training.cli import check_out_dir, finish, interrupted, summary, train_config
+from llama.training.pretrain import (DOCUMENT_SPLITS, autocast_dtype, default_ffn_dim, encode_documents, init_weights, text_files,
+                                     train)  # fmt: skip
+
+if __package__:  # installed as the package llama_cli
+    from .loop_flags import add_loop_arguments
+else:  # python scripts/train.py: scripts/ is sys.path[0]
+    from loop_flags import add_loop_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,32 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(repeatable; applied last). Fields: " + ", ".join(f.name for f in dataclasses.fields(llama.ModelConfig)))
     g.add_argument("--context", type=int, default=256, help="tokens per training window; also the model's max_seq_len (default 256)")
 
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--max-steps", type=int, default=1000, help="optimiser steps (default 1000)")
-    g.add_argument("--batch-size", type=int, default=16, help="windows per micro-batch (default 16)")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step (default 1)")
-    g.add_argument("--lr", type=float, default=6e-4, help="peak learning rate (default 6e-4)")
-    g.add_argument("--min-lr", type=float, help="learning rate at the end of the cosine decay (default --lr / 10)")
-    g.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default: --max-steps / 10, at most 100)")
-    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on matrices (default 0.1)")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this; 0: off (default 1.0)")
-    g.add_argument("--precision", choices=["auto", "float32", "bf16"], default="auto",
-                   help="bf16 autocast or plain float32; auto: bf16 where the hardware runs it natively (default auto)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the data order (default 0)")
-
-    g = p.add_argument_group("run")
-    g.add_argument("--out", required=True, help="output directory (checkpoint, summary, loss curve, resumable state)")
-    g.add_argument("--resume", action="store_true", help="continue the run whose state is in --out")
-    g.add_argument("--eval-every", type=int, default=100, help="validation loss every N steps (default 100)")
-    g.add_argument("--eval-batches", type=int, default=10, help="batches per validation (default 10)")
-    g.add_argument("--save-every", type=int, default=100, help="save the resumable state every N steps (default 100)")
-    g.add_argument("--stop-at", type=int, help="pause after this step (state and checkpoint saved; finish later with --resume)")
-    g.add_argument("--time-limit", type=float, help="pause after the step that passes this many seconds")
-    g.add_argument("--save-dtype", choices=["bfloat16", "float32", "float16"], default="bfloat16", help="dtype of the exported checkpoint (default bfloat16)")
-    g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="auto: cuda, then mps, then cpu (default auto)")
-    g.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
-    g.add_argument("--compile", action="store_true", help="run the forward pass through torch.compile")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_loop_arguments(p, lr=6e-4, batch_size=16, max_steps=1000, weight_decay=0.1)
+    p.add_argument("--save-dtype", choices=["bfloat16", "float32", "float16"], default="bfloat16", help="dtype of the exported checkpoint (default bfloat16)")
+    p.add_argument("--compile", action="store_true", help="run the forward pass through torch.compile")
     return p
 
 
@@ -148,21 +131,12 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--valid-fraction must be in [0, 1), got {args.valid_fraction}")
         set_threads(args.threads)
         device = pick_device(args.device)
-        config = TrainConfig(
-            max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum, context=args.context,
-            lr=args.lr, min_lr=args.lr / 10 if args.min_lr is None else args.min_lr,
-            warmup_steps=min(100, args.max_steps // 10) if args.warmup_steps is None else args.warmup_steps,
-            weight_decay=args.weight_decay, grad_clip=args.grad_clip, eval_every=args.eval_every,
-            eval_batches=args.eval_batches, save_every=args.save_every, seed=args.seed, precision=args.precision,
-        )  # fmt: skip
+        config = train_config(args)
         if not Path(args.tokenizer).is_file():
             raise FileNotFoundError(f"{args.tokenizer}: no such tokenizer file")
         tokenizer = llama.load_tokenizer(args.tokenizer)
         model_cfg = model_config(args, tokenizer.vocab_size)
-        if not args.resume and (out / STATE_FILE).exists():
-            raise FileExistsError(f"{out / STATE_FILE} exists: pass --resume to continue that run, or choose another --out")
-        if args.resume and not (out / STATE_FILE).is_file():
-            raise FileNotFoundError(f"nothing to resume: {out / STATE_FILE} does not exist")
+        check_out_dir(out, args.resume)
         t0 = time.perf_counter()
         data, valid, files = load_data(args, tokenizer)
         valid_text = f"{len(valid):,} validation tokens" if valid is not None else "no validation"
@@ -179,9 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         result = train(model, data, valid, config, out_dir=out, resume=args.resume, stop_at=args.stop_at,
                        time_limit=args.time_limit, progress=not args.no_progress, forward=forward)  # fmt: skip
     except KeyboardInterrupt:
-        print(f"\ninterrupted; the state saved last (every {args.save_every} steps) is in {out / STATE_FILE}: "
-              "continue with --resume", file=sys.stderr)  # fmt: skip
-        return 130
+        return interrupted(out, args.save_every)
     except (llama.ConfigError, TokenizerNotFoundError, TokenizerFormatError, OSError, ValueError, KeyError) as e:
         print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 2
@@ -192,39 +164,16 @@ def main(argv: list[str] | None = None) -> int:
     save_state_dict(model_cfg, state, out, format="hf")
     shutil.copyfile(args.tokenizer, out / ("tokenizer.json" if args.tokenizer.endswith(".json") else "tokenizer.model"))
 
-    summary = {
-        "completed": result.completed,
-        "steps": result.step,
-        "max_steps": config.max_steps,
-        "tokens_seen": result.tokens_seen,
-        "wall_time_s": round(result.wall_time, 1),
-        "tokens_per_s": round(result.tokens_per_second, 1),
-        "final_train_loss": result.final_train_loss,  # mean of the last 10 steps
-        "final_valid_loss": result.final_valid_loss,
-        "valid_losses": {str(step): round(loss, 4) for step, loss in result.valid_losses},
-        "parameters": model_cfg.n_params,
-        "model": model_cfg.to_dict(),  # every field: --model-config reads it back
-        "training": dataclasses.asdict(config),
-        "data": {"files": [str(f) for f in files], "valid": args.valid, "documents": args.documents,
-                 "train_tokens": len(data), "valid_tokens": None if valid is None else len(valid)},  # fmt: skip
-        "precision": result.precision,
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "save_dtype": args.save_dtype,
-        "finished_at": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime()),
-    }
-    (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    if plot_losses(result, out / "loss.png", title=f"{model_cfg.n_params / 1e6:.1f}M parameters, {result.tokens_seen:,} tokens"):
-        plotted = f", {out / 'loss.png'}"
-    else:
-        plotted = " (no loss.png: pip install matplotlib, or the project's [plot] extra)"
-    losses = [f"{name} loss {loss:.4f}" for name, loss in (("train", result.final_train_loss), ("valid", result.final_valid_loss))
-              if loss is not None]  # fmt: skip
-    status = "done" if result.completed else f"paused at step {result.step} of {config.max_steps} (continue with --resume)"
-    print(f"{status}: {', '.join(losses) or 'no steps run'}; {result.tokens_seen:,} tokens in "
-          f"{result.wall_time:.0f} s ({result.tokens_per_second:,.0f} tok/s)", file=sys.stderr)  # fmt: skip
-    print(f"wrote {out} (checkpoint), {out / 'train_summary.json'}{plotted}", file=sys.stderr)
+    info = summary(
+        result, config, device,
+        parameters=model_cfg.n_params,
+        model=model_cfg.to_dict(),  # every field: --model-config reads it back
+        data={"files": [str(f) for f in files], "valid": args.valid, "documents": args.documents,
+              "train_tokens": len(data), "valid_tokens": None if valid is None else len(valid)},
+        save_dtype=args.save_dtype,
+    )  # fmt: skip
+    finish(out, result, config, info, title=f"{model_cfg.n_params / 1e6:.1f}M parameters, {result.tokens_seen:,} tokens",
+           wrote=f"{out} (checkpoint)")  # fmt: skip
     return 0
 
 

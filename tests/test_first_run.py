@@ -276,7 +276,7 @@ def test_serve_checks_its_port_before_loading():
 
 
 @pytest.mark.parametrize("script", ["generate.py", "serve.py", "convert.py", "random_checkpoint.py", "train_tokenizer.py",
-                                    "prepare_kjv.py"])
+                                    "prepare_kjv.py", "evaluate.py", "make_kjv_tasks.py", "kjv_scores.py"])
 def test_help_does_not_import_torch(script):
     code = ("import runpy, sys\nsys.argv = [sys.argv[1], '--help']\ntry:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
             "except SystemExit:\n    pass\nprint('torch imported' if 'torch' in sys.modules else 'no torch')")  # fmt: skip

@@ -124,20 +124,44 @@ PLAUSIBLE = {
     "stream": st.booleans(), "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
     "top_k": st.integers(-1, 60) | st.sampled_from([10**30]), "min_p": st.floats(0, 1),
     "repetition_penalty": st.floats(1e-300, 1e300) | st.sampled_from([1e-300, 1e300, 1.0]),
-    "ignore_eos": st.booleans(), "user": texts, "logit_bias": st.just({}), "presence_penalty": st.just(0),
-    "unknown_field": anything,
+    "ignore_eos": st.booleans(), "user": texts,
+    "logit_bias": st.dictionaries(st.integers(0, 128255).map(str) | st.sampled_from(["-1", "128256", "x", "01"]) | texts,
+                                  st.floats(-100, 100) | st.sampled_from([-100, 100, 101, 1e300]) | anything, max_size=3),
+    "presence_penalty": st.floats(-2, 2) | st.sampled_from([2.0000001, -3]), "frequency_penalty": st.floats(-2, 2),
+    "response_format": st.sampled_from([{"type": "text"}, {"type": "json_object"}, {"type": "json_schema"},
+                                        {"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "integer"}}},
+                                        {"type": "json_schema", "json_schema": {"name": "n", "schema": {"enum": ["a", 1, None]}}},
+                                        {"type": "json_schema", "json_schema": {"name": "n", "schema": {"pattern": "x"}}},
+                                        {"type": "json_schema", "json_schema": {"name": "bad name", "schema": {}}}])
+                       | st.fixed_dictionaries({"type": st.just("json_schema"), "json_schema": st.fixed_dictionaries(
+                           {"name": st.just("n"), "schema": st.dictionaries(texts, anything, max_size=3)})}),
+    "unknown_field": anything, "guided_json": anything,
 }  # fmt: skip
 COMPLETION = {"prompt": texts | st.lists(texts, min_size=1, max_size=3) | st.lists(st.integers(0, 128255), min_size=1, max_size=8)
               | st.lists(st.lists(st.integers(0, 128255), min_size=1, max_size=4), min_size=1, max_size=2) | prompts,
-              "logprobs": st.integers(0, 5), "echo": st.just(False), "best_of": st.just(1)}  # fmt: skip
-CHAT = {"messages": messages | st.just([{"role": "user", "content": "Hi"}]), "logprobs": st.booleans(),
+              "logprobs": st.integers(0, 5), "echo": st.booleans(), "best_of": st.just(1), "suffix": st.just(""),
+              "prompt_logprobs": st.integers(0, 5) | st.sampled_from([21, -1]),
+              "max_tokens": plausible_ints | st.just(0)}  # fmt: skip
+TOOL = {"type": "function", "function": {"name": "f", "description": "d", "parameters": {
+    "type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}}}  # fmt: skip
+CALL = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}
+tool_messages = st.lists(st.sampled_from([{"role": "user", "content": "Hi"}, {"role": "assistant", "tool_calls": [CALL]},
+                                          {"role": "tool", "tool_call_id": "c1", "content": "2"},
+                                          {"role": "tool", "tool_call_id": "c9", "content": "2"},
+                                          {"role": "assistant", "content": "ok", "tool_calls": [CALL, CALL]}]),
+                         min_size=1, max_size=4)  # fmt: skip
+CHAT = {"messages": messages | tool_messages | st.just([{"role": "user", "content": "Hi"}]), "logprobs": st.booleans(),
         "top_logprobs": st.integers(0, 5), "max_completion_tokens": plausible_ints,
-        "response_format": st.just({"type": "text"})}  # fmt: skip
+        "tools": st.lists(st.just(TOOL) | st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries(
+            {"name": st.sampled_from(["g", "bad name", ""]) | texts}, optional={"parameters": anything})}), max_size=2),
+        "tool_choice": st.sampled_from(["none", "auto", "required", {"type": "function", "function": {"name": "f"}},
+                                        {"type": "function", "function": {"name": "zzz"}}]) | anything,
+        "parallel_tool_calls": st.booleans()}  # fmt: skip
 
 
 @st.composite
-def bodies(draw, specific: dict) -> bytes:
-    fields = {**PLAUSIBLE, **specific}
+def bodies(draw, specific: dict, common: bool = True) -> bytes:
+    fields = {**PLAUSIBLE, **specific} if common else specific
     required = next(iter(specific))
     body = draw(st.fixed_dictionaries({required: specific[required]},
                                       optional={k: v for k, v in fields.items() if k != required}))  # fmt: skip
@@ -150,9 +174,13 @@ def bodies(draw, specific: dict) -> bytes:
     return encode(body)
 
 
+TOKENIZE = {"prompt": texts, "add_special_tokens": st.booleans(), "return_token_strs": st.booleans(), "model": st.just("fuzz")}
+DETOKENIZE = {"tokens": token_ids, "model": st.just("fuzz")}
 requests = st.one_of(
     st.tuples(st.just("/v1/completions"), bodies(COMPLETION)),
     st.tuples(st.just("/v1/chat/completions"), bodies(CHAT)),
+    st.tuples(st.just("/tokenize"), bodies(TOKENIZE, common=False)),
+    st.tuples(st.just("/detokenize"), bodies(DETOKENIZE, common=False)),
     st.tuples(st.sampled_from(["/v1/completions", "/v1/chat/completions"]),
               st.binary(max_size=200) | anything.map(encode) | st.sampled_from([b"[" * 5000, b'{"prompt": 1' + b"1" * 5000 + b"}",
                                                                                b'{"prompt": "\xff\xfe"}', b"", b"null"])),
@@ -176,7 +204,10 @@ def check_response(status: int, payload: bytes, body: bytes) -> None:
             assert "error" not in chunk, chunk
     else:
         result = json.loads(payload)
-        assert result["choices"] and "usage" in result, payload[:300]
+        if "choices" in result:
+            assert result["choices"] and "usage" in result, payload[:300]
+        else:  # /tokenize, /detokenize
+            assert set(result) in ({"count", "max_model_len", "tokens", "token_strs"}, {"prompt"}), payload[:300]
 
 
 @FUZZ

@@ -358,14 +358,28 @@ BAD_REQUESTS = [  # path, body, status, param, code
     ("completions", {"prompt": "hi", "top_p": 0}, 400, "top_p", None),
     ("completions", {"prompt": "hi", "top_p": 1.5}, 400, "top_p", None),
     ("completions", {"prompt": "hi", "max_tokens": "ten"}, 400, "max_tokens", None),
-    ("completions", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens", None),
+    ("completions", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens", None),  # 0 only with echo / prompt_logprobs
+    ("completions", {"prompt": "hi", "max_tokens": -1, "echo": True}, 400, "max_tokens", None),
     ("completions", {"prompt": "hi", "n": 0}, 400, "n", None),
     ("completions", {"prompt": "hi", "stop": 5}, 400, "stop", None),
     ("completions", {"prompt": "hi", "stop": [""]}, 400, "stop", None),
     ("completions", {"prompt": "hi", "stream": "yes"}, 400, "stream", None),
     ("completions", {"prompt": "hi", "seed": 1.5}, 400, "seed", None),
     ("completions", {"prompt": "hi", "logprobs": 99}, 400, "logprobs", None),
-    ("completions", {"prompt": "hi", "echo": True}, 400, "echo", "unsupported_parameter"),
+    ("completions", {"prompt": "hi", "suffix": "end"}, 400, "suffix", "unsupported_parameter"),
+    ("completions", {"prompt": "hi", "best_of": 3}, 400, "best_of", "unsupported_parameter"),
+    ("completions", {"prompt": "hi", "prompt_logprobs": 21}, 400, "prompt_logprobs", None),
+    ("completions", {"prompt": "hi", "guided_json": {"type": "object"}}, 400, "guided_json", "unknown_parameter"),
+    ("completions", {"prompt": "hi", "grammar": "root ::= x"}, 400, "grammar", "unknown_parameter"),
+    ("completions", {"prompt": "hi", "logit_bias": {"x": 1}}, 400, "logit_bias", None),
+    ("completions", {"prompt": "hi", "logit_bias": {"5": 101}}, 400, "logit_bias", None),
+    ("completions", {"prompt": "hi", "logit_bias": {"999999999": 1}}, 400, "prompt", None),
+    ("completions", {"prompt": "hi", "presence_penalty": 2.5}, 400, "presence_penalty", None),
+    ("completions", {"prompt": "hi", "response_format": {"type": "xml"}}, 400, "response_format", None),
+    ("completions", {"prompt": "hi", "response_format": {"type": "json_schema"}}, 400, "response_format", None),
+    ("completions", {"prompt": "hi", "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "string", "pattern": "a+"}}}}, 400, "response_format", "unsupported_schema"),
+    ("completions", {"prompt": "hi", "max_tokens": 1, "response_format": {"type": "json_object"}}, 400, "prompt", None),
     ("completions", {"prompt": "hi " * 100, "max_tokens": CONTEXT - 50}, 400, "prompt", "context_length_exceeded"),
     ("completions", {"prompt": "hi", "model": "gpt-4"}, 404, "model", "model_not_found"),
     ("chat/completions", {"messages": "hi"}, 400, "messages", None),
@@ -375,6 +389,20 @@ BAD_REQUESTS = [  # path, body, status, param, code
     ("chat/completions", {"messages": CHAT, "max_tokens": CONTEXT}, 400, "messages", "context_length_exceeded"),
     ("chat/completions", {"messages": CHAT, "top_logprobs": 2}, 400, "top_logprobs", None),
     ("chat/completions", {"messages": CHAT, "temperature": None, "top_p": "x"}, 400, "top_p", None),
+    ("chat/completions", {"messages": CHAT, "store": True}, 400, "store", "unknown_parameter"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi", "name": "bob"}]}, 400, "messages",
+     "unknown_parameter"),
+    ("chat/completions", {"messages": CHAT, "tool_choice": "required"}, 400, "tool_choice", None),
+    ("chat/completions", {"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}],
+                          "tool_choice": {"type": "function", "function": {"name": "g"}}}, 400, "tool_choice", None),
+    ("chat/completions", {"messages": CHAT, "tools": [{"type": "function", "function": {"name": "bad name"}}]}, 400,
+     "tools", None),
+    ("chat/completions", {"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}],
+                          "response_format": {"type": "json_object"}}, 400, "response_format", "unsupported_parameter"),
+    ("chat/completions", {"messages": CHAT, "tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "object", "properties": {"n": {"type": "integer", "minimum": 1}}}}}],
+                          "tool_choice": "required"}, 400, "tools", "unsupported_schema"),
+    ("chat/completions", {"messages": [{"role": "tool", "content": "4", "tool_call_id": "call_1"}]}, 400, "messages", None),
 ]
 
 
@@ -407,9 +435,14 @@ def test_api_key_is_checked_on_every_request(server):
             assert error_of(response, 401)["code"] == "invalid_api_key"
 
 
-def test_unknown_fields_are_ignored_and_unknown_paths_are_404(server):
-    body = {"prompt": "hi", "max_tokens": 2, "temperature": 0, "some_future_field": {"x": 1}, "user": "u1"}
-    assert httpx.post(f"{server.url}/v1/completions", json=body, headers=AUTH, timeout=10).status_code == 200
+def test_unknown_fields_are_refused_by_name_and_unknown_paths_are_404(server):
+    body = {"prompt": "hi", "max_tokens": 2, "temperature": 0, "some_future_field": {"x": 1}, "guided_json": {}, "user": "u1"}
+    error = error_of(httpx.post(f"{server.url}/v1/completions", json=body, headers=AUTH, timeout=10), 400)
+    assert error["code"] == "unknown_parameter" and error["param"] == "some_future_field"
+    assert "some_future_field" in error["message"] and "guided_json" in error["message"]
+    nested = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": {}}]}]}
+    error = error_of(httpx.post(f"{server.url}/v1/chat/completions", json=nested, headers=AUTH, timeout=10), 400)
+    assert error["code"] == "unknown_parameter" and "messages.0.content.0.cache_control" in error["message"]
     assert error_of(httpx.get(f"{server.url}/v1/nothing", headers=AUTH), 404)["code"] == "not_found"
 
 

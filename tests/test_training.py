@@ -33,11 +33,15 @@ VOCAB = 400
 
 
 def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"_script_{name}", SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
-    spec.loader.exec_module(module)
-    return module
+    """scripts/NAME.py imported as the installed package llama_cli imports it (train.py and finetune.py
+    import their sibling loop_flags.py relatively), from this checkout's scripts/ whatever is installed."""
+    if getattr(sys.modules.get("llama_cli"), "__path__", None) != [str(SCRIPTS)]:
+        spec = importlib.util.spec_from_file_location("llama_cli", SCRIPTS / "__init__.py",
+                                                      submodule_search_locations=[str(SCRIPTS)])  # fmt: skip
+        package = importlib.util.module_from_spec(spec)
+        sys.modules["llama_cli"] = package
+        spec.loader.exec_module(package)
+    return importlib.import_module(f"llama_cli.{name}")
 
 
 @pytest.fixture(autouse=True, scope="module")

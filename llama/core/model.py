@@ -171,6 +171,13 @@ class KVCache(nn.Module):
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, ctx: "Context") -> tuple[torch.Tensor, torch.Tensor]:
         return self.layers[layer].update(k, v, ctx)
 
+    def copy_prefix(self, source: int, rows: torch.Tensor, length: int) -> None:
+        """Give cache rows `rows` ((N,) int64) the first `length` positions of row `source`: several
+        continuations of one prompt then decode from its keys and values, prefilled once."""
+        for layer in self.layers:
+            layer.k[rows, :, :length] = layer.k[source, :, :length]
+            layer.v[rows, :, :length] = layer.v[source, :, :length]
+
 
 @dataclass
 class Context:

@@ -85,6 +85,7 @@ class Tokenizer(ABC):
     pad_id: int  # -1 when the tokenizer has no padding token
     vocab_size: int
     stop_tokens: frozenset[int]
+    special_ids: frozenset[int]  # control tokens (BOS, EOS, chat headers ...): their text is not what they mean
     # What a GGUF file says about its tokenizer (llama/core/gguf.py sets them; other files leave
     # these defaults): whether texts get bos / eos, and the chat template (a Jinja string).
     add_bos: bool = True
@@ -101,6 +102,12 @@ class Tokenizer(ABC):
     @abstractmethod
     def encode_dialog(self, messages: Sequence[Message]) -> list[int]:
         """Prompt ids for a chat, ending where the assistant's answer starts."""
+
+    @abstractmethod
+    def encode_dialog_for_training(self, messages: Sequence[Message]) -> tuple[list[int], list[bool]]:
+        """A finished dialog (ending with an assistant message) in the chat format, and which of its
+        ids the assistant wrote (what fine-tuning trains on). Every prefix that ends where an
+        assistant message starts is what encode_dialog gives for the messages before it."""
 
     @abstractmethod
     def token_bytes(self, token_id: int) -> bytes:
@@ -233,6 +240,7 @@ class TiktokenTokenizer(Tokenizer):
         self.eos_id = special_tokens["<|end_of_text|>"]
         self.pad_id = special_tokens.get("<|finetune_right_pad_id|>", -1)
         self.vocab_size = self._model.n_vocab
+        self.special_ids = frozenset(special_tokens.values())
         # eom ends a message with a tool call, eot a turn; Llama 3.0 files name 128008 a reserved token.
         stops = {special_tokens[t] for t in ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>") if t in special_tokens}
         self.stop_tokens = frozenset(stops | set(extra_stop_tokens))
@@ -316,12 +324,26 @@ class TiktokenTokenizer(Tokenizer):
         _check_messages(messages, LLAMA3_ROLES)
         ids = [self.bos_id]
         for message in messages:
-            ids += self._header(message["role"])
+            ids += self.header(message["role"])
             ids += self.encode(message["content"].strip(), bos=False, eos=False)
             ids.append(self.special_tokens["<|eot_id|>"])
-        return ids + self._header("assistant")
+        return ids + self.header("assistant")
 
-    def _header(self, role: str) -> list[int]:
+    def encode_dialog_for_training(self, messages: Sequence[Message]) -> tuple[list[int], list[bool]]:
+        """encode_dialog's format for a finished dialog: an assistant message's content and its
+        <|eot_id|> are trained on (the model learns to end its turn); headers and other roles are not."""
+        _check_messages(messages, LLAMA3_ROLES)
+        _check_finished(messages)
+        ids, trained = [self.bos_id], [False]
+        for message in messages:
+            header = self.header(message["role"])
+            body = self.encode(message["content"].strip(), bos=False, eos=False) + [self.special_tokens["<|eot_id|>"]]
+            ids += header + body
+            trained += [False] * len(header) + [message["role"] == "assistant"] * len(body)
+        return ids, trained
+
+    def header(self, role: str) -> list[int]:
+        """The ids that open a message of `role`: <|start_header_id|>role<|end_header_id|>\\n\\n."""
         role = "ipython" if role == "tool" else role
         return [
             self.special_tokens["<|start_header_id|>"],
@@ -399,6 +421,7 @@ class SentencePieceTokenizer(Tokenizer):
         self.eos_id = self._model.eos_id()
         self.pad_id = self._model.pad_id()
         self.vocab_size = self._model.vocab_size()
+        self.special_ids = frozenset(i for i in range(n) if self._model.is_control(i) or self._model.is_unknown(i))
         self.stop_tokens = frozenset([self.eos_id, *extra_stop_tokens])
 
     def encode(self, text: str, *, bos: bool, eos: bool) -> list[int]:
@@ -424,6 +447,34 @@ class SentencePieceTokenizer(Tokenizer):
         each (user, assistant) pair is its own bos ... eos sequence, and the last user message is left
         open for the answer. Roles must go system?, user, assistant, user, ..., user.
         """
+        turns = self._turns(messages)
+        if turns[-1]["role"] != "user":
+            raise ChatFormatError(f"message {len(messages) - 1}: the last message must come from the user")
+        ids = []
+        for user, answer in zip(turns[::2], turns[1::2]):
+            text = f"[INST] {user['content'].strip()} [/INST] {answer['content'].strip()} "
+            ids += self.encode(text, bos=True, eos=True)
+        return ids + self.encode(f"[INST] {turns[-1]['content'].strip()} [/INST]", bos=True, eos=False)
+
+    def encode_dialog_for_training(self, messages: Sequence[Message]) -> tuple[list[int], list[bool]]:
+        """encode_dialog's format for a finished dialog: in each bos [INST] user [/INST] answer eos
+        sequence, the ids after the ones that encode "[INST] user [/INST]" alone are trained on (the
+        answer and eos). The two encodings share their first ids up to the answer; where sentencepiece
+        joins the last of them differently, the shared prefix ends earlier and the join is trained."""
+        _check_finished(messages)
+        turns = self._turns(messages)
+        ids, trained = [], []
+        for user, answer in zip(turns[::2], turns[1::2]):
+            prompt = self.encode(f"[INST] {user['content'].strip()} [/INST]", bos=True, eos=False)
+            turn = self.encode(f"[INST] {user['content'].strip()} [/INST] {answer['content'].strip()} ", bos=True, eos=True)
+            shared = next((i for i, (a, b) in enumerate(zip(prompt, turn)) if a != b), len(prompt))
+            ids += turn
+            trained += [False] * shared + [True] * (len(turn) - shared)
+        return ids, trained
+
+    def _turns(self, messages: Sequence[Message]) -> list[dict]:
+        """The messages checked for Llama 2's order (system?, user, assistant, user, ...), the system
+        message folded into the first user message."""
         _check_messages(messages, LLAMA2_ROLES)
         turns = [dict(m) for m in messages]
         if turns and turns[0]["role"] == "system":
@@ -441,13 +492,7 @@ class SentencePieceTokenizer(Tokenizer):
                 )
         if not turns:
             raise ChatFormatError("no messages: Llama 2 needs at least one user message")
-        if turns[-1]["role"] != "user":
-            raise ChatFormatError(f"message {len(messages) - 1}: the last message must come from the user")
-        ids = []
-        for user, answer in zip(turns[::2], turns[1::2]):
-            text = f"[INST] {user['content'].strip()} [/INST] {answer['content'].strip()} "
-            ids += self.encode(text, bos=True, eos=True)
-        return ids + self.encode(f"[INST] {turns[-1]['content'].strip()} [/INST]", bos=True, eos=False)
+        return turns
 
 
 def _check_messages(messages: Sequence[Message], roles: Sequence[str]) -> None:
@@ -461,6 +506,12 @@ def _check_messages(messages: Sequence[Message], roles: Sequence[str]) -> None:
             raise ChatFormatError(f"message {i}: unknown role {message['role']!r}; expected one of {list(roles)}")
         if not isinstance(message["content"], str):
             raise ChatFormatError(f"message {i}: content must be a str, got {type(message['content']).__name__}")
+
+
+def _check_finished(messages: Sequence[Message]) -> None:
+    if not messages or not isinstance(messages[-1], Mapping) or messages[-1].get("role") != "assistant":
+        raise ChatFormatError(f"message {len(messages) - 1 if messages else 0}: a dialog to train on must end with "
+                              "an assistant message (the answer)")  # fmt: skip
 
 
 # --- Finding the tokenizer of a checkpoint ----------------------------------------------------------

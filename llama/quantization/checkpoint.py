@@ -30,9 +30,13 @@ from .linear import check_mode, prepare_kernels, swap_linears
 
 
 def load(path: str | os.PathLike, mode: str, *, group_size: int = 128, include_output: bool = True,
-         dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu", progress: bool | None = None):
+         dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu", progress: bool | None = None,
+         kernels: bool = True):
     """Load a float checkpoint directory, quantizing each block linear (and the output projection
-    unless include_output is False; a tied one as a quantized copy) as it is read."""
+    unless include_output is False; a tied one as a quantized copy) as it is read.
+
+    kernels: make the CPU int4 kernel's packing now (prepare_kernels); False for training (QLoRA),
+    whose many-row inputs never use it, which saves a second copy of the int4 weights."""
     check_mode(mode, group_size)
     swapped: list[str] = []
 
@@ -42,7 +46,8 @@ def load(path: str | os.PathLike, mode: str, *, group_size: int = 128, include_o
 
     model = core_checkpoint.load(path, dtype=dtype, device=device, progress=progress, swap=swap)
     model.quantization = {"mode": mode, "group_size": group_size, "include_output": "output" in swapped}
-    prepare_kernels(model)
+    if kernels:
+        prepare_kernels(model)
     return model
 
 

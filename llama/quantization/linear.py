@@ -77,6 +77,31 @@ def check_mode(mode: str, group_size: int = 128) -> None:
         raise ValueError(f"int4 group_size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size!r}")
 
 
+# ---- gradients through a quantized layer (QLoRA) ---------------------------------------------------
+
+
+class QuantizedMatmul(torch.autograd.Function):
+    """y = module(x) for an Int8Linear / Int4Linear, differentiable in x only.
+
+    QLoRA (Dettmers et al., 2023) trains adapters on top of a frozen quantized base, so gradients must
+    flow *through* the base layers to the input (dL/dx = dL/dy @ W) while the weight gets none. Left
+    to autograd, y = F.linear(x, dequantized W) would keep the float W of every layer alive from the
+    forward to the backward pass: the whole base in float again. Here the forward keeps only the
+    module, and the backward dequantizes its weight once more, so the float copy of a layer exists
+    only while that layer computes.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+        ctx.module, ctx.x_dtype = module, x.dtype
+        return module(x)  # autograd is off inside forward: the plain (kernel or dequantize) path
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        w = ctx.module.dequantize(grad_y.dtype)  # (N, K)
+        return (grad_y @ w).to(ctx.x_dtype), None  # (..., N) @ (N, K) -> (..., K)
+
+
 # ---- int8 ----------------------------------------------------------------------------------------
 
 
@@ -122,7 +147,14 @@ class Int8Linear(nn.Module):
         q, scales = quantize_int8(w)
         self.weight, self.scales = q, scales.to(self.scales.dtype)
 
+    def dequantize(self, dtype=None) -> torch.Tensor:
+        """The (N, K) weight the int8 values stand for."""
+        dtype = dtype or self.scales.dtype
+        return self.weight.to(dtype) * self.scales.to(dtype)[:, None]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad and torch.is_grad_enabled():
+            return QuantizedMatmul.apply(x, self)  # QLoRA: a gradient for x, none for the frozen weight
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (M, K): the kernel takes 2-D activations
         if _take_kernel(self.use_kernel, x2):
@@ -214,6 +246,8 @@ class Int4Linear(nn.Module):
         return self._packed[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad and torch.is_grad_enabled():
+            return QuantizedMatmul.apply(x, self)  # QLoRA: a gradient for x, none for the frozen weight
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (M, K)
         # The CPU kernel's packing needs N to be a multiple of 16.

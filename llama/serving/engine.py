@@ -37,6 +37,13 @@ matmul over B rows may sum in another order than over 1, and attention runs over
 row with the extra positions masked (float32: about 1e-6 relative). Greedy tokens are therefore the
 same unless two logits tie to that precision.
 
+LoRA adapters. A model holding several adapters (llama.training.lora) serves each request with
+the adapter it names (Request.adapter; None: the base model). Rows of different adapters share the
+same prefill and decode forwards: the base weights are read once per step for every row, and each
+adapter adds its low-rank product s * B (A x) to its own rows only (lora.per_row_adapters). A
+request computes what the model with only its adapter active computes, up to the same rounding as
+any batch.
+
 Prefill policy. Prefilling together pays where a forward is bound by reading the weights (a
 prompt of 10 tokens costs about one decode step, so 16 short prompts alone cost 16 steps and
 together about one). Where it is bound by compute (long prompts, CPUs), padding tokens cost as much
@@ -44,6 +51,21 @@ as real ones, so prompts are grouped by length: a group's real tokens are at lea
 size. Each step admits waiting sequences in arrival order up to max_prefill_tokens prompt tokens
 (at least one sequence), which also bounds the (B, T, V) logits a prefill returns. Prefills run
 before the next decode step, so a burst of long prompts delays the tokens of running sequences.
+
+Sampling a row. Each request's logits go through, in order: its logit_bias (added), OpenAI's
+presence and frequency penalties (for token j generated c_j times so far, the logit drops by
+c_j * frequency_penalty + (c_j > 0) * presence_penalty), the CTRL repetition penalty, the
+constraint of a JSON response format (tokens that would break it are masked: see below), then
+temperature, top-k, top-p and min-p. Reported log-probabilities are the model's own, before all of
+these. max_tokens may be 0: the prompt is prefilled (for its prompt_logprobs) and nothing generated.
+
+Constrained requests (Request.constraint, llama/serving/constrained.py). The token the request's
+sampling picks from its unmasked row is checked first (a few bytes through the parser); only when
+it breaks the grammar is the row masked to the allowed tokens and sampled again. For greedy
+decoding and for temperature sampling this is exactly sampling from the masked distribution (a
+rejected draw is followed by a draw from the rest, renormalised); with top-k, top-p or min-p, whose
+cut depends on the mask, the row is always masked first. A constrained sequence ends as soon as
+its value is complete and nothing can follow it.
 
 Text. Each sequence has its own tokenizer.stream_decoder, so text never splits a UTF-8 character,
 and text that might be the start of a stop string is held back until it is known not to be one
@@ -62,6 +84,7 @@ of kind "shutdown". stop() ends the thread.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import sys
@@ -69,13 +92,14 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from ..core.generation import GenerationError, SamplingParams, apply_repetition_penalty, check_seed, sample
 from ..core.stops import StopMatcher
 from ..core.tokenizer import check_vocabulary
+from ..training import lora
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +110,10 @@ class EngineFullError(RuntimeError):
 
 class EngineStoppedError(RuntimeError):
     """The engine takes no requests: not started, draining for a shutdown, stopped, or its thread died."""
+
+
+class ConstraintError(RuntimeError):
+    """No token can continue a constrained output (the vocabulary cannot spell what it needs)."""
 
 
 class ContextLengthError(GenerationError):
@@ -103,11 +131,16 @@ class ContextLengthError(GenerationError):
 class Request:
     """One sequence to generate.
 
-    prompt: token ids (with BOS, or the chat format's ids). seed: any integer (reduced modulo 2**64),
-    or None for a random one. stop: strings that end the text (the text stops before them).
-    stop_tokens: ids that end it (None: the engine's, i.e. the checkpoint's; () disables them).
-    logprobs: None, or k >= 0 to report each token's log-probability under the model (before
-    temperature and filtering, as llama.generate reports it) and the k most likely tokens.
+    prompt: token ids (with BOS, or the chat format's ids). max_tokens: the most tokens to generate
+    (0: none; the prompt is only scored). seed: any integer (reduced modulo 2**64), or None for a
+    random one. stop: strings that end the text (the text stops before them). stop_tokens: ids that
+    end it (None: the engine's, i.e. the checkpoint's; () disables them). logprobs: None, or k >= 0
+    to report each token's log-probability under the model (before temperature and filtering, as
+    llama.generate reports it) and the k most likely tokens. prompt_logprobs: None, or k >= 0 to
+    report the same for every prompt token after the first (in the first Delta). logit_bias: token
+    id -> a number in [-100, 100] added to its logit. presence_penalty, frequency_penalty: in
+    [-2, 2], OpenAI's definitions. constraint: a llama.serving.constrained.TokenConstraint the
+    output must follow.
     """
 
     prompt: Sequence[int]
@@ -117,6 +150,12 @@ class Request:
     stop: Sequence[str] = ()
     stop_tokens: frozenset[int] | None = None
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    logit_bias: Mapping[int, float] | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    constraint: Any = None
+    adapter: str | None = None  # a LoRA adapter of the model (llama.training.lora), or None: the base model
 
 
 @dataclass(frozen=True)
@@ -128,6 +167,17 @@ class TokenLogprob:
     logprob: float
     top: tuple[tuple[int, float], ...]
     offset: int
+
+
+@dataclass(frozen=True)
+class PromptLogprob:
+    """A prompt token and, for every token but the first, its log-probability given the ones before,
+    its `rank` among all tokens (1: the most likely) and the `top` k (id, logprob) alternatives."""
+
+    id: int
+    logprob: float | None
+    rank: int | None
+    top: tuple[tuple[int, float], ...]
 
 
 @dataclass(frozen=True)
@@ -145,7 +195,8 @@ class Stats:
 @dataclass(frozen=True)
 class Delta:
     """What one sequence produced since its previous Delta: `text` (whole characters only), the `tokens`
-    behind it (and their `logprobs` if requested). The last Delta has finish_reason "stop" (a stop
+    behind it (and their `logprobs` if requested, then that of the stop token that ended it, if one
+    did; the first Delta also carries `prompt_logprobs` if requested). The last Delta has finish_reason "stop" (a stop
     token or string) or "length" (max_tokens), or "error" with an `error` message and its
     `error_kind` ("internal": something failed while generating it; "shutdown": the server is
     shutting down), and `stats`."""
@@ -157,6 +208,7 @@ class Delta:
     stats: Stats | None = None
     error: str | None = None
     error_kind: str | None = None
+    prompt_logprobs: tuple[PromptLogprob, ...] | None = None
 
 
 Sink = Callable[[int, Delta], None]
@@ -188,6 +240,15 @@ class _Sequence:
         if request.sampling.repetition_penalty != 1.0:
             self.seen = torch.zeros(1, engine.vocab_size, dtype=torch.bool, device=engine.device)
             self.seen[0, torch.tensor(self.prompt, device=engine.device)] = True
+        self.bias = None  # (1, V) float32: the logit_bias, dense
+        if request.logit_bias:
+            self.bias = torch.zeros(1, engine.vocab_size, device=engine.device)
+            self.bias[0, torch.tensor(list(request.logit_bias), device=engine.device)] = torch.tensor(
+                list(request.logit_bias.values()), device=engine.device)  # fmt: skip
+        self.counts = None  # (1, V) float32: how often each token was generated, for presence/frequency penalties
+        if request.presence_penalty or request.frequency_penalty:
+            self.counts = torch.zeros(1, engine.vocab_size, device=engine.device)
+        self.state = request.constraint.start() if request.constraint is not None else None
         self.decoder = engine.tokenizer.stream_decoder(self.prompt)
         self.tokens: list[int] = []  # generated so far, without a stop token
         self.slot = -1
@@ -196,6 +257,7 @@ class _Sequence:
         self.chars = 0  # characters decoded so far
         self.unsent_tokens: list[int] = []
         self.unsent_logprobs: list[TokenLogprob] = []
+        self.unsent_prompt_logprobs: tuple[PromptLogprob, ...] | None = None
         self.submitted = time.perf_counter()
         self.started = self.first_token = None
 
@@ -231,6 +293,8 @@ class Engine:
             stop_tokens = getattr(model, "stop_tokens", None) or tokenizer.stop_tokens
         self.stop_tokens = frozenset(stop_tokens)
         self.device = model.tok_embeddings.weight.device
+        # Several LoRA adapters on one base: each row of a forward uses its request's adapter (or none).
+        self.adapters = tuple(lora.adapter_names(model))
         model.setup_cache(max_batch_size, self.context_len)
 
         self._free = list(range(max_batch_size - 1, -1, -1))  # free slots; pop() gives the lowest
@@ -323,8 +387,8 @@ class Engine:
     def _check(self, r: Request, index: int) -> None:
         if not isinstance(r.sampling, SamplingParams):
             raise GenerationError(f"request {index}: sampling must be a SamplingParams, got {type(r.sampling).__name__}")
-        if isinstance(r.max_tokens, bool) or not isinstance(r.max_tokens, int) or r.max_tokens < 1:
-            raise GenerationError(f"request {index}: max_tokens must be a positive integer, got {r.max_tokens!r}")
+        if isinstance(r.max_tokens, bool) or not isinstance(r.max_tokens, int) or r.max_tokens < 0:
+            raise GenerationError(f"request {index}: max_tokens must be a non-negative integer, got {r.max_tokens!r}")
         if not r.prompt:
             raise GenerationError(f"request {index}: the prompt is empty; it needs at least one token (e.g. BOS)")
         vocab = self.tokenizer.vocab_size  # the ids that mean something (<= the model's rows)
@@ -335,13 +399,29 @@ class Engine:
             raise ContextLengthError(len(r.prompt), r.max_tokens, self.context_len)
         if isinstance(r.stop, str) or not all(isinstance(s, str) and s for s in r.stop):
             raise GenerationError(f"request {index}: stop must be a list of non-empty strings, got {r.stop!r:.200}")
-        if r.logprobs is not None and (isinstance(r.logprobs, bool) or not isinstance(r.logprobs, int)
-                                       or not 0 <= r.logprobs <= vocab):  # fmt: skip
-            raise GenerationError(f"request {index}: logprobs must be None or an integer in [0, {vocab}], got {r.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(r, name)
+            if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= vocab):
+                raise GenerationError(f"request {index}: {name} must be None or an integer in [0, {vocab}], got {k!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(r, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not -2 <= value <= 2:
+                raise GenerationError(f"request {index}: {name} must be a number in [-2, 2], got {value!r:.40}")
+        bias = r.logit_bias or {}
+        bad = [(t, b) for t, b in bias.items() if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab
+               or isinstance(b, bool) or not isinstance(b, (int, float)) or not -100 <= b <= 100]  # fmt: skip
+        if bad:
+            raise GenerationError(f"request {index}: logit_bias maps token ids in [0, {vocab}) to numbers in [-100, 100], "
+                                  f"got {bad[0][0]!r:.40}: {bad[0][1]!r:.40}")  # fmt: skip
+        if r.constraint is not None and r.constraint.minimum_tokens() > r.max_tokens:
+            raise GenerationError(f"request {index}: max_tokens {r.max_tokens} is too small for the response format: "
+                                  f"its shortest output may take {r.constraint.minimum_tokens()} tokens")  # fmt: skip
         try:
             check_seed(r.seed)
         except GenerationError as e:
             raise GenerationError(f"request {index}: {e}") from None
+        if r.adapter is not None and r.adapter not in self.adapters:
+            raise GenerationError(f"request {index}: no adapter named {r.adapter!r}; the model has {list(self.adapters)}")
 
     def _cancel(self, ticket: Ticket) -> None:
         with self._wake:
@@ -433,7 +513,11 @@ class Engine:
             for b, seq in enumerate(seqs):
                 ids[b, : len(seq.prompt)] = torch.tensor(seq.prompt, device=self.device)
             rows = torch.tensor([s.slot for s in seqs], device=self.device)  # (B,)
-            logits = self.model(ids, 0, cache_rows=rows)  # (B, T, V)
+            with self._adapters(seqs):
+                logits = self.model(ids, 0, cache_rows=rows)  # (B, T, V)
+            for b, seq in enumerate(seqs):
+                if seq.request.prompt_logprobs is not None:
+                    seq.unsent_prompt_logprobs = self._prompt_logprobs(seq, logits[b, : len(seq.prompt) - 1])
             logits = logits[torch.arange(len(seqs), device=self.device), lengths - 1]  # (B, V): each last prompt token
         except Exception as e:  # e.g. out of memory for long prompts: these requests fail, others go on
             for seq in seqs:
@@ -444,7 +528,28 @@ class Engine:
         self.counters["prefill_tokens"] += int(lengths.sum())
         for seq in seqs:
             seq.position = len(seq.prompt)
-        self._advance(seqs, logits)
+        generating = [b for b, s in enumerate(seqs) if s.request.max_tokens > 0]
+        for seq in seqs:
+            if seq.request.max_tokens == 0:  # only the prompt was wanted
+                self._finish(seq, "length", "")
+            elif seq.unsent_prompt_logprobs is not None:  # sent now, before the first token (which may show no text)
+                self._emit(seq, self._delta(seq, ""))
+        if generating:
+            self._advance([seqs[b] for b in generating], logits[generating])
+
+    def _prompt_logprobs(self, seq: _Sequence, logits: torch.Tensor) -> tuple[PromptLogprob, ...]:
+        """logits: (T - 1, V), the predictions for prompt tokens 1..T-1."""
+        k = seq.request.prompt_logprobs
+        logprobs = torch.log_softmax(logits[:, : self.tokenizer.vocab_size], dim=-1)  # (T-1, V)
+        targets = torch.tensor(seq.prompt[1:], device=self.device)
+        chosen = logprobs.gather(-1, targets[:, None])  # (T-1, 1)
+        ranks = (logprobs > chosen).sum(-1) + 1  # (T-1,)
+        top = torch.topk(logprobs, k) if k else None
+        out = [PromptLogprob(seq.prompt[0], None, None, ())]
+        for i, (token, lp, rank) in enumerate(zip(seq.prompt[1:], chosen[:, 0].tolist(), ranks.tolist())):
+            alternatives = tuple(zip(top.indices[i].tolist(), top.values[i].tolist())) if top is not None else ()
+            out.append(PromptLogprob(token, lp, rank, alternatives))
+        return tuple(out)
 
     def _decode(self) -> None:
         seqs = list(self._running)
@@ -452,7 +557,8 @@ class Engine:
             tokens = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)  # (B, 1)
             positions = torch.tensor([s.position for s in seqs], device=self.device)  # (B,)
             rows = torch.tensor([s.slot for s in seqs], device=self.device)  # (B,)
-            logits = self.model(tokens, positions, cache_rows=rows)[:, -1]  # (B, V)
+            with self._adapters(seqs):
+                logits = self.model(tokens, positions, cache_rows=rows)[:, -1]  # (B, V)
         except Exception as e:
             for s in seqs:
                 self._fail(s, f"decode failed: {type(e).__name__}: {e}")
@@ -462,6 +568,13 @@ class Engine:
         for s in seqs:
             s.position += 1
         self._advance(seqs, logits)
+
+    def _adapters(self, seqs: list[_Sequence]):
+        """Row b of the next forward uses the adapter of seqs[b]'s request: the base projections run
+        once for every row, each adapter adds its low-rank product to its own rows only."""
+        if not self.adapters:
+            return contextlib.nullcontext()
+        return lora.per_row_adapters(self.model, [s.request.adapter for s in seqs])
 
     def _advance(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
         """Sample one token for each of `seqs` from its row of logits: (B, V) float32, and act on it.
@@ -478,14 +591,27 @@ class Engine:
 
     def _sample(self, seq: _Sequence, row: torch.Tensor, greedy: int) -> tuple[int, TokenLogprob | None]:
         """The next token from `row`: (1, V) logits, and its logprob info if the request wants it."""
-        params, k = seq.request.sampling, seq.request.logprobs
+        request = seq.request
+        params, k = request.sampling, request.logprobs
         logprobs = torch.log_softmax(row[0], dim=-1) if k is not None else None  # (V,), the model's own
+        adjusted = seq.bias is not None or seq.counts is not None or seq.seen is not None
+        if seq.bias is not None:
+            row = row + seq.bias
+        if seq.counts is not None:
+            row = row - seq.counts * request.frequency_penalty - (seq.counts > 0).float() * request.presence_penalty
         if seq.seen is not None:
             row = apply_repetition_penalty(row, seq.seen, params.repetition_penalty)
-        if params.temperature == 0:
-            token = greedy if seq.seen is None else int(row.argmax(dim=-1))
+
+        def pick(row: torch.Tensor) -> int:
+            if params.temperature == 0:
+                return greedy if not adjusted and row is original else int(row.argmax(dim=-1))
+            return int(sample(row, params, seq.generator))
+
+        original = row
+        if request.constraint is None:
+            token = pick(row)
         else:
-            token = int(sample(row, params, seq.generator))
+            token = self._constrained(seq, row, pick)
         if seq.seen is not None:
             seq.seen[0, token] = True
         if logprobs is None:
@@ -494,10 +620,29 @@ class Engine:
         alternatives = tuple(zip(top.indices.tolist(), top.values.tolist())) if top is not None else ()
         return token, TokenLogprob(token, float(logprobs[token]), alternatives, seq.chars)
 
+    def _constrained(self, seq: _Sequence, row: torch.Tensor, pick: Callable[[torch.Tensor], int]) -> int:
+        """A token the request's constraint allows (see the module docstring), its state advanced."""
+        constraint, params = seq.request.constraint, seq.request.sampling
+        budget = seq.request.max_tokens - len(seq.tokens) - 1  # tokens that may follow this one
+        truncating = params.temperature != 0 and (params.top_k is not None or params.top_p < 1 or bool(params.min_p))
+        token = None if truncating else pick(row)
+        state = None if token is None else constraint.advance(seq.state, token, budget, seq.stop_tokens)
+        if state is None:
+            allowed = constraint.allowed(seq.state, budget, seq.stop_tokens).to(row.device)  # (V,)
+            if not bool(allowed.any()):
+                raise ConstraintError("no token can continue the response format's output")
+            token = pick(row.masked_fill(~allowed, float("-inf")))
+            state = constraint.advance(seq.state, token, budget, seq.stop_tokens)
+            assert state is not None, "a token the mask allowed was refused"
+        seq.state = state
+        return token
+
     def _accept(self, seq: _Sequence, token: int, info: TokenLogprob | None) -> None:
         if seq.first_token is None:
             seq.first_token = time.perf_counter()
-        if token in seq.stop_tokens:
+        if token in seq.stop_tokens:  # not part of the text, but of the logprobs (as OpenAI reports <|endoftext|>)
+            if info is not None:
+                seq.unsent_logprobs.append(info)
             self._finish(seq, "stop", "")
             return
         self.counters["generated_tokens"] += 1
@@ -505,11 +650,15 @@ class Engine:
         seq.unsent_tokens.append(token)
         if info is not None:
             seq.unsent_logprobs.append(info)
+        if seq.counts is not None:
+            seq.counts[0, token] += 1
         new = seq.decoder.push(token)
         seq.chars += len(new)
         text, hit = seq.stops.push(new)
         if hit:
             self._finish(seq, "stop", text, flush=False)
+        elif seq.state is not None and seq.request.constraint.finished(seq.state):  # nothing may follow the value
+            self._finish(seq, "stop", text)
         elif len(seq.tokens) >= seq.request.max_tokens:
             self._finish(seq, "length", text)
         elif text:
@@ -517,8 +666,8 @@ class Engine:
 
     def _delta(self, seq: _Sequence, text: str, **final) -> Delta:
         logprobs = tuple(seq.unsent_logprobs) if seq.request.logprobs is not None else None
-        delta = Delta(text, tuple(seq.unsent_tokens), logprobs, **final)
-        seq.unsent_tokens, seq.unsent_logprobs = [], []
+        delta = Delta(text, tuple(seq.unsent_tokens), logprobs, prompt_logprobs=seq.unsent_prompt_logprobs, **final)
+        seq.unsent_tokens, seq.unsent_logprobs, seq.unsent_prompt_logprobs = [], [], None
         return delta
 
     def _finish(self, seq: _Sequence, reason: str, text: str, flush: bool = True) -> None:

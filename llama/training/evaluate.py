@@ -1,4 +1,4 @@
-"""Perplexity of a text under a model, with a sliding window.
+"""Perplexity of a text under a model, with a sliding window; exact match of answers to instructions.
 
 A model reads at most `context_len` tokens at once, so a long text is scored window by window. With
 windows side by side (stride == context_len) the first tokens of every window are predicted from
@@ -27,7 +27,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..core.generation import generate
 from ..core.model import Transformer
+from .data import alpaca_prompt, record_kind
 
 
 @dataclass(frozen=True)
@@ -112,3 +114,42 @@ def bytes_per_token(model: torch.nn.Module) -> int:
     if getattr(model.output, "weight", None) is not embedding:
         total -= embedding.numel() * embedding.element_size()
     return total
+
+
+# ---- exact match on held-out instructions ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExactMatchResult:
+    score: float  # share of records whose greedy answer equals the expected one
+    n: int
+    answers: list[tuple[str, str]]  # (generated, expected) per record, in order
+
+
+def exact_match(model: Transformer, tokenizer, records: Sequence[dict], *, max_new_tokens: int = 16,
+                batch_size: int = 16) -> ExactMatchResult:
+    """Greedy answers to Alpaca or chat records (data.read_records), compared with the expected
+    output (the last assistant message) after stripping surrounding whitespace.
+
+    The prompt is what fine-tuning trained on before the answer: the Alpaca template, or the
+    dialog without its last message in the checkpoint's chat format. Generation stops at the
+    tokenizer's stop tokens or after max_new_tokens.
+    """
+    prompts, expected = [], []
+    for i, record in enumerate(records):
+        kind = record_kind(record, f"record {i}")
+        if kind == "alpaca":
+            prompts.append(tokenizer.encode(alpaca_prompt(record["instruction"], record.get("input", "")), bos=True, eos=False))
+            expected.append(record["output"].strip())
+        elif kind == "chat":
+            prompts.append(tokenizer.encode_dialog(record["messages"][:-1]))
+            expected.append(record["messages"][-1]["content"].strip())
+        else:
+            raise ValueError(f"record {i}: a text record has no answer to match")
+    answers = []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start : start + batch_size]
+        new = generate(model, batch, max_new_tokens, temperature=0, stop_tokens=tokenizer.stop_tokens)
+        answers += [tokenizer.decode(ids).strip() for ids in new]
+    hits = sum(a == e for a, e in zip(answers, expected))
+    return ExactMatchResult(hits / max(len(records), 1), len(records), list(zip(answers, expected)))
