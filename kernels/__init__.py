@@ -8,8 +8,9 @@
 Each switch replaces modules with ones of the same forward signature (see kernels/fused.py for what
 each saves); every switch off leaves the model untouched. The swaps are a runtime transform for
 inference: the fused weights have new names (`attention.wqkv`, `feed_forward.w13`), so save,
-convert or quantize before optimizing. Only plain nn.Linear projections are fused; on a quantized
-model turn fuse_qkv and fuse_gate_up off, the other swaps take any projection module.
+convert or quantize before optimizing. Bias-free nn.Linear projections are fused, and so are
+Int8Linear / Int4Linear / Int8BlockLinear ones of one kind (a quantized model): their rows and
+scales are stacked. The other swaps take any projection module.
 
 Every swap checks the whole model first (kernels/support.py) and refuses a module type or config
 variant it was not written for, naming it: a researcher's new module never silently falls out of
@@ -36,6 +37,7 @@ __all__ = [
     "UnsupportedModelError",
     "check_fusable",
     "check_supported",
+    "fusable",
     "fuse_linears",
     "optimize",
     "rope_",
@@ -44,6 +46,24 @@ __all__ = [
 # What optimize() may meet in a model it is given: the plain modules, and its own swaps from an
 # earlier call (optimizing twice leaves them alone).
 KNOWN_MODULES = (FastAttention, FusedFeedForward, *native_kernels.NATIVE_MODULES)
+
+
+def fusable(model: Transformer) -> dict[str, bool]:
+    """{"fuse_qkv": ..., "fuse_gate_up": ...}: whether every layer's q/k/v (gate/up) projections can be
+    stacked (fuse_linears: one type, bf16 nn.Linear or one quantized kind), for
+    kernels.optimize(model, **kernels.fusable(model)) on a model whose projections may be mixed (a
+    GGUF file with several tensor types)."""
+    result = {}
+    for switch, modules in (("fuse_qkv", lambda b: (b.attention.wq, b.attention.wk, b.attention.wv)),
+                            ("fuse_gate_up", lambda b: (b.feed_forward.w1, b.feed_forward.w3))):  # fmt: skip
+        try:
+            for block in model.layers:
+                if type(block.attention) is Attention and type(block.feed_forward) is FeedForward:
+                    check_fusable(*modules(block))
+            result[switch] = True
+        except ValueError:
+            result[switch] = False
+    return result
 
 
 def optimize(
@@ -61,8 +81,9 @@ def optimize(
     sdpa:               attention through F.scaled_dot_product_attention (FastAttention)
     inplace_rope:       rotate q and k inside their own storage (FastAttention)
     fuse_gate_up:       one matmul for SwiGLU's gate and up projections (FusedFeedForward)
-    native:             C++ kernels for bf16 / int8 / int4 linears at decode sizes, where they
-                        build (kernels.native.swap_native_linears)
+    native:             C++ kernels for bf16 / int8 / int4 linears at decode sizes, and for
+                        attention of one decoding query over the cache (with sdpa, bf16), where
+                        they build (kernels.native.swap_native_linears, swap_native_attention)
 
     Refuses (UnsupportedModelError, before changing anything) a model holding a module type or a
     config variant it was not written for (kernels/support.py). Only plain modules are replaced, so
@@ -84,4 +105,5 @@ def optimize(
         # GeluFeedForward (config.mlp = "gelu") has no gate/up pair to fuse: it runs as written.
     if native:
         native_kernels.swap_native_linears(model)
+        native_kernels.swap_native_attention(model)
     return model

@@ -6,7 +6,7 @@ module's weights and computes the same function. kernels.optimize() swaps them i
 What each one saves:
 
 - Fused q/k/v projection (FastAttention with fuse_qkv): one matmul against [wq; wk; wv] (the rows
-  concatenated) instead of three. x is read once, and during decoding (T = 1) three small GEMVs with
+  concatenated; for int8 / int4 / Q8_0 projections their scales too) instead of three. x is read once, and during decoding (T = 1) three small GEMVs with
   their launches/dispatches become one larger one. The output is split into q, k, v as views.
 - In-place RoPE (rope_): writes the rotated pairs of q and k back into their own storage instead
   of stacking them into a new (B, T, n, hd/2, 2) tensor and casting that to a third one, as
@@ -44,31 +44,64 @@ from torch import nn
 
 from llama.core.model import Attention, Context, FeedForward, apply_rope
 from llama.core.support import UnsupportedModelError
+from llama.quantization import Int4Linear, Int8BlockLinear, Int8Linear
 
 _SDPA_HAS_GQA = torch.__version__ >= "2.5"  # TorchVersion compares as a version, not a string
 
 
+# What fuse_linears stacks, and for each type the buffers that hold one entry per output row with the
+# dimension they run along (Int4Linear keeps its scales and zero points as (K/G, N, 2)).
+FUSABLE = {
+    nn.Linear: {"weight": 0},
+    Int8Linear: {"weight": 0, "scales": 0},
+    Int4Linear: {"weight": 0, "scales_and_zeros": 1},
+    Int8BlockLinear: {"weight": 0, "scales": 0},
+}
+
+
 def check_fusable(*linears: nn.Module) -> None:
-    """Raise ValueError unless every module is a bias-free nn.Linear (what fuse_linears can stack)."""
+    """Raise ValueError unless the modules can be stacked by fuse_linears: all bias-free nn.Linear, or
+    all Int8Linear / Int4Linear / Int8BlockLinear of the same settings (scales dtype, group size),
+    with the same in_features."""
+    first = linears[0]
     for lin in linears:
-        if type(lin) is not nn.Linear or lin.bias is not None:
-            raise ValueError(
-                f"can only fuse bias-free nn.Linear modules, got {lin!r}; on a quantized model pass "
-                "fuse_qkv=False, fuse_gate_up=False (the other swaps work with any projection module)"
-            )
+        if type(lin) not in FUSABLE or getattr(lin, "bias", None) is not None:
+            raise ValueError(f"can only fuse bias-free nn.Linear, Int8Linear, Int4Linear or Int8BlockLinear "
+                             f"modules, got {lin!r}")  # fmt: skip
+        if type(lin) is not type(first) or lin.in_features != first.in_features:
+            raise ValueError(f"can only fuse modules of one type and in_features, got {first!r} and {lin!r}")
+        for name in FUSABLE[type(lin)]:
+            a, b = getattr(lin, name), getattr(first, name)
+            if a.dtype != b.dtype or a.device != b.device:
+                raise ValueError(f"can only fuse modules whose {name} share dtype and device, got {a.dtype} on "
+                                 f"{a.device} and {b.dtype} on {b.device}")  # fmt: skip
+        if getattr(lin, "group_size", None) != getattr(first, "group_size", None):
+            raise ValueError(f"can only fuse Int4Linear of one group size, got {first.group_size} and {lin.group_size}")
 
 
-def fuse_linears(*linears: nn.Linear) -> nn.Linear:
-    """One bias-free Linear whose weight stacks the given ones' rows: y = [y_1, y_2, ...] on the last dim.
-
-    The concatenation copies the weights once; the caller drops the originals so memory does not double.
-    """
+def fuse_linears(*linears: nn.Module) -> nn.Module:
+    """One module of the same type whose output stacks the given ones': y = [y_1, y_2, ...] on the last
+    dim. Its weights (and a quantized module's scales) are the originals' concatenated along the
+    output rows, which copies them once; the caller drops the originals so memory does not double."""
     check_fusable(*linears)
-    weight = linears[0].weight
-    fused = nn.Linear(weight.shape[1], sum(lin.out_features for lin in linears), bias=False, device="meta")
-    with torch.no_grad():
-        stacked = torch.cat([lin.weight for lin in linears], dim=0)  # (sum of out_features, in_features)
-    fused.weight = nn.Parameter(stacked, requires_grad=weight.requires_grad)
+    first, N = linears[0], sum(lin.out_features for lin in linears)
+    K = first.in_features
+    if type(first) is nn.Linear:
+        fused = nn.Linear(K, N, bias=False, device="meta")
+        with torch.no_grad():
+            stacked = torch.cat([lin.weight for lin in linears], dim=0)  # (sum of out_features, in_features)
+        fused.weight = nn.Parameter(stacked, requires_grad=first.weight.requires_grad)
+        return fused
+    if type(first) is Int8Linear:
+        fused = Int8Linear(K, N, first.scales.dtype, device="meta")
+    elif type(first) is Int4Linear:
+        fused = Int4Linear(K, N, first.group_size, first.scales_and_zeros.dtype, device="meta")
+    else:
+        fused = Int8BlockLinear(K, N, device="meta")
+    for name, dim in FUSABLE[type(first)].items():
+        setattr(fused, name, torch.cat([getattr(lin, name) for lin in linears], dim=dim))
+    if hasattr(first, "use_kernel"):
+        fused.use_kernel = first.use_kernel
     return fused
 
 

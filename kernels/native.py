@@ -78,6 +78,7 @@ from .support import check_supported
 
 __all__ = [
     "MAX_ROWS",
+    "NativeAttention",
     "NativeInt4Linear",
     "NativeInt8BlockLinear",
     "NativeInt8Linear",
@@ -85,12 +86,14 @@ __all__ = [
     "available",
     "bench",
     "build_error",
+    "decode_attention",
     "gemv_bf16",
     "gemv_int4",
     "gemv_int8",
     "gemv_q8_0",
     "isa",
     "pack_int4",
+    "swap_native_attention",
     "swap_native_linears",
 ]
 
@@ -101,7 +104,7 @@ __all__ = [
 # 2.7x faster than Int4Linear at 256 rows (its dequantization alone takes ~10 ms), 1.3x at 512.
 # q8_0: 4x faster than Int8BlockLinear's dequantize + matmul at 128 rows (8192 x 2048, 2 threads).
 MAX_ROWS = {"bf16": 16, "int8": 64, "int4": 256, "q8_0": 256}
-SOURCES = ("ops.cpp", "gemv_bf16.cpp", "gemv_int8.cpp", "gemv_int4.cpp")
+SOURCES = ("ops.cpp", "gemv_bf16.cpp", "gemv_int8.cpp", "gemv_int4.cpp", "decode_attention.cpp")
 CSRC = Path(__file__).parent / "csrc"
 
 _build: dict = {}  # "ok": bool, "error": str | None, once the build has been tried in this process
@@ -209,6 +212,10 @@ def _register_fakes() -> None:
     def _(x, weight, scales):
         return x.new_empty(x.shape[0], weight.shape[0])
 
+    @torch.library.register_fake("llama_kernels::decode_attention")
+    def _(q, k, v, mask, scale):
+        return q.new_empty(q.shape)
+
     @torch.library.register_fake("llama_kernels::gemv_int4")
     def _(x, packed, out_features, in_features, group_size):
         return x.new_empty(x.shape[0], out_features)
@@ -243,6 +250,14 @@ def gemv_q8_0(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> to
     per block of 32 (GGUF's Q8_0), summed in float32, (M, N) bf16."""
     _require()
     return torch.ops.llama_kernels.gemv_q8_0(x, weight, scales)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of one query per sequence: q (B, H, 1, hd), k, v (B, Hkv, S, hd) bf16 (views of the
+    cache are read in place), mask (B, 1, 1, S) bool -> (B, H, 1, hd) bf16, as
+    F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True) computes it."""
+    _require()
+    return torch.ops.llama_kernels.decode_attention(q, k, v, mask, scale)
 
 
 def pack_int4(weight: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -361,7 +376,46 @@ class NativeInt4Linear(Int4Linear):
         return f"{super().extra_repr()}, native max_rows={self.max_rows}"
 
 
-NATIVE_MODULES = (NativeLinear, NativeInt8Linear, NativeInt4Linear, NativeInt8BlockLinear)
+class NativeAttention(FastAttention):
+    """FastAttention (with sdpa) whose decoding steps attend through decode_attention: one query per
+    sequence, bf16 on the CPU, nothing recorded, autograd off. Every other call (prefill, float32,
+    other devices, training, recording) runs FastAttention.attend. Takes over the FastAttention's
+    modules and settings (its weights are shared, not copied)."""
+
+    def __init__(self, attention: FastAttention):
+        if not attention.sdpa:
+            raise ValueError("NativeAttention computes what SDPA does; this FastAttention has sdpa=False")
+        nn.Module.__init__(self)
+        for name, value in vars(attention).items():  # settings: layer, heads, window, rope, fused_qkv, ...
+            if not name.startswith("_"):
+                setattr(self, name, value)
+        for name, module in attention._modules.items():
+            setattr(self, name, module)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx) -> torch.Tensor:
+        """q: (B, H, T, hd), k, v: (B, Hkv, S, hd) -> (B, H, T, hd)."""
+        if (q.shape[2] == 1 and q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.bfloat16
+                and ctx.recorder is None and not (torch.is_grad_enabled() and q.requires_grad)):  # fmt: skip
+            return torch.ops.llama_kernels.decode_attention(q, k, v, ctx.mask(self.window), self.head_dim**-0.5)
+        return super().attend(q, k, v, ctx)
+
+
+NATIVE_MODULES = (NativeLinear, NativeInt8Linear, NativeInt4Linear, NativeInt8BlockLinear, NativeAttention)
+
+
+def swap_native_attention(model: nn.Module) -> list[str]:
+    """Replace, in place, every FastAttention with SDPA on (kernels.optimize's, sdpa=True) by a
+    NativeAttention, when the model's weights are bfloat16 on the CPU and the kernels build; returns
+    the names replaced. Other attention modules stay as they are."""
+    check_supported(model, "kernels.native", (FastAttention, FusedFeedForward, *NATIVE_MODULES))
+    found = [(p, n, c) for p in model.modules() for n, c in p.named_children() if type(c) is FastAttention and c.sdpa]
+    param = model.tok_embeddings.weight
+    if not found or param.device.type != "cpu" or param.dtype != torch.bfloat16 or not _load():
+        return []
+    names = {id(m): n for n, m in model.named_modules()}
+    for parent, name, child in found:
+        setattr(parent, name, NativeAttention(child))
+    return [names[id(c)] for _, _, c in found]
 
 
 def _native_version(module: nn.Module, max_rows: int | None = None) -> nn.Module | None:

@@ -1,22 +1,26 @@
-"""Decode speed and memory on GGUF files: this project next to llama.cpp's llama-bench, in one run.
+"""Decode and prefill speed on GGUF files: this project next to llama.cpp's llama-bench, same weights,
+same threads, interleaved in one run, with the ratios.
 
-    python scripts/bench_gguf.py model-Q4_0.gguf model-Q8_0.gguf --llama-bench path/to/llama-bench --threads 2
+    python scripts/bench_gguf.py 1b-BF16.gguf 1b-Q8_0.gguf 1b-Q4_0.gguf --llama-bench path/to/llama-bench \
+        --threads 2 --depth 0 1024 --rounds 2
 
 Every configuration runs in a fresh process, one after the other, with the same thread count (and
-the niceness this script was started with):
+the niceness this script was started with); --rounds repeats the whole sequence, so that ours and
+llama.cpp alternate and a change in the machine's load falls on both:
 
-    ours-quantized   llama.load(file, dtype=bfloat16, quantize=...) + kernels.optimize: a Q4_0 file
-                     as int4 (its blocks kept: Int4Linear, group 32), a Q8_0 file as int8 (its blocks
-                     kept: Int8BlockLinear); other files take --quantize
+    ours             llama.load(file, dtype=bfloat16, quantize=...) + kernels.optimize, as generate.py
+                     runs it: a BF16/F16/F32 file in bfloat16, a Q8_0 file as int8 (its blocks kept:
+                     Int8BlockLinear), a Q4_0 file as int4 (its blocks kept: Int4Linear, group 32);
+                     --quantize picks one mode for every file instead
     ours-bf16        the file dequantized to bfloat16 + kernels.optimize (with --dequantized)
-    llama.cpp        llama-bench -m file -t THREADS -p PROMPT -n NEW -r REPETITIONS
+    llama.cpp        llama-bench -m file -t THREADS -p PROMPT -n NEW -d DEPTHS -r REPETITIONS
 
-Ours: a --prompt-len prompt of random ids, then --new-tokens greedy tokens, --repetitions times after a
-warm-up; prefill = prompt tokens / time to the first token, decode = tokens after the first / their
-time, averaged over the repetitions. llama-bench's pp and tg tests are the same two numbers (its tg
-starts from an empty context; ours follows the prompt: at 128 positions attention is a small part of
-a 1B model's step). Peak memory: the process's peak resident set (VmHWM), which for llama.cpp includes
-the pages of the memory-mapped file it touched.
+At each --depth d (tokens already in the KV cache), both measure the same two numbers llama-bench
+does: pp, --prompt-len prompt tokens prefilled after the d cached ones (tok/s), and tg, --new-tokens
+tokens decoded one at a time after the d cached ones (tok/s, batch 1). Ours: d random tokens are
+prefilled untimed first; greedy tokens; --repetitions timed runs after a warm-up, averaged.
+Peak memory: the process's peak resident set (VmHWM), which for llama.cpp includes the pages of the
+memory-mapped file it touched.
 """
 
 from __future__ import annotations
@@ -40,16 +44,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default 128)")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens to decode (default 32)")
     p.add_argument("--repetitions", type=int, default=3, help="measured runs of each configuration (default 3)")
-    p.add_argument("--quantize", choices=["auto", "int8", "int4"], default="auto",
-                   help="ours-quantized mode: auto (int4 for Q4_0 files, int8 for Q8_0, else int8), or one mode "
-                        "for every file")
+    p.add_argument("--depth", type=int, nargs="+", default=[0],
+                   help="tokens already in the KV cache when pp and tg are measured, one or more (default 0)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the whole sequence of configurations this many times, interleaved (default 1)")
+    p.add_argument("--quantize", choices=["auto", "bf16", "int8", "int4"], default="auto",
+                   help="ours' mode: auto (int4 for Q4_0 files, int8 for Q8_0, bf16 for the others), or one "
+                        "mode for every file")
     p.add_argument("--dequantized", action="store_true", help="also run each file dequantized to bfloat16")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one configuration and print JSON
     return p
 
 
-FILE_TYPE_MODES = {2: "int4", 7: "int8"}  # llama_ftype MOSTLY_Q4_0, MOSTLY_Q8_0
+FILE_TYPE_MODES = {2: "int4", 7: "int8"}  # llama_ftype MOSTLY_Q4_0, MOSTLY_Q8_0; others: bf16
 
 
 def peak_gb() -> float:
@@ -64,49 +72,64 @@ def run_ours(args, path: str, quantize: str | None) -> dict:
 
     import kernels
     import llama
-    from llama.core.generation import stream
 
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     model = llama.load(path, dtype="bfloat16", quantize=quantize, group_size=32)
-    kernels.optimize(model, fuse_qkv=quantize is None, fuse_gate_up=quantize is None)
+    kernels.optimize(model, **kernels.fusable(model))  # quantized projections fuse too, unless mixed
     load = time.perf_counter() - start
     generator = torch.Generator().manual_seed(0)
-    prompt = torch.randint(1000, 30000, (1, args.prompt_len), generator=generator).tolist()
-    for _ in stream(model, [p[:8] for p in prompt], 3, temperature=0, stop_tokens=[]):
-        pass  # warm-up
-    prefill, decode = [], []
-    for _ in range(args.repetitions):
-        start = time.perf_counter()
-        times = []
-        for _ in stream(model, prompt, args.new_tokens, temperature=0, stop_tokens=[]):
-            times.append(time.perf_counter())
-        prefill.append(args.prompt_len / (times[0] - start))
-        decode.append((len(times) - 1) / (times[-1] - times[0]))
-    return {"load_s": load, "prefill": statistics.mean(prefill), "decode": statistics.mean(decode),
-            "decode_sd": statistics.stdev(decode) if len(decode) > 1 else 0.0, "peak_gb": peak_gb()}  # fmt: skip
+    P, n = args.prompt_len, args.new_tokens
+    results = {"load_s": load, "depths": {}}
+    model.setup_cache(1, max(args.depth) + max(P, n) + 1)
+    with torch.inference_mode():
+        for depth in args.depth:
+            context = torch.randint(1000, 30000, (1, depth), generator=generator)
+            prompt = torch.randint(1000, 30000, (1, P), generator=generator)
+            if depth:
+                model(context, 0)  # the cached tokens, untimed
+            prefill, decode = [], []
+            for repetition in range(args.repetitions + 1):  # the first is the warm-up
+                start = time.perf_counter()
+                logits = model(prompt, depth)
+                pp = P / (time.perf_counter() - start)
+                token = logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
+                start = time.perf_counter()
+                for i in range(n):  # decoded right after the cached tokens (overwriting the prompt's slots)
+                    token = model(token, depth + i)[:, -1].argmax(-1, keepdim=True)
+                tg = n / (time.perf_counter() - start)
+                if repetition:
+                    prefill.append(pp)
+                    decode.append(tg)
+            results["depths"][str(depth)] = {"prefill": statistics.mean(prefill), "decode": statistics.mean(decode),
+                                             "decode_sd": statistics.stdev(decode) if len(decode) > 1 else 0.0}
+    results["peak_gb"] = peak_gb()
+    return results
 
 
 def run_llama_bench(args, path: str) -> dict:
     command = [args.llama_bench, "-m", path, "-t", str(args.threads), "-p", str(args.prompt_len),
-               "-n", str(args.new_tokens), "-r", str(args.repetitions), "-o", "json"]  # fmt: skip
-    start = time.perf_counter()
+               "-n", str(args.new_tokens), "-d", ",".join(map(str, args.depth)), "-r", str(args.repetitions),
+               "-o", "json"]  # fmt: skip
     proc = subprocess.run(command, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"llama-bench failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
     tests = json.loads(proc.stdout)
-    pp = next(t for t in tests if t["n_prompt"] and not t["n_gen"])
-    tg = next(t for t in tests if t["n_gen"] and not t["n_prompt"])
+    depths = {}
+    for depth in args.depth:
+        pp = next(t for t in tests if t["n_prompt"] and not t["n_gen"] and t.get("n_depth", 0) == depth)
+        tg = next(t for t in tests if t["n_gen"] and not t["n_prompt"] and t.get("n_depth", 0) == depth)
+        depths[str(depth)] = {"prefill": pp["avg_ts"], "decode": tg["avg_ts"], "decode_sd": tg["stddev_ts"]}
     # This worker did nothing but wait for llama-bench: its children's peak is llama-bench's.
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / 1e9
-    return {"load_s": None, "prefill": pp["avg_ts"], "decode": tg["avg_ts"], "decode_sd": tg["stddev_ts"],
-            "peak_gb": children, "wall_s": time.perf_counter() - start}  # fmt: skip
+    return {"load_s": None, "depths": depths, "peak_gb": children}
 
 
 def worker(args) -> None:
     kind, _, rest = args.worker.partition(":")
     mode, _, path = rest.partition(":")
-    result = run_llama_bench(args, path) if kind == "llama.cpp" else run_ours(args, path, mode or None)
+    quantize = None if mode in ("", "bf16") else mode
+    result = run_llama_bench(args, path) if kind == "llama.cpp" else run_ours(args, path, quantize)
     print("RESULT " + json.dumps(result))
 
 
@@ -116,12 +139,13 @@ def file_mode(path: str, choice: str) -> str:
     from weights.gguf import GGUFFile
 
     with GGUFFile(path) as f:
-        return FILE_TYPE_MODES.get(f.metadata.get("general.file_type"), "int8")
+        return FILE_TYPE_MODES.get(f.metadata.get("general.file_type"), "bf16")
 
 
 def run_config(args, spec: str) -> dict:
     command = [sys.executable, __file__, "--worker", spec, "--threads", str(args.threads), "--prompt-len",
                str(args.prompt_len), "--new-tokens", str(args.new_tokens), "--repetitions", str(args.repetitions),
+               "--depth", *map(str, args.depth),
                *(["--llama-bench", args.llama_bench] if args.llama_bench else [])]  # fmt: skip
     proc = subprocess.run(command, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
@@ -148,36 +172,62 @@ def main(argv: list[str] | None = None) -> int:
     if args.llama_bench and not os.access(args.llama_bench, os.X_OK):
         print(f"error: {args.llama_bench}: not an executable", file=sys.stderr)
         return 2
+    if args.rounds < 1 or args.repetitions < 1 or min(args.depth) < 0:
+        print("error: --rounds and --repetitions must be >= 1, --depth >= 0", file=sys.stderr)
+        return 2
     print(f"threads {args.threads}, niceness {os.nice(0)}, {os.cpu_count()} CPUs; load average "
           f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}", file=sys.stderr)  # fmt: skip
     rows = []
-    for path in args.files:
-        specs = [(f"ours-{modes[path]}", f"ours:{modes[path]}:{path}")]
-        if args.dequantized:
-            specs.append(("ours-bf16", f"ours::{path}"))
-        if args.llama_bench:
-            specs.append(("llama.cpp", f"llama.cpp::{path}"))
-        for name, spec in specs:
-            started = time.perf_counter()
-            result = {"file": Path(path).name, "config": name} | run_config(args, spec)
-            rows.append(result)
-            summary = result.get("error") or f"decode {result['decode']:.2f} tok/s"
-            print(f"  {Path(path).name} {name}: {time.perf_counter() - started:.0f} s, {summary}", file=sys.stderr)
+    for round_ in range(1, args.rounds + 1):
+        for path in args.files:
+            specs = [(f"ours-{modes[path]}", f"ours:{modes[path]}:{path}")]
+            if args.dequantized and modes[path] != "bf16":
+                specs.append(("ours-bf16", f"ours:bf16:{path}"))
+            if args.llama_bench:
+                specs.append(("llama.cpp", f"llama.cpp::{path}"))
+            for name, spec in specs:
+                started = time.perf_counter()
+                result = {"round": round_, "file": Path(path).name, "config": name} | run_config(args, spec)
+                rows.append(result)
+                summary = result.get("error") or ", ".join(
+                    f"d{d}: tg {r['decode']:.2f} pp {r['prefill']:.1f}" for d, r in result["depths"].items())
+                print(f"  round {round_} {Path(path).name} {name}: {time.perf_counter() - started:.0f} s, {summary}",
+                      file=sys.stderr, flush=True)  # fmt: skip
     print(f"load average after: {', '.join(f'{x:.1f}' for x in os.getloadavg())}", file=sys.stderr)
-    print(f"\nprompt {args.prompt_len} tokens, {args.new_tokens} new tokens, {args.repetitions} repetitions, "
-          f"{args.threads} threads\n")  # fmt: skip
-    print("| file | config | load s | prefill tok/s | decode tok/s | peak GB |")
-    print("|---|---|---:|---:|---:|---:|")
-    for r in rows:
-        if "error" in r:
-            print(f"| {r['file']} | {r['config']} | failed: {r['error'][:80]} |||")
-            continue
-        load = f"{r['load_s']:.1f}" if r["load_s"] is not None else "-"
-        print(f"| {r['file']} | {r['config']} | {load} | {r['prefill']:.1f} | {r['decode']:.2f} ± {r['decode_sd']:.2f} "
-              f"| {r['peak_gb']:.2f} |")  # fmt: skip
+    print_tables(args, rows)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0
+
+
+def print_tables(args, rows: list[dict]) -> None:
+    """The results, one line per configuration, round and depth; then ours / llama.cpp of each round."""
+    print(f"\npp{args.prompt_len} and tg{args.new_tokens} at depths {', '.join(map(str, args.depth))}, "
+          f"{args.repetitions} repetitions, {args.threads} threads, {args.rounds} round(s)\n")  # fmt: skip
+    print("| round | file | config | depth | prefill tok/s | decode tok/s | peak GB |")
+    print("|---:|---|---|---:|---:|---:|---:|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['round']} | {r['file']} | {r['config']} | failed: {r['error'][:80]} ||||")
+            continue
+        for depth, d in r["depths"].items():
+            print(f"| {r['round']} | {r['file']} | {r['config']} | {depth} | {d['prefill']:.1f} | "
+                  f"{d['decode']:.2f} ± {d['decode_sd']:.2f} | {r['peak_gb']:.2f} |")  # fmt: skip
+    ours = [r for r in rows if r["config"].startswith("ours-") and "error" not in r]
+    base = {(r["round"], r["file"]): r for r in rows if r["config"] == "llama.cpp" and "error" not in r}
+    if not ours or not base:
+        return
+    print("\nours / llama.cpp, same file, same round (> 1: ours faster)\n")
+    print("| file | config | depth | decode ratio per round | prefill ratio per round |")
+    print("|---|---|---:|---|---|")
+    for file in dict.fromkeys(r["file"] for r in ours):
+        for config in dict.fromkeys(r["config"] for r in ours if r["file"] == file):
+            for depth in map(str, args.depth):
+                pairs = [(r["depths"][depth], base[(r["round"], file)]["depths"][depth]) for r in ours
+                         if r["file"] == file and r["config"] == config and (r["round"], file) in base]
+                decode = " / ".join(f"{a['decode'] / b['decode']:.2f}" for a, b in pairs)
+                prefill = " / ".join(f"{a['prefill'] / b['prefill']:.2f}" for a, b in pairs)
+                print(f"| {file} | {config} | {depth} | {decode} | {prefill} |")
 
 
 if __name__ == "__main__":

@@ -111,7 +111,7 @@ def run_ours(args, kind: str, dtype: str, quant: str | None, compile: bool, batc
     start = time.perf_counter()
     model = llama.load(args.checkpoint, dtype=dtype, device=device, quantize=quant, group_size=args.group_size)
     if kind == "ours":
-        kernels.optimize(model, fuse_qkv=quant is None, fuse_gate_up=quant is None)
+        kernels.optimize(model, **kernels.fusable(model))  # quantized projections fuse too, unless mixed
     load = time.perf_counter() - start
     prompts = _prompts(model.config.vocab_size, batch, args.prompt_len)
     compile_time = None

@@ -425,8 +425,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{_count(draft.config.n_params)} parameters]", file=sys.stderr)  # fmt: skip
             context = min(context, draft.config.max_seq_len)  # both models hold the whole sequence
         if args.kernels:
-            quantized = mode is not None  # fusing stacks nn.Linear weights; quantized layers keep theirs
-            kernels.optimize(model, fuse_qkv=not quantized, fuse_gate_up=not quantized)
+            kernels.optimize(model, **kernels.fusable(model))  # quantized projections fuse too, unless mixed
             if draft is not None:
                 kernels.optimize(draft)
         if args.chat or args.interactive:

@@ -205,9 +205,9 @@ def main(argv: list[str] | None = None) -> int:
                                    kv_cache_dtype=args.kv_cache_dtype, rope_scaling=args.rope_scaling)  # fmt: skip
             for name, directory in adapters:
                 lora.load_adapter(model, directory, name)
-            if args.kernels:  # fusing stacks plain nn.Linear weights: not quantized ones, nor those under adapters
-                fuse = quantize is None and not args.lora
-                kernels.optimize(model, fuse_qkv=fuse, fuse_gate_up=fuse)
+            if args.kernels:  # quantized projections fuse too (kernels.fusable); those under adapters do not
+                fuse = {"fuse_qkv": False, "fuse_gate_up": False} if args.lora else kernels.fusable(model)
+                kernels.optimize(model, **fuse)
             tokenizer = llama.load_tokenizer(checkpoint)
     except user_errors as e:
         print(f"error: {e}", file=sys.stderr)

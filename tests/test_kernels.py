@@ -19,13 +19,14 @@ import weakref
 
 import pytest
 import torch
+from torch import nn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kernels
 import llama
-from kernels import FastAttention, FusedFeedForward, rope_
-from llama.quantization import Int8Linear, quantize_model
+from kernels import FastAttention, FusedFeedForward, fuse_linears, rope_
+from llama.quantization import Int4Linear, Int8BlockLinear, Int8Linear, quantize_model
 from llama import ModelConfig, Transformer
 from llama.core.model import Attention, FeedForward, RMSNorm, TransformerBlock, apply_rope
 
@@ -131,19 +132,48 @@ def test_unknown_modules_are_refused_by_name(small):
     assert all(module is before[name] for name, module in wrapped.named_modules())
 
 
-def test_quantized_projections_take_every_swap_but_fusing(small, tokens):
-    """Fusing needs nn.Linear (refused before anything changes); the other swaps call the quantized
-    projections as they are."""
+def test_quantized_projections_take_every_swap(small, tokens):
+    """Quantized projections of one kind fuse (rows and scales stacked); mixed kinds are refused before
+    anything changes, and kernels.fusable says which fusions a model allows."""
     quantized = quantize_model(copy.deepcopy(small), "int8", include_output=False)
     reference = copy.deepcopy(quantized)
-    before = dict(quantized.named_modules())
-    with pytest.raises(ValueError, match="pass fuse_qkv=False, fuse_gate_up=False"):
-        kernels.optimize(quantized, fuse_qkv=False, native=False)  # the feed-forward fails: nothing swapped
-    assert all(module is before[name] for name, module in quantized.named_modules())
-    fast = kernels.optimize(quantized, fuse_qkv=False, fuse_gate_up=False, native=False)
-    assert type(fast.layers[0].attention) is FastAttention and isinstance(fast.layers[0].attention.wq, Int8Linear)
+    mixed = copy.deepcopy(quantized)
+    mixed.layers[1].feed_forward.w3 = copy.deepcopy(small.layers[1].feed_forward.w3)  # nn.Linear beside Int8Linear
+    before = dict(mixed.named_modules())
+    with pytest.raises(ValueError, match="one type"):
+        kernels.optimize(mixed, native=False)  # the feed-forward fails: nothing swapped
+    assert all(module is before[name] for name, module in mixed.named_modules())
+    assert kernels.fusable(mixed) == {"fuse_qkv": True, "fuse_gate_up": False}
+    assert kernels.fusable(quantized) == {"fuse_qkv": True, "fuse_gate_up": True}
+    fast = kernels.optimize(quantized, native=False)
+    attention, ffn = fast.layers[0].attention, fast.layers[0].feed_forward
+    assert type(attention) is FastAttention and type(attention.wqkv) is Int8Linear
+    assert type(ffn) is FusedFeedForward and type(ffn.w13) is Int8Linear
     with torch.no_grad():
         assert_close(fast(tokens), reference(tokens), 1e-5)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4", "q8_0"])
+def test_fused_quantized_linear_is_the_stacked_outputs(kind):
+    """fuse_linears on quantized modules: the fused output is the separate outputs side by side."""
+    g = torch.Generator().manual_seed(0)
+    linears = [nn.Linear(64, n, bias=False) for n in (32, 16, 48)]
+    for lin in linears:
+        nn.init.normal_(lin.weight, generator=g)
+    if kind == "int8":
+        modules = [Int8Linear.from_float(lin) for lin in linears]
+    elif kind == "int4":
+        modules = [Int4Linear.from_float(lin, group_size=32) for lin in linears]
+    else:
+        modules = [Int8BlockLinear.from_float(lin) for lin in linears]
+    fused = fuse_linears(*modules)
+    assert type(fused) is type(modules[0]) and fused.out_features == 96
+    x = torch.randn(3, 64, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), torch.cat([m(x) for m in modules], dim=-1), rtol=1e-6, atol=1e-6)
+    if kind == "int4":
+        with pytest.raises(ValueError, match="group size"):
+            fuse_linears(modules[0], Int4Linear.from_float(linears[1], group_size=64))
 
 
 # ---- which modules each switch touches -------------------------------------------------------------

@@ -174,6 +174,12 @@ void gemv_int8(const bf16* x, int64_t M, int64_t K, const int8_t* w, int64_t ldw
                bool scales_bf16, bf16* y);
 void gemv_q8_0(const bf16* x, int64_t M, int64_t K, const int8_t* w, int64_t ldw, int64_t N, const uint16_t* d,
                bf16* y);
+// Attention of one query per sequence over the KV cache (decode_attention.cpp): q (B, H, hd),
+// k, v (B, Hkv, S, hd) with the given strides of their first three dims (hd contiguous), mask (B, S),
+// out (B, H, hd) contiguous.
+void decode_attention(const bf16* q, const int64_t* q_strides, const bf16* k, const int64_t* k_strides, const bf16* v,
+                      const int64_t* v_strides, const bool* mask, int64_t B, int64_t H, int64_t Hkv, int64_t S,
+                      int64_t hd, float scale, bf16* out);
 // Int4Linear's buffers -> this file's blocked layout (see gemv_int4.cpp), and the kernel on it.
 int64_t int4_packed_bytes(int64_t N, int64_t K, int64_t group_size);
 void pack_int4(const uint8_t* weight, const bf16* scales_and_zeros, int64_t N, int64_t K, int64_t group_size,

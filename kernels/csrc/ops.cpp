@@ -107,6 +107,36 @@ at::Tensor gemv_int4_op(const at::Tensor& x_, const at::Tensor& packed, int64_t 
   return y;
 }
 
+// q (B, H, 1, hd), k and v (B, Hkv, S, hd) bfloat16 CPU tensors, hd contiguous (k and v may be
+// views of a larger cache); mask (B, 1, 1, S) bool -> (B, H, 1, hd) bfloat16.
+at::Tensor decode_attention_op(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& mask_,
+                               double scale) {
+  const char* op = "decode_attention";
+  for (const at::Tensor* t : {&q_, &k_, &v_})
+    TORCH_CHECK_VALUE(t->device().is_cpu() && t->scalar_type() == at::kBFloat16 && t->dim() == 4, op,
+                      ": q, k and v must be 4-D bfloat16 CPU tensors, got ", t->scalar_type(), " ", t->sizes());
+  const int64_t B = q_.size(0), H = q_.size(1), hd = q_.size(3), Hkv = k_.size(1), S = k_.size(2);
+  TORCH_CHECK_VALUE(q_.size(2) == 1, op, ": one query per sequence (T = 1), got T = ", q_.size(2));
+  TORCH_CHECK_VALUE(k_.sizes() == v_.sizes() && k_.size(0) == B && k_.size(3) == hd && Hkv > 0 && H % Hkv == 0,
+                    op, ": k and v must be (", B, ", Hkv, S, ", hd, ") with Hkv dividing ", H, ", got ", k_.sizes(),
+                    " and ", v_.sizes());
+  TORCH_CHECK_VALUE(mask_.scalar_type() == at::kBool && mask_.dim() == 4 && mask_.size(0) == B && mask_.size(1) == 1 &&
+                    mask_.size(2) == 1 && mask_.size(3) == S,
+                    op, ": mask must be a (", B, ", 1, 1, ", S, ") bool tensor, got ", mask_.scalar_type(), " ",
+                    mask_.sizes());
+  const at::Tensor q = q_.stride(3) == 1 ? q_ : q_.contiguous();
+  const at::Tensor k = k_.stride(3) == 1 ? k_ : k_.contiguous();
+  const at::Tensor v = v_.stride(3) == 1 ? v_ : v_.contiguous();
+  const at::Tensor mask = mask_.reshape({B, S}).contiguous();
+  at::Tensor out = at::empty({B, H, 1, hd}, q.options());
+  const int64_t qs[2] = {q.stride(0), q.stride(1)}, ks[3] = {k.stride(0), k.stride(1), k.stride(2)},
+                vs[3] = {v.stride(0), v.stride(1), v.stride(2)};
+  if (B > 0 && S > 0)
+    decode_attention(bf16_ptr(q), qs, bf16_ptr(k), ks, bf16_ptr(v), vs, mask.data_ptr<bool>(), B, H, Hkv, S, hd,
+                     float(scale), reinterpret_cast<bf16*>(out.data_ptr<at::BFloat16>()));
+  return out;
+}
+
 std::string isa_op() { return isa(); }
 
 }  // namespace
@@ -119,6 +149,7 @@ LK_LIBRARY(LLAMA_KERNELS_NS, m) {
   m.def("gemv_bf16(Tensor x, Tensor weight) -> Tensor");
   m.def("gemv_int8(Tensor x, Tensor weight, Tensor scales) -> Tensor");
   m.def("gemv_q8_0(Tensor x, Tensor weight, Tensor scales) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
   m.def("pack_int4(Tensor weight, Tensor scales_and_zeros, int group_size) -> Tensor");
   m.def("gemv_int4(Tensor x, Tensor packed, int out_features, int in_features, int group_size) -> Tensor");
   m.def("isa() -> str", &isa_op);
@@ -128,6 +159,7 @@ LK_LIBRARY_IMPL(LLAMA_KERNELS_NS, CPU, m) {
   m.impl("gemv_bf16", &gemv_bf16_op);
   m.impl("gemv_int8", &gemv_int8_op);
   m.impl("gemv_q8_0", &gemv_q8_0_op);
+  m.impl("decode_attention", &decode_attention_op);
   m.impl("pack_int4", &pack_int4_op);
   m.impl("gemv_int4", &gemv_int4_op);
 }
