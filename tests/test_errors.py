@@ -257,7 +257,7 @@ def test_config_json_missing_heads(ckpt):
         ("hf", "config.json", "hidden_size", "32", "'hidden_size' must be an integer, got '32'"),
         ("hf", "config.json", "num_key_value_heads", 3, "n_heads 4 is not a multiple of n_kv_heads 3"),
         ("hf", "config.json", "hidden_act", "gelu", "hidden_act 'gelu'; Llama uses silu"),
-        ("hf", "config.json", "rope_scaling", {"rope_type": "yarn", "factor": 4.0}, "unsupported RoPE scaling type 'yarn'"),
+        ("hf", "config.json", "rope_scaling", {"rope_type": "longrope", "factor": 4.0}, "unsupported RoPE scaling type 'longrope'"),
         ("meta", "params.json", "n_kv_heads", 3, "n_heads 4 is not a multiple of n_kv_heads 3"),
         ("meta", "params.json", "use_scaled_rope", "yes", "'use_scaled_rope' must be true or false, got 'yes'"),
         ("hf", "config.json", "rope_scaling", 4.0, "'rope_scaling' must be an object or null, got 4.0"),
