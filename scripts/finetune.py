@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="dtype of the base weights; auto: bfloat16 for lora/qlora where the CPU/GPU runs it natively, "
                         "float32 for full (default auto)")
+    g.add_argument("--rope-scaling", metavar="SPEC",
+                   help="fine-tune to a longer context: the RoPE scaling KIND:FACTOR (linear:4, yarn:4, dynamic:2, "
+                        "llama3:8) and the context it gives, applied to the checkpoint's weights (default: none)")
     g.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help=f"change a ModelConfig field of the checkpoint that no weight depends on: {', '.join(SETTABLE_FIELDS)} "
                         "(e.g. --set max_seq_len=1024 --set 'rope_scaling={\"kind\": \"linear\", \"factor\": 2}'); repeatable")
@@ -132,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         dtype = args.dtype
         if dtype == "auto":
             dtype = "bfloat16" if args.method != "full" and autocast_dtype("auto", device) else "float32"
-        model = load_for_finetuning(args.checkpoint, spec, dtype=dtype, device=device, set_fields=args.set, seed=args.seed)
+        model = load_for_finetuning(args.checkpoint, spec, dtype=dtype, device=device, set_fields=args.set,
+                                    seed=args.seed, rope_scaling=args.rope_scaling)  # fmt: skip
         if args.context is None:
             args.context = min(model.config.max_seq_len, 512)
         config = train_config(args)

@@ -139,6 +139,21 @@ def test_qlora_and_full_runs(data, tmp_path, capsys):
     assert llama.load_tokenizer(out).vocab_size == 4096
 
 
+def test_rope_scaling_fine_tunes_to_a_longer_context(data, tmp_path, capsys):
+    """--rope-scaling linear:2 on the bundled model (context 256): rows of 512 tokens are allowed and the
+    fine-tuned checkpoint carries the scaling and its context, as llama.load(rope_scaling=) gives them."""
+    out = tmp_path / "long"
+    code, err = run(base_args(data, out, "--method", "full", "--layers", "7", "--rope-scaling", "linear:2",
+                              "--context", "512", "--max-steps", "2"), capsys)  # fmt: skip
+    assert code == 0, err
+    tuned = llama.load(out).config
+    expected = llama.load(BUNDLED, rope_scaling="linear:2").config
+    assert (tuned.rope_scaling, tuned.max_seq_len) == (expected.rope_scaling, expected.max_seq_len)
+    assert tuned.max_seq_len == 512 and tuned.rope_scaling.kind == "linear" and tuned.rope_scaling.factor == 2
+    code, err = run(base_args(data, tmp_path / "bad", "--rope-scaling", "sideways:2"), capsys)
+    assert code == 2 and err.splitlines()[-1].startswith("error: ") and "sideways" in err, err
+
+
 def test_user_errors_exit_2_before_training(data, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "outptu": "b"}\n')

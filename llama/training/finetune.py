@@ -88,10 +88,13 @@ class FinetuneSpec:
 
 
 def load_for_finetuning(path: str | os.PathLike, spec: FinetuneSpec, *, dtype: str | torch.dtype | None = None,
-                        device: str | torch.device = "cpu", set_fields: Sequence[str] = (), seed: int = 0) -> Transformer:
+                        device: str | torch.device = "cpu", set_fields: Sequence[str] = (), seed: int = 0,
+                        rope_scaling=None) -> Transformer:  # fmt: skip
     """Load a checkpoint prepared for `spec`: quantized (qlora), with fresh adapters (lora, qlora;
     seeded by `seed`) or with the chosen blocks trainable (full), with activation checkpointing if
-    asked, in train mode. set_fields: ModelConfig `field=value` assignments (loading.set_config_fields)."""
+    asked, in train mode. set_fields: ModelConfig `field=value` assignments (loading.set_config_fields).
+    rope_scaling: a scaling and the context it gives, as llama.load(rope_scaling=) takes it ("linear:4",
+    "yarn:4", a RopeScaling): fine-tuning to a longer context."""
     if spec.method == "qlora" and quantization.read_quantization(path) is None:
         # As QLoRA does: the blocks' projections quantized, the output projection kept in float (a
         # tied one stays the embedding itself, no copy), and no int4 kernel packing (see below).
@@ -105,6 +108,8 @@ def load_for_finetuning(path: str | os.PathLike, spec: FinetuneSpec, *, dtype: s
         model = load(path, dtype=dtype, device=device)  # a quantized checkpoint loads quantized
     if set_fields:
         model = set_config_fields(model, set_fields)
+    if rope_scaling is not None:
+        model.set_rope_scaling(rope_scaling)
     for module in model.modules():
         if isinstance(module, (Int8Linear, Int4Linear)):
             # Training's inputs have many rows: the dequantizing path, never the packed CPU kernels
