@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import resource
 import sys
 import time
@@ -93,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 speaks: the progress, the errors
+        sys.stdout = sys.stderr = open(os.devnull, "w")
     args = build_parser().parse_args(argv)
     out = Path(args.out)
 
@@ -118,7 +121,11 @@ def main(argv: list[str] | None = None) -> int:
             group_size=args.group_size, layers=args.layers, gradient_checkpointing=args.gradient_checkpointing,
         )  # fmt: skip
         set_threads(args.threads)
-        device = pick_device(args.device)
+        parallel = None
+        if llama.distributed.launched() and int(os.environ["WORLD_SIZE"]) > 1:  # torchrun: data-parallel, FSDP2
+            llama.distributed.start(None)
+            parallel = llama.distributed.DataParallel()
+        device = llama.distributed.device() if parallel else pick_device(args.device)
         check_out_dir(out, args.resume)
         tokenizer = llama.load_tokenizer(args.checkpoint)
 
@@ -148,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
               f"of {config.context}, {stats.dropped} dropped (no answer left); read in {time.perf_counter() - t0:.1f} s",
               file=sys.stderr)  # fmt: skip
         trainable, total = parameter_counts(model)
+        if parallel is not None:
+            parallel.shard(model)  # every rank loaded the same weights and seeded the same adapters
+            print(f"fsdp: {parallel.world} processes, {config.batch_size // parallel.world} of the {config.batch_size} "
+                  "rows of each micro-batch per process", file=sys.stderr)  # fmt: skip
         precision = "bf16" if autocast_dtype(args.precision, device) else "float32"
         quantized = f", base in {spec.quantize}" if spec.method == "qlora" else ""
         print(f"model: {args.checkpoint}, {total / 1e6:.1f}M parameters ({dtype}{quantized}); {spec.method}: "
@@ -155,7 +166,19 @@ def main(argv: list[str] | None = None) -> int:
               f"{torch.get_num_threads()} threads", file=sys.stderr)  # fmt: skip
         run = {"checkpoint": str(args.checkpoint), "set": args.set, "dtype": dtype, "packing": args.packing, **spec.describe()}
         result = train(model, data, config, out_dir=out, resume=args.resume, stop_at=args.stop_at,
-                       time_limit=args.time_limit, progress=not args.no_progress, run=run)  # fmt: skip
+                       time_limit=args.time_limit, progress=not args.no_progress, run=run,
+                       parallel=parallel)  # fmt: skip
+        if parallel is not None:
+            # The trained weights gathered whole on rank 0, put into an unsharded copy of the model that
+            # the single-process writers below take; the other ranks are done.
+            state = parallel.full_weights(model)
+            if state is None:
+                return 0
+            model = load_for_finetuning(args.checkpoint, spec, dtype=dtype, device="cpu", set_fields=args.set,
+                                        seed=args.seed, rope_scaling=args.rope_scaling)  # fmt: skip
+            trained = [name for name, p in model.named_parameters() if p.requires_grad]
+            model.load_state_dict({name: state[name] for name in trained}, strict=False)
+            del state
 
         if spec.method == "full":
             written = save_checkpoint(model, out, format=args.to, dtype=args.save_dtype, tokenizer_from=args.checkpoint)

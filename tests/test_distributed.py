@@ -393,3 +393,32 @@ def test_fsdp_without_torchrun_is_refused(tmp_path):
                            str(tmp_path / "o"), "--fsdp"], capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "error: --fsdp trains over several processes: start with torchrun" in done.stderr
+
+
+@pytest.mark.parametrize("method", [["--method", "lora"], ["--method", "full", "--layers", "7"]])
+def test_finetune_script_under_torchrun_equals_one_process(tmp_path, method):
+    """scripts/finetune.py on 2 ranks (FSDP2 under torchrun, each rank half of every micro-batch): the
+    losses of one process on the same global batch, and rank 0 writes the adapter / checkpoint, with
+    one process's weights."""
+    import weights
+    from safetensors.torch import load_file
+
+    words = "light darkness waters heaven earth seas grass herb tree fruit seed kind day night evening morning".split()
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"instruction": f"Say word {i}", "output": w}) + "\n"
+                                                  for i, w in enumerate(words)))  # fmt: skip
+    args = ["--checkpoint", weights.BUNDLED_MODEL, "--data", tmp_path / "train.jsonl", "--batch-size", "4",
+            "--max-steps", "3", "--lr", "1e-3", "--precision", "float32", "--dtype", "float32", "--save-dtype",
+            "float32", "--no-progress", "--threads", "1", *method]  # fmt: skip
+    one_process("finetune.py", *args, "--out", tmp_path / "one")
+    done = torchrun("finetune.py", *args, "--out", tmp_path / "two")
+    assert done.returncode == 0, done.stderr
+    assert "fsdp: 2 processes, 2 of the 4 rows" in done.stderr
+    summaries = [json.loads((tmp_path / run / "train_summary.json").read_text()) for run in ("one", "two")]
+    assert summaries[1]["final_train_loss"] == pytest.approx(summaries[0]["final_train_loss"], rel=1e-4)
+    if method[1] == "lora":
+        one, two = (load_file(tmp_path / run / "adapter_model.safetensors") for run in ("one", "two"))
+    else:
+        one, two = (llama.load(tmp_path / run).state_dict() for run in ("one", "two"))
+    assert one.keys() == two.keys()
+    for name, expected in one.items():
+        assert rel(two[name], expected) < 1e-3, name
