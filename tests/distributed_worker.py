@@ -73,6 +73,7 @@ def main() -> None:
     except Exception as e:  # reported, so the test can check refusals on every rank
         result = {"error": type(e).__name__, "message": str(e)}
     (out / f"rank_{dist.get_rank()}.json").write_text(json.dumps({"rank": dist.get_rank(), **result}))
+    dist.barrier()  # both ranks done before either tears gloo down (a rank leaving early aborted the other, rarely)
     dist.destroy_process_group()
 
 
