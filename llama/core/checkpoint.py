@@ -145,15 +145,21 @@ def load(
     finally:
         ckpt.close()
 
-    tied = config.tie_word_embeddings and "output" not in swapped
+    assign_weights(model, state, config.tie_word_embeddings and "output" not in swapped, device)
+    model.stop_tokens = checkpoint_stop_tokens(path)
+    return model.eval()
+
+
+def assign_weights(model: Transformer, state: dict[str, torch.Tensor], tied: bool, device: torch.device) -> None:
+    """Put `state` into a model built on the meta device (assign: the tensors themselves, no copy). tied:
+    the output shares the embedding, whose tensor `state` holds once; it becomes one Parameter again, as
+    in Transformer.__init__."""
     if tied:
         state["output.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, strict=True, assign=True)
     if tied:
-        model.output.weight = model.tok_embeddings.weight  # one Parameter again, as in __init__
+        model.output.weight = model.tok_embeddings.weight
     model.rope_freqs = model.rope_freqs.to(device)
-    model.stop_tokens = checkpoint_stop_tokens(path)
-    return model.eval()
 
 
 def release_freed_memory() -> None:

@@ -46,7 +46,8 @@ import weights
 from weights import CheckpointError
 from weights.gguf import READABLE, GGMLType, GGUFFile, dequantize, is_gguf, write_gguf
 
-from .checkpoint import config_from_checkpoint, check_tensors, meta_model, parse_dtype, release_freed_memory
+from .checkpoint import (assign_weights, config_from_checkpoint, check_tensors, meta_model, parse_dtype,
+                         release_freed_memory)  # fmt: skip
 from .config import ConfigError, ModelConfig, RopeScaling
 from .model import Transformer, rope_frequencies
 from .tokenizer import (TOKENIZER_FILES, SentencePieceTokenizer, TiktokenTokenizer, Tokenizer, TokenizerFormatError,
@@ -808,13 +809,7 @@ def load(
         stop_tokens = _stop_tokens(ckpt.file.metadata, str(ckpt.path))
     finally:
         ckpt.close()
-    tied = config.tie_word_embeddings and "output" not in fills
-    if tied:
-        state["output.weight"] = state["tok_embeddings.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
-    if tied:
-        model.output.weight = model.tok_embeddings.weight  # one Parameter again, as in __init__
-    model.rope_freqs = model.rope_freqs.to(device)
+    assign_weights(model, state, config.tie_word_embeddings and "output" not in fills, device)
     model.stop_tokens = stop_tokens
     return model.eval()
 
