@@ -29,11 +29,15 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+if __package__:  # installed as the package llama_cli
+    from .llama_cpp_peer import llama_bench, run_ours
+else:  # python scripts/bench_gguf.py
+    from llama_cpp_peer import llama_bench, run_ours
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,76 +64,23 @@ def build_parser() -> argparse.ArgumentParser:
 FILE_TYPE_MODES = {2: "int4", 7: "int8"}  # llama_ftype MOSTLY_Q4_0, MOSTLY_Q8_0; others: bf16
 
 
-def peak_gb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024 / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
-
-
-def run_ours(args, path: str, quantize: str | None) -> dict:
-    import torch
-
-    import kernels
-    import llama
-
-    torch.set_num_threads(args.threads)
-    start = time.perf_counter()
-    model = llama.load(path, dtype="bfloat16", quantize=quantize, group_size=32)
-    kernels.optimize(model, **kernels.fusable(model))  # quantized projections fuse too, unless mixed
-    load = time.perf_counter() - start
-    generator = torch.Generator().manual_seed(0)
-    P, n = args.prompt_len, args.new_tokens
-    results = {"load_s": load, "depths": {}}
-    model.setup_cache(1, max(args.depth) + max(P, n) + 1)
-    with torch.inference_mode():
-        for depth in args.depth:
-            context = torch.randint(1000, 30000, (1, depth), generator=generator)
-            prompt = torch.randint(1000, 30000, (1, P), generator=generator)
-            if depth:
-                model(context, 0)  # the cached tokens, untimed
-            prefill, decode = [], []
-            for repetition in range(args.repetitions + 1):  # the first is the warm-up
-                start = time.perf_counter()
-                logits = model(prompt, depth)
-                pp = P / (time.perf_counter() - start)
-                token = logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
-                start = time.perf_counter()
-                for i in range(n):  # decoded right after the cached tokens (overwriting the prompt's slots)
-                    token = model(token, depth + i)[:, -1].argmax(-1, keepdim=True)
-                tg = n / (time.perf_counter() - start)
-                if repetition:
-                    prefill.append(pp)
-                    decode.append(tg)
-            results["depths"][str(depth)] = {"prefill": statistics.mean(prefill), "decode": statistics.mean(decode),
-                                             "decode_sd": statistics.stdev(decode) if len(decode) > 1 else 0.0}
-    results["peak_gb"] = peak_gb()
-    return results
-
-
 def run_llama_bench(args, path: str) -> dict:
-    command = [args.llama_bench, "-m", path, "-t", str(args.threads), "-p", str(args.prompt_len),
-               "-n", str(args.new_tokens), "-d", ",".join(map(str, args.depth)), "-r", str(args.repetitions),
-               "-o", "json"]  # fmt: skip
-    proc = subprocess.run(command, capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(f"llama-bench failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
-    tests = json.loads(proc.stdout)
-    depths = {}
-    for depth in args.depth:
-        pp = next(t for t in tests if t["n_prompt"] and not t["n_gen"] and t.get("n_depth", 0) == depth)
-        tg = next(t for t in tests if t["n_gen"] and not t["n_prompt"] and t.get("n_depth", 0) == depth)
-        depths[str(depth)] = {"prefill": pp["avg_ts"], "decode": tg["avg_ts"], "decode_sd": tg["stddev_ts"]}
+    result = llama_bench(args.llama_bench, path, threads=args.threads, prompt_len=args.prompt_len,
+                         new_tokens=args.new_tokens, depths=args.depth, repetitions=args.repetitions)  # fmt: skip
     # This worker did nothing but wait for llama-bench: its children's peak is llama-bench's.
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / 1e9
-    return {"load_s": None, "depths": depths, "peak_gb": children}
+    return {"load_s": None, **result, "peak_gb": children}
 
 
 def worker(args) -> None:
     kind, _, rest = args.worker.partition(":")
     mode, _, path = rest.partition(":")
     quantize = None if mode in ("", "bf16") else mode
-    result = run_llama_bench(args, path) if kind == "llama.cpp" else run_ours(args, path, quantize)
+    if kind == "llama.cpp":
+        result = run_llama_bench(args, path)
+    else:
+        result = run_ours(path, quantize, group_size=32, threads=args.threads, prompt_len=args.prompt_len,
+                          new_tokens=args.new_tokens, depths=args.depth, repetitions=args.repetitions)  # fmt: skip
     print("RESULT " + json.dumps(result))
 
 

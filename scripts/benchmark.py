@@ -19,6 +19,21 @@ decode --new-tokens tokens greedily with stopping turned off. Reported per run:
     vs hf     decode speed over transformers' bf16 eager decode at the same batch size
 
 The ceiling for batch-1 decoding is bandwidth / weight bytes: faster needs fewer bytes (quantization).
+
+Next to llama.cpp (--llama-cpp DIR, a llama.cpp build: bin/llama-bench, bin/llama-quantize, and its
+convert_hf_to_gguf.py beside it or given with --llama-cpp-converter):
+
+    python scripts/benchmark.py --checkpoint DIR --llama-cpp path/to/llama.cpp --threads 2 --rounds 2
+
+converts the checkpoint with llama.cpp's own converter to a BF16 GGUF file and quantizes that with
+llama-quantize to Q8_0 and Q4_0 (once: the files are cached under a content hash of the checkpoint,
+see --gguf-cache), then, for each round and precision, runs this project (bf16, int8, int4: the
+checkpoint loaded and quantized as generate.py does, kernels.optimize) and llama-bench on the
+matching file (BF16, Q8_0, Q4_0), one after the other, the first of the two alternating between
+rounds. Both measure what llama-bench does, batch 1: pp, --prompt-len prompt tokens prefilled (after
+--depth cached tokens), and tg, --new-tokens tokens decoded one at a time (tok/s, the mean of
+--repetitions runs). The table gives, per round, ours and llama.cpp's decode and prefill and ours /
+llama.cpp (> 1: ours faster).
 """
 
 from __future__ import annotations
@@ -34,6 +49,12 @@ from pathlib import Path
 
 import torch
 
+if __package__:  # installed as the package llama_cli
+    from . import llama_cpp_peer as peer
+else:  # python scripts/benchmark.py
+    import llama_cpp_peer as peer
+
+LLAMA_CPP_TYPES = {"bf16": "BF16", "int8": "Q8_0", "int4": "Q4_0"}  # this project's precision: llama.cpp's type
 CONFIGS = {  # name: (implementation, dtype, quantization, compile)
     "hf-float32": ("hf", "float32", None, False),
     "hf-bf16": ("hf", "bfloat16", None, False),
@@ -54,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="Hugging Face checkpoint directory (transformers reads it too)")
     p.add_argument("--only", nargs="+", choices=list(CONFIGS), metavar="CONFIG",
                    help=f"run only these configurations (default: all): {', '.join(CONFIGS)}")
-    p.add_argument("--batch", nargs="+", type=int, default=[1, 8], help="batch sizes (default: 1 8)")
+    p.add_argument("--batch", nargs="+", type=int, help="batch sizes (default: 1 8; not with --llama-cpp, which is batch 1)")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per row (default 128)")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens to decode per row (default 32)")
     p.add_argument("--group-size", type=int, default=32, help="int4 group size (default 32)")
@@ -65,6 +86,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", action="store_true",
                    help="instead of the table: profile the decode steps of each chosen configuration of this "
                         "project with torch.profiler and print where the time goes")
+    g = p.add_argument_group("next to llama.cpp")
+    g.add_argument("--llama-cpp", metavar="DIR",
+                   help="a llama.cpp build directory (holding bin/llama-bench, or build/bin/llama-bench in a checkout): "
+                        "instead of the table above, this project side by side with llama-bench on the same weights")
+    g.add_argument("--llama-cpp-converter", metavar="PATH",
+                   help="llama.cpp's convert_hf_to_gguf.py (default: found in DIR or the folders above it)")
+    g.add_argument("--gguf-cache", metavar="DIR", default=str(Path.home() / ".cache" / "llama-from-scratch" / "gguf"),
+                   help="where the converted GGUF files are kept, named by the checkpoint's content hash "
+                        "(default ~/.cache/llama-from-scratch/gguf)")
+    g.add_argument("--precision", nargs="+", choices=list(LLAMA_CPP_TYPES), default=list(LLAMA_CPP_TYPES),
+                   help="this project's precisions to compare, each with its llama.cpp type: bf16 with BF16, int8 "
+                        "with Q8_0, int4 with Q4_0 (default: all three)")
+    g.add_argument("--rounds", type=int, default=2, help="times the whole sequence runs, interleaved (default 2)")
+    g.add_argument("--repetitions", type=int, default=3, help="timed runs of each measurement, averaged (default 3)")
+    g.add_argument("--depth", type=int, nargs="+", default=[0],
+                   help="tokens already in the KV cache when pp and tg are measured, one or more (default 0)")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one configuration and print JSON
     return p
 
@@ -187,6 +224,13 @@ def _result(times, start, batch, args, load, compile_time, weight_bytes, device)
 
 
 def worker(args) -> None:
+    if args.worker.startswith("pp-tg:"):  # --llama-cpp: this project, measured as llama-bench measures
+        mode = args.worker.removeprefix("pp-tg:")
+        result = peer.run_ours(args.checkpoint, None if mode == "bf16" else mode, group_size=args.group_size,
+                               threads=args.threads, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                               depths=args.depth, repetitions=args.repetitions)  # fmt: skip
+        print("RESULT " + json.dumps(result))
+        return
     name, batch = args.worker.rsplit(":", 1)
     kind, dtype, quant, compile = CONFIGS[name]
     if args.threads:
@@ -214,10 +258,13 @@ def read_bandwidth(threads: int | None) -> float:
     return x.nbytes / best / 1e9
 
 
-def run_config(args, name: str, batch: int) -> dict:
-    command = [sys.executable, __file__, "--worker", f"{name}:{batch}", "--checkpoint", args.checkpoint,
-               "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
-               "--group-size", str(args.group_size), "--device", args.device]  # fmt: skip
+def run_config(args, name: str, batch: int | None) -> dict:
+    """One configuration in a fresh process: `name` from CONFIGS at `batch`, or with batch None,
+    "pp-tg:MODE" (--llama-cpp)."""
+    command = [sys.executable, __file__, "--worker", name if batch is None else f"{name}:{batch}",
+               "--checkpoint", args.checkpoint, "--prompt-len", str(args.prompt_len), "--new-tokens",
+               str(args.new_tokens), "--group-size", str(args.group_size), "--device", args.device,
+               "--repetitions", str(args.repetitions), "--depth", *map(str, args.depth)]  # fmt: skip
     if args.threads:
         command += ["--threads", str(args.threads)]
     if args.profile:
@@ -269,6 +316,92 @@ def plot(results: list[dict], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+# ---- next to llama.cpp ----------------------------------------------------------------------------
+
+
+def _load_average() -> str:
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def compare_with_llama_cpp(args) -> int:
+    """--llama-cpp: convert (cached), then rounds of ours and llama-bench per precision; print the table."""
+    unused = [flag for flag, value in (("--batch", args.batch), ("--only", args.only), ("--profile", args.profile),
+                                       ("--plot", args.plot)) if value]  # fmt: skip
+    if unused:
+        print(f"error: {', '.join(unused)} cannot be used with --llama-cpp (llama-bench's runs are batch 1)", file=sys.stderr)
+        return 2
+    if args.device != "cpu":
+        print(f"error: --llama-cpp compares CPU runs; --device {args.device} is not supported", file=sys.stderr)
+        return 2
+    if args.rounds < 1 or args.repetitions < 1 or min(args.depth) < 0 or (args.threads is not None and args.threads < 1):
+        print("error: --rounds, --repetitions and --threads must be >= 1, --depth >= 0", file=sys.stderr)
+        return 2
+    args.threads = args.threads or torch.get_num_threads()  # both sides get the same count
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    try:
+        tools = peer.LlamaCpp.find(args.llama_cpp, args.llama_cpp_converter)
+        files = peer.gguf_files(tools, args.checkpoint, args.gguf_cache, [LLAMA_CPP_TYPES[p] for p in args.precision],
+                                threads=args.threads, log=log)  # fmt: skip
+    except peer.LlamaCppError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    loads = [_load_average()]
+    log(f"threads {args.threads}, niceness {os.nice(0)}, {os.cpu_count()} CPUs; load average {loads[0]}")
+    rows = []
+    for round_ in range(1, args.rounds + 1):
+        for precision in args.precision:
+            kind = LLAMA_CPP_TYPES[precision]
+            row = {"round": round_, "precision": precision, "llama_cpp_type": kind, "gguf": str(files[kind])}
+            for side in ("llama.cpp", "ours") if round_ % 2 else ("ours", "llama.cpp"):  # who goes first alternates
+                started = time.perf_counter()
+                if side == "ours":
+                    row[side] = run_config(args, f"pp-tg:{precision}", None)
+                else:
+                    try:
+                        row[side] = peer.llama_bench(tools.bench, files[kind], threads=args.threads,
+                                                     prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                                                     depths=args.depth, repetitions=args.repetitions)  # fmt: skip
+                    except peer.LlamaCppError as e:
+                        print(f"error: {e}", file=sys.stderr)
+                        return 2
+                result = row[side]
+                summary = result.get("error") or ", ".join(
+                    f"d{d}: tg {r['decode']:.2f} pp {r['prefill']:.1f}" for d, r in result["depths"].items())
+                log(f"  round {round_} {precision if side == 'ours' else kind} {side}: "
+                    f"{time.perf_counter() - started:.0f} s, {summary}")  # fmt: skip
+            rows.append(row)
+    loads.append(_load_average())
+    print(f"\nCheckpoint {args.checkpoint}; llama.cpp {tools.bench.parent}; {args.threads} threads; pp{args.prompt_len}, "
+          f"tg{args.new_tokens}, batch 1, mean of {args.repetitions} runs; int4 in groups of {args.group_size}; "
+          f"load average (1, 5, 15 min) before {loads[0]}, after {loads[1]}\n")  # fmt: skip
+    print(llama_cpp_table(rows, args.depth))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"load_average": loads, "threads": args.threads, "rows": rows}, indent=2))
+    return 0
+
+
+def llama_cpp_table(rows: list[dict], depths: list[int]) -> str:
+    """One line per round, precision and depth: decode and prefill of both and ours / llama.cpp."""
+    lines = ["| round | precision | depth | ours decode tok/s | llama.cpp decode tok/s | decode ratio | "
+             "ours prefill tok/s | llama.cpp prefill tok/s | prefill ratio |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for row in rows:
+        name = f"{row['precision']} / {row['llama_cpp_type']}"
+        ours, theirs = row["ours"], row["llama.cpp"]
+        if "error" in ours:
+            lines.append(f"| {row['round']} | {name} | | ours failed: {ours['error'][:80]} ||||||")
+            continue
+        for depth in map(str, depths):
+            a, b = ours["depths"][depth], theirs["depths"][depth]
+            lines.append(f"| {row['round']} | {name} | {depth} | {a['decode']:.2f} | {b['decode']:.2f} | "
+                         f"{a['decode'] / b['decode']:.2f} | {a['prefill']:.1f} | {b['prefill']:.1f} | "
+                         f"{a['prefill'] / b['prefill']:.2f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.worker:
@@ -277,6 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     if not (Path(args.checkpoint) / "config.json").is_file():
         print(f"error: {args.checkpoint} is not a Hugging Face checkpoint directory (no config.json)", file=sys.stderr)
         return 2
+    if args.llama_cpp:
+        return compare_with_llama_cpp(args)
+    args.batch = args.batch or [1, 8]
     names = args.only or list(CONFIGS)
     try:
         import transformers  # noqa: F401
