@@ -12,6 +12,7 @@ decode --new-tokens tokens greedily with stopping turned off. Reported per run:
     load      seconds from nothing to a model ready to run (reading, converting, quantizing)
     prefill   prompt tokens per second (batch x prompt length / time to the first new token)
     decode    generated tokens per second after the first (all rows of the batch together)
+    ms/step   milliseconds per decoding step (one new token for every row): batch / decode
     GB/s      weight bytes read per decoding step x steps per second: every weight is read once per
               step, so this is the memory bandwidth decoding achieves, and `% bw` compares it with
               the read bandwidth measured at the start of the run (a multi-threaded sum over 1 GiB)
@@ -281,17 +282,19 @@ def run_config(args, name: str, batch: int | None) -> dict:
 
 def table(results: list[dict], bandwidth: float) -> str:
     baseline = {r["batch"]: r["decode_tok_s"] for r in results if r["config"] == "hf-bf16" and "error" not in r}
-    lines = ["| config | batch | load s | compile s | prefill tok/s | decode tok/s | GB/s | % bw | peak GB | vs hf bf16 |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = ["| config | batch | load s | compile s | prefill tok/s | decode tok/s | ms/step | GB/s | % bw | peak GB | vs hf bf16 |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['config']} | {r['batch']} | failed: {r['error'][:80]} |||||||||")
+            lines.append(f"| {r['config']} | {r['batch']} | failed: {r['error'][:80]} ||||||||||")
             continue
         ratio = f"{r['decode_tok_s'] / baseline[r['batch']]:.2f}x" if r["batch"] in baseline else "-"
         compile_s = f"{r['compile_s']:.0f}" if r["compile_s"] is not None else "-"
+        step_ms = f"{1000 * r['batch'] / r['decode_tok_s']:.1f}" if r["decode_tok_s"] else "-"  # one step: a token per row
         lines.append(
             f"| {r['config']} | {r['batch']} | {r['load_s']:.1f} | {compile_s} | {r['prefill_tok_s']:.1f} | "
-            f"{r['decode_tok_s']:.2f} | {r['gb_s']:.1f} | {100 * r['gb_s'] / bandwidth:.0f} | {r['peak_gb']:.2f} | {ratio} |"
+            f"{r['decode_tok_s']:.2f} | {step_ms} | {r['gb_s']:.1f} | {100 * r['gb_s'] / bandwidth:.0f} | "
+            f"{r['peak_gb']:.2f} | {ratio} |"
         )
     return "\n".join(lines)
 
