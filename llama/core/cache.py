@@ -45,13 +45,12 @@ def _write(buffer: torch.Tensor, x: torch.Tensor, ctx: "Context") -> None:
     """Store x: (B, Hkv, T, X) at ctx.positions of cache rows ctx.rows (default: rows 0..B-1) of
     buffer: (B_max, Hkv, S_max, X), in place."""
     if buffer.dtype.is_floating_point and buffer.dtype.itemsize == 1:
-        buffer, x = buffer.view(torch.uint8), x.view(torch.uint8)  # float8: scatter_ has no CPU kernel; bytes do
-    if ctx.rows is None:
-        index = ctx.positions[:, None, :, None].expand_as(x)  # (B, Hkv, T, X)
-        buffer[: x.shape[0]].scatter_(2, index, x)
-    else:
-        # Rows picked out of a larger pool (a server's slots): index_put_ writes in place.
-        buffer[ctx.rows[:, None], :, ctx.positions] = x.transpose(1, 2)  # target (B, T, Hkv, X)
+        buffer, x = buffer.view(torch.uint8), x.view(torch.uint8)  # float8: written as its bytes
+    # index_put_ writes in place. (scatter_ along the positions, the obvious op for rows 0..B-1, took
+    # 50x longer on the CPU: 0.4 ms against 0.008 for 8 rows of Llama 3.2 1B's heads, one thread, 32
+    # calls per decoding step.)
+    rows = torch.arange(x.shape[0], device=x.device) if ctx.rows is None else ctx.rows  # (B,): a server's slots
+    buffer[rows[:, None], :, ctx.positions] = x.transpose(1, 2)  # target (B, T, Hkv, X)
 
 
 def _read(buffer: torch.Tensor, ctx: "Context") -> torch.Tensor:
