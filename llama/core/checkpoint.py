@@ -145,7 +145,8 @@ def load(
     finally:
         ckpt.close()
 
-    assign_weights(model, state, config.tie_word_embeddings and "output" not in swapped, device)
+    # A swapped output (or a swapped embedding, which brings its own tied output) is filled already.
+    assign_weights(model, state, config.tie_word_embeddings and not swapped & {"output", "tok_embeddings"}, device)
     model.stop_tokens = checkpoint_stop_tokens(path)
     return model.eval()
 
