@@ -190,3 +190,22 @@ def test_qlora_with_an_lm_head_adapter_keeps_the_output_in_float(tmp_path):
     assert type(model.tok_embeddings) is nn.Embedding and isinstance(model.output, lora.LoRALinear)
     off = load_for_finetuning(tmp_path / "base", FinetuneSpec(method="qlora", quantize="int8", quantize_embedding=False))
     assert type(off.tok_embeddings) is nn.Embedding and off.output.weight is off.tok_embeddings.weight
+
+
+def test_lora_under_autocast_skips_the_float32_copy_with_the_same_result():
+    """Under bf16 autocast the adapter takes the bf16 input as it is (autocast casts to bf16 anyway):
+    output and gradients bit for bit those of casting it to float32 first."""
+    base = nn.Linear(64, 48, bias=False).to(torch.bfloat16).requires_grad_(False)
+    layer = lora.LoRALinear(base)
+    layer.add_adapter("default", 8, 16.0, generator=torch.Generator().manual_seed(8))
+    layer.active = "default"
+    nn.init.normal_(layer.lora_B["default"], std=0.05, generator=torch.Generator().manual_seed(9))
+    A, B = layer.lora_A["default"], layer.lora_B["default"]
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(10)).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        expected = base(x) + (F.linear(F.linear(x.float(), A), B) * layer.scaling["default"]).to(torch.bfloat16)
+    grads = torch.autograd.grad(y.float().square().sum(), (A, B))
+    expected_grads = torch.autograd.grad(expected.float().square().sum(), (A, B))
+    assert torch.equal(y, expected)
+    assert all(torch.equal(g, e) for g, e in zip(grads, expected_grads))

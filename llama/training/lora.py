@@ -110,7 +110,10 @@ class LoRALinear(nn.Module):
         """s * B (A dropout(x)): (..., K) -> (..., N), in x's dtype."""
         A, B = self.lora_A[name], self.lora_B[name]
         x = F.dropout(x, self.dropout[name], self.training) if self.dropout[name] > 0 else x
-        h = F.linear(x.to(A.dtype), A)  # (..., r)
+        # Under autocast F.linear computes in autocast's dtype whatever its inputs' dtypes: a cast to
+        # A's float32 would only add two copies of x (the second kept for the backward pass), the
+        # same values either way.
+        h = F.linear(x if torch.is_autocast_enabled(x.device.type) else x.to(A.dtype), A)  # (..., r)
         return (F.linear(h, B) * self.scaling[name]).to(x.dtype)  # (..., N)
 
     def delta_weight(self, name: str) -> torch.Tensor:
