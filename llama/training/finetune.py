@@ -15,6 +15,8 @@ Three methods:
          (llama/quantization/; Dettmers et al., 2023, who use a 4-bit NormalFloat where this
          project has its own int4). The base's gradients flow to its inputs through QuantizedMatmul,
          which dequantizes one layer at a time; no float copy of the base is ever whole in memory.
+         The embedding and the output projection are quantized too (quantized_embedding.py; the
+         paper keeps them in float: quantize_embedding=False).
 
 Activation checkpointing (any method) keeps only each block's input during the forward pass and
 recomputes the block's insides during the backward pass: activation memory falls from
