@@ -17,6 +17,7 @@ from llama.training import lora
 from llama.training.finetune import FinetuneSpec, load_for_finetuning, parameter_counts
 from llama.training.loop import IGNORE, sliced_cross_entropy, token_loss
 from llama.quantization import QuantizedEmbedding
+from llama.training import quantized_embedding
 from llama.training.quantized_embedding import LoadedQuantizedEmbedding, TiedOutput, weight_rows
 
 CONFIG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=100, ffn_dim=128, max_seq_len=64)
@@ -46,7 +47,8 @@ def test_weight_rows_are_the_dequantized_rows_exactly(mode):
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_quantized_embedding_looks_up_dequantized_rows_and_ties_the_output(mode):
+def test_quantized_embedding_looks_up_dequantized_rows_and_ties_the_output(mode, monkeypatch):
+    monkeypatch.setattr(quantized_embedding, "CHUNK_ROWS", 7)  # the table quantized 7 rows at a time
     embedding = LoadedQuantizedEmbedding(100, 64, mode, 32, torch.float32)
     w = torch.randn(100, 64, generator=torch.Generator().manual_seed(1))
     embedding.load_weight(w)
@@ -57,6 +59,8 @@ def test_quantized_embedding_looks_up_dequantized_rows_and_ties_the_output(mode)
     assert list(output.state_dict()) == [] and output.out_features == 100  # the table is held once
     h = torch.randn(2, 3, 64)
     torch.testing.assert_close(output(h), h @ table.T, rtol=1e-5, atol=1e-5)
+    whole = quantized(mode, seed=1)  # the table quantized whole by Int8Linear / Int4Linear.load_weight
+    assert all(torch.equal(a, b) for a, b in zip(embedding.table.state_dict().values(), whole.state_dict().values()))
     with pytest.raises(ValueError, match=r"embedding table of shape \(100, 32\), expected \(100, 64\)"):
         embedding.load_weight(torch.zeros(100, 32))
 

@@ -45,6 +45,7 @@ from ..core.device import bf16_supported
 from .quantized_embedding import reads_rows, weight_rows
 
 STATE_FILE = "train_state.pt"  # inside out_dir: everything needed to resume
+SLICE_WEIGHTS = 1 << 23  # most weights of a frozen output projection read at a time by the loss (Llama 3.2 1B: 4096 rows)
 IGNORE = -100  # the target of a position that takes no loss (F.cross_entropy's default ignore_index)
 
 
@@ -200,8 +201,10 @@ def token_loss(model, x: torch.Tensor, y: torch.Tensor, chunk: int = 0, base: nn
     keep = y.flatten() != IGNORE
     h, targets = h.flatten(0, 1)[keep], y.flatten()[keep]  # (n, D), (n,)
     if len(targets) and reads_rows(output) and not any(p.requires_grad for p in output.parameters()):
-        vocab = base.config.vocab_size
-        return sliced_cross_entropy(h, targets, output, max(1, chunk * vocab // len(targets)))
+        # At most chunk x V logits at a time, and at most SLICE_WEIGHTS weights: a quantized slice is
+        # dequantized through temporaries of several bytes per weight.
+        rows = min(chunk * base.config.vocab_size // len(targets), SLICE_WEIGHTS // base.config.dim)
+        return sliced_cross_entropy(h, targets, output, max(1, rows))
     total = h.new_zeros((), dtype=torch.float32)
     for start in range(0, len(targets), chunk):
         part = slice(start, start + chunk)
