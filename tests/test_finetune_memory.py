@@ -1,5 +1,5 @@
 """What fine-tuning does to save memory, checked against the plain computation: QLoRA's quantized
-embedding and tied output (quantized_embedding.py), the loss over slices of the vocabulary
+embedding and tied output (llama/training/qlora.py), the loss over slices of the vocabulary
 (loop.sliced_cross_entropy), and a QLoRA model loaded with every frozen matrix quantized."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from llama.training import lora
 from llama.training.finetune import FinetuneSpec, load_for_finetuning, parameter_counts
 from llama.training.loop import IGNORE, sliced_cross_entropy, token_loss
 from llama.quantization import QuantizedEmbedding
-from llama.training import quantized_embedding
-from llama.training.quantized_embedding import LoadedQuantizedEmbedding, TiedOutput, weight_rows
+from llama.training import qlora
+from llama.training.qlora import LoadedQuantizedEmbedding, TiedOutput, weight_rows
 
 CONFIG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=100, ffn_dim=128, max_seq_len=64)
 
@@ -48,7 +48,7 @@ def test_weight_rows_are_the_dequantized_rows_exactly(mode):
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_quantized_embedding_looks_up_dequantized_rows_and_ties_the_output(mode, monkeypatch):
-    monkeypatch.setattr(quantized_embedding, "CHUNK_ROWS", 7)  # the table quantized 7 rows at a time
+    monkeypatch.setattr(qlora, "CHUNK_ROWS", 7)  # the table quantized 7 rows at a time
     embedding = LoadedQuantizedEmbedding(100, 64, mode, 32, torch.float32)
     w = torch.randn(100, 64, generator=torch.Generator().manual_seed(1))
     embedding.load_weight(w)
@@ -212,3 +212,23 @@ def test_lora_under_autocast_skips_the_float32_copy_with_the_same_result():
     expected_grads = torch.autograd.grad(expected.float().square().sum(), (A, B))
     assert torch.equal(y, expected)
     assert all(torch.equal(g, e) for g, e in zip(grads, expected_grads))
+
+
+def test_rowwise_int4_linear_computes_what_int4_linear_computes(monkeypatch):
+    monkeypatch.setattr(qlora, "DEQUANTIZE_ROWS", 7)  # 100 rows: 14 slices and a part
+    module = quantized("int4")
+    rowwise = qlora.RowwiseInt4Linear(module)
+    assert rowwise.weight is module.weight and rowwise.state_dict().keys() == module.state_dict().keys()
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(rowwise.dequantize(dtype), module.dequantize(dtype))
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(11), requires_grad=True)
+    (grad,) = torch.autograd.grad(rowwise(x).square().sum(), x)  # QuantizedMatmul, both ways
+    (expected,) = torch.autograd.grad(module(x).square().sum(), x)
+    assert torch.equal(grad, expected)
+
+
+def test_qlora_int4_bases_are_rowwise(tmp_path):
+    save(random_model(CONFIG, std=0.1), tmp_path / "base")
+    model = load_for_finetuning(tmp_path / "base", FinetuneSpec(method="qlora", quantize="int4", group_size=32))
+    bases = [m.base for _, m in lora.lora_modules(model)]
+    assert len(bases) == 14 and all(type(b) is qlora.RowwiseInt4Linear for b in bases)

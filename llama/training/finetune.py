@@ -15,7 +15,7 @@ Three methods:
          (llama/quantization/; Dettmers et al., 2023, who use a 4-bit NormalFloat where this
          project has its own int4). The base's gradients flow to its inputs through QuantizedMatmul,
          which dequantizes one layer at a time; no float copy of the base is ever whole in memory.
-         The embedding and the output projection are quantized too (quantized_embedding.py; the
+         The embedding and the output projection are quantized too (qlora.py; the
          paper keeps them in float: quantize_embedding=False).
 
 Activation checkpointing (any method) keeps only each block's input during the forward pass and
@@ -45,7 +45,7 @@ from .. import quantization
 from ..loading import load, set_config_fields
 from ..quantization.linear import Int4Linear, Int8Linear
 from .lora import DEFAULT_TARGETS, apply_lora, resolve_targets
-from .quantized_embedding import swap_embedding
+from .qlora import rowwise_int4, swap_embedding
 
 # A checkpoint's tokenizer and generation settings, copied beside a checkpoint fine-tuning writes.
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -111,7 +111,7 @@ def load_for_finetuning(path: str | os.PathLike, spec: FinetuneSpec, *, dtype: s
     if spec.quantizes_embedding and quantization.read_quantization(path) is None:
         # Every frozen matrix quantized as it is read: the blocks' projections, the embedding table,
         # and the output projection (a tied one is the embedding's table itself:
-        # quantized_embedding.py); no int4 kernel packing (see below).
+        # qlora.py); no int4 kernel packing (see below).
         def swap(model, dtype):
             tied = model.config.tie_word_embeddings
             names = quantization.swap_linears(model, spec.quantize, spec.group_size, include_output=not tied,
@@ -143,6 +143,8 @@ def load_for_finetuning(path: str | os.PathLike, spec: FinetuneSpec, *, dtype: s
             # (which is also why the int4 packing is not made above; a checkpoint saved quantized
             # comes with it).
             module.use_kernel = False
+    if spec.method == "qlora":
+        rowwise_int4(model)  # the same values, widened a slice at a time (qlora.py)
     if spec.method == "full":
         blocks = None if spec.layers is None else {f"layers.{i}." for i in spec.layers}
         for name, p in model.named_parameters():

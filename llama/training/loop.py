@@ -42,7 +42,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..core.device import bf16_supported
-from .quantized_embedding import reads_rows, weight_rows
+from .qlora import reads_rows, weight_rows
 
 STATE_FILE = "train_state.pt"  # inside out_dir: everything needed to resume
 SLICE_WEIGHTS = 1 << 23  # most weights of a frozen output projection read at a time by the loss (Llama 3.2 1B: 4096 rows)
@@ -234,7 +234,7 @@ def sliced_cross_entropy(h: torch.Tensor, targets: torch.Tensor, output: nn.Modu
     that fall in it; the logsumexps of the slices combine into the whole one. The backward pass
     computes each slice's logits again and adds its part of the gradient,
     dL/dh = sum_s (softmax(z)_s - onehot_s) W_s, so at most n x S logits and S rows of W (read by
-    quantized_embedding.weight_rows, dequantized if need be) exist at a time. Autocast's dtype (or
+    qlora.weight_rows, dequantized if need be) exist at a time. Autocast's dtype (or
     h's) is the dtype of the matmuls, as output(h) would use; logits and softmax are float32.
     """
     return _SlicedCrossEntropy.apply(h, targets, output, slice_size)

@@ -44,6 +44,7 @@ from weights import CheckpointError
 
 from ..core.model import Transformer
 from ..quantization.linear import Int4Linear, Int8Linear
+from .qlora import RowwiseInt4Linear
 
 # Every projection LoRA can adapt, in the names a user may give: Hugging Face's (peft's
 # target_modules) and Meta's (this model's attribute names). Values: the module path inside a block
@@ -58,7 +59,7 @@ TARGETS = {
 # which peft's config has no place for.
 BASE_SETTINGS = "llama_base_settings.json"
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # all but lm_head
-BASE_TYPES = (nn.Linear, Int8Linear, Int4Linear)
+BASE_TYPES = (nn.Linear, Int8Linear, Int4Linear, RowwiseInt4Linear)
 
 
 class LoRALinear(nn.Module):

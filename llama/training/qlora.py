@@ -1,9 +1,10 @@
-"""QLoRA's frozen embedding table, and the output projection tied to it, held quantized.
+"""What QLoRA's frozen base needs beyond llama/quantization: the embedding table, and the output
+projection tied to it, held quantized; int4 layers that widen their weight a slice at a time.
 
-    model = load_for_finetuning(path, FinetuneSpec(method="qlora", quantize="int4"))   # uses it
+    model = load_for_finetuning(path, FinetuneSpec(method="qlora", quantize="int4"))   # uses these
     rows = weight_rows(model.output, slice(0, 4096), torch.bfloat16)                 # (4096, D)
 
-Shape glossary: V vocabulary size, D model width, n rows asked for.
+Shape glossary: V vocabulary size, D model width, N, K a projection's out and in features, n rows.
 
 Quantizing only the block projections leaves the embedding in float: for Llama 3.2 1B that is
 128256 x 2048 bf16 = 0.53 GB, a third of an int4 QLoRA model. Frozen, it can be quantized like any
@@ -15,6 +16,12 @@ projection: the table is a (V, D) matrix held in an Int8Linear / Int4Linear, and
   (TiedOutput), so it is held once, as the float model ties one Parameter;
 - the loss never dequantizes the whole table: loop.token_loss reads it a slice of the vocabulary at
   a time through weight_rows (see loop.sliced_cross_entropy).
+
+The block projections' gradients pass through QuantizedMatmul, which widens a layer's whole weight
+(forward, and again in the backward pass). Int4Linear.dequantize does so through an int32 per
+weight and several float copies: ~150 MB of temporaries for one 8192 x 2048 MLP matrix, the largest
+single part of an int4 QLoRA step. RowwiseInt4Linear computes the same values DEQUANTIZE_ROWS rows
+at a time into the output, leaving the temporaries of a slice.
 """
 
 from __future__ import annotations
@@ -23,9 +30,10 @@ import torch
 from torch import nn
 
 from ..quantization import QuantizedEmbedding
-from ..quantization.linear import Int4Linear, Int8Linear, check_mode, pack_nibbles, quantize_int4
+from ..quantization.linear import Int4Linear, Int8Linear, check_mode, dequantize_int4, pack_nibbles, quantize_int4
 
 CHUNK_ROWS = 4096  # rows of the embedding table quantized at a time while loading
+DEQUANTIZE_ROWS = 1024  # rows of an int4 weight widened at a time by RowwiseInt4Linear
 
 
 class LoadedQuantizedEmbedding(QuantizedEmbedding):
@@ -122,3 +130,38 @@ def swap_embedding(model: nn.Module, mode: str, group_size: int, dtype: torch.dt
     if model.config.tie_word_embeddings:
         model.output = TiedOutput(model.tok_embeddings)
     return ["tok_embeddings"]
+
+
+class RowwiseInt4Linear(Int4Linear):
+    """An Int4Linear whose dequantize() widens DEQUANTIZE_ROWS rows at a time into the (N, K) result:
+    the same values, with the temporaries of a slice. Takes over the module's buffers and settings
+    (no copy); inherits everything else."""
+
+    def __init__(self, module: Int4Linear):
+        nn.Module.__init__(self)
+        for name, value in vars(module).items():  # in_features, out_features, group_size, use_kernel
+            if not name.startswith("_"):
+                setattr(self, name, value)
+        self._packed = None
+        for name, buffer in module._buffers.items():  # weight, scales_and_zeros
+            self.register_buffer(name, buffer)
+
+    def dequantize(self, dtype=None) -> torch.Tensor:
+        dtype = dtype or self.scales_and_zeros.dtype
+        out = torch.empty(self.out_features, self.in_features, dtype=dtype, device=self.weight.device)  # (N, K)
+        for start in range(0, self.out_features, DEQUANTIZE_ROWS):
+            rows = slice(start, start + DEQUANTIZE_ROWS)
+            out[rows] = dequantize_int4(self.weight[rows], self.scales_and_zeros[:, rows].transpose(0, 1),
+                                        self.group_size, dtype)  # fmt: skip
+        return out
+
+
+def rowwise_int4(model: nn.Module) -> list[str]:
+    """Swap every Int4Linear of the model's blocks for a RowwiseInt4Linear, in place; returns their names."""
+    swapped = []
+    for name, module in list(model.named_modules()):
+        if type(module) is Int4Linear and name.startswith("layers."):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, RowwiseInt4Linear(module))
+            swapped.append(name)
+    return swapped
