@@ -11,6 +11,7 @@ called on the engine thread, never from clocks.
 from __future__ import annotations
 
 import copy
+import shutil
 import threading
 from pathlib import Path
 
@@ -300,11 +301,18 @@ def compiled_engine_matches_eager(started, ref, backend):
     torch._dynamo.reset()
 
 
+needs_compile = pytest.mark.skipif(not hasattr(torch, "compile"), reason="torch.compile needs torch >= 2.0")
+
+
+@pytest.mark.slow  # two graphs captured: about 40 s on a contended CPU
+@needs_compile
 def test_the_compiled_decode_step_gives_the_eager_tokens(started, ref):
     compiled_engine_matches_eager(started, ref, "aot_eager")
 
 
 @pytest.mark.slow
+@needs_compile
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="inductor on CPU needs a C++ compiler")
 def test_the_inductor_compiled_decode_step_gives_the_eager_tokens(started, ref):
     compiled_engine_matches_eager(started, ref, "inductor")
 
@@ -314,3 +322,37 @@ def test_compile_refuses_per_request_adapters():
     lora.apply_lora(model, ["q_proj"], rank=2, name="a")
     with pytest.raises(ValueError, match=r"compile does not support per-request LoRA adapters \(a\)"):
         Engine(model, llama.load_tokenizer(KJV), compile=True)
+
+
+# ---- the server ---------------------------------------------------------------------------------------
+
+
+def test_usage_reports_the_cached_prompt_tokens(started):
+    import httpx
+    from test_serve import Server
+
+    from llama.serving.app import create_app
+
+    engine = Engine(random_model(CONFIG), llama.load_tokenizer(KJV), max_batch_size=2, prefix_cache_tokens=512)
+    with Server(create_app(engine, model_name="tiny")) as server:
+        usage = []
+        for prompt in (SYSTEM + [7, 8], SYSTEM + [9]):
+            response = httpx.post(f"{server.url}/v1/completions", json={"prompt": prompt, "max_tokens": 2}, timeout=60)
+            assert response.status_code == 200, response.text
+            usage.append(response.json()["usage"])
+    assert [u["prompt_tokens_details"]["cached_tokens"] for u in usage] == [0, 192]
+    assert [u["prompt_tokens"] for u in usage] == [203, 202]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--compile", "--lora", "x=dir"], "--compile does not support --lora"),
+    (["--prefix-cache-tokens", "8"], "--prefix-cache-tokens must be 0 or at least one block of 16 tokens, got 8"),
+    (["--prefill-chunk", "-1"], "--prefill-chunk must be at least 0, got -1"),
+])  # fmt: skip
+def test_serve_script_refuses_schedule_flags_it_cannot_honour(flags, message):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "scripts" / "serve.py"), *flags],
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 2 and message in result.stderr, result.stderr

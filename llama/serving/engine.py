@@ -12,15 +12,16 @@ The KV cache is set up once, as a pool of `max_batch_size` rows ("slots") of `ma
 positions: that is all the memory keys and values will ever take. A running sequence owns one slot.
 One engine thread loops:
 
-  1. admit: give waiting sequences free slots and prefill their prompts, several of similar length
-     together, right-padded to the longest, in one forward (model(prompts, 0, cache_rows=slots));
-     each samples its first token from its own last prompt position. The padding writes junk beyond
-     a row's prompt, which the model never attends to (it lies past the row's position) and
-     generation overwrites;
-  2. decode: one forward for all running sequences: row b feeds its last token at its own position
-     into its own slot (start_pos and cache_rows are (B,) tensors); each row is sampled with its own
-     parameters and its own random generator;
-  3. retire: a sequence that produced a stop token, completed a stop string, reached max_tokens or
+  1. admit: give waiting sequences free slots (and their cached prefixes, see below) and queue
+     their prompts for prefill, several of similar length together, right-padded to the longest
+     (model(prompts, start, cache_rows=slots)); each samples its first token from its own last
+     prompt position once its prompt is in. The padding writes junk beyond a row's prompt, which the
+     model never attends to (it lies past the row's position) and generation overwrites;
+  2. prefill: one chunk of the queued prompts (see the prefill policy below);
+  3. decode: one forward for all running sequences whose prompts are in: row b feeds its last token
+     at its own position into its own slot (start_pos and cache_rows are (B,) tensors); each row is
+     sampled with its own parameters and its own random generator;
+  4. retire: a sequence that produced a stop token, completed a stop string, reached max_tokens or
      was cancelled frees its slot for the next admit. Its stale keys and values need no clearing: the
      model never attends past a row's current position, and the next prefill overwrites them.
 
@@ -44,15 +45,41 @@ adapter adds its low-rank product s * B (A x) to its own rows only (lora.per_row
 request computes what the model with only its adapter active computes, up to the same rounding as
 any batch.
 
-Prefill policy. Prefilling together pays where a forward is bound by reading the weights (a
+Prefill policy (Sarathi, Agrawal et al., 2023: "chunked prefills"). Prefilling together pays where a forward is bound by reading the weights (a
 prompt of 10 tokens costs about one decode step, so 16 short prompts alone cost 16 steps and
 together about one). Where it is bound by compute (long prompts, CPUs), padding tokens cost as much
 as real ones, so prompts are grouped by length: a group's real tokens are at least 2/3 of its padded
 size. Each step admits waiting sequences in arrival order up to max_prefill_tokens prompt tokens
-(at least one sequence). A group is prefilled max_prefill_tokens positions per forward (chunks
-through the cache: llama.core.generation.prefill), so a prompt as long as the pool's rows takes
-memory bounded by that chunk and the pool, not by its length. Prefills run before the next decode
-step, so a burst of long prompts delays the tokens of running sequences.
+(at least one sequence). A group is prefilled in chunks through the cache
+(llama.core.generation.ChunkedPrefill), so a prompt as long as the pool's rows takes memory bounded
+by the chunk and the pool, not by its length. While sequences decode, a step runs one chunk of at
+most prefill_chunk tokens (rows x positions) of the group with the fewest positions left, then the
+decode step: a long prompt costs each running stream about one chunk's time per token instead of
+stalling it for the whole prompt, and the prompt's own first token comes later by the decode steps
+between its chunks. With nothing decoding there is nothing to interleave: a chunk is then up to
+max(max_prefill_tokens, prefill_chunk) tokens. prefill_chunk=None restores the plain schedule:
+every admitted prompt whole (max_prefill_tokens positions per forward) before the next decode step.
+A row cancelled mid-prefill keeps its slot until its group's prefill ends (the forward still
+writes it). Where the chunks fall changes only rounding (each chunk attends to the cache holding
+everything before it), so chunked and one-shot prefill give the same greedy tokens up to ties.
+
+Prefix caching (prefix_cache_tokens > 0; llama/serving/prefix_cache.py). When a prompt is in, its
+whole blocks of prefix_block tokens are copied from its slot into a store of their own, keyed by
+their tokens, everything before them and the request's adapter. An admitted prompt that begins with
+stored blocks gets them copied into its slot and prefills only the rest, from that position (rows of
+one forward may start at different positions). The last prompt token is always computed (it gives
+the first new token); a request asking for prompt_logprobs is computed whole (those need every
+position's logits). A stored block holds the bytes the first request computed, so a hit computes
+what a miss computes up to the rounding of a different chunking. Stats.cached_tokens reports the
+tokens taken from the store.
+
+Compiled decode step (compile=True). The decode forward runs through torch.compile
+(llama.core.generation.compiled_decode_step with dynamic=True): the batch size and the cache length
+attended to are symbolic, so one graph serves a batch of 1 and one every larger batch, at any
+length; warm_up() compiles both before start(). The step attends to the same positions as eager
+(0 .. the longest row's). Not with per-request LoRA adapters (each batch's mix of adapters would be a
+new graph) or dynamic NTK RoPE scaling (frequencies that change with the length); prefill stays
+eager (its shapes change with every prompt).
 
 Sampling a row. Each request's logits go through, in order: its logit_bias (added), OpenAI's
 presence and frequency penalties (for token j generated c_j times so far, the logit drops by
