@@ -45,7 +45,7 @@ adapter adds its low-rank product s * B (A x) to its own rows only (lora.per_row
 request computes what the model with only its adapter active computes, up to the same rounding as
 any batch.
 
-Prefill policy (Sarathi, Agrawal et al., 2023: "chunked prefills"). Prefilling together pays where a forward is bound by reading the weights (a
+Prefill policy. Prefilling together pays where a forward is bound by reading the weights (a
 prompt of 10 tokens costs about one decode step, so 16 short prompts alone cost 16 steps and
 together about one). Where it is bound by compute (long prompts, CPUs), padding tokens cost as much
 as real ones, so prompts are grouped by length: a group's real tokens are at least 2/3 of its padded
@@ -62,6 +62,7 @@ every admitted prompt whole (max_prefill_tokens positions per forward) before th
 A row cancelled mid-prefill keeps its slot until its group's prefill ends (the forward still
 writes it). Where the chunks fall changes only rounding (each chunk attends to the cache holding
 everything before it), so chunked and one-shot prefill give the same greedy tokens up to ties.
+(Chunked prefills interleaved with decodes: Agrawal et al., 2023, "SARATHI".)
 
 Prefix caching (prefix_cache_tokens > 0; llama/serving/prefix_cache.py). When a prompt is in, its
 whole blocks of prefix_block tokens are copied from its slot into a store of their own, keyed by
@@ -332,7 +333,11 @@ class Engine:
     has embeddings is refused (TokenizerMismatchError): it belongs to another checkpoint.
     kv_cache_dtype: how the pool stores keys and values ("int8", "fp8", a float dtype; default the
     model's choice, see llama/core/cache.py). A prompt is prefilled max_prefill_tokens positions per
-    forward, so its memory is bounded by that and the pool, not by its length.
+    forward, so its memory is bounded by that and the pool, not by its length. prefill_chunk: the
+    most prompt tokens prefilled per step while sequences decode (None: whole prompts before the
+    next decode step); prefix_cache_tokens: positions of the prefix cache, in blocks of prefix_block
+    (0: none); compile: the decode step through torch.compile (see the module docstring; call
+    warm_up() before start() to compile it up front).
     """
 
     def __init__(self, model, tokenizer, *, max_batch_size: int = 8, max_seq_len: int | None = None,
