@@ -327,7 +327,7 @@ def test_compile_refuses_per_request_adapters():
 # ---- the server ---------------------------------------------------------------------------------------
 
 
-def test_usage_reports_the_cached_prompt_tokens(started):
+def test_usage_reports_the_cached_prompt_tokens():
     import httpx
     from test_serve import Server
 

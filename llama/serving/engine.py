@@ -128,6 +128,7 @@ import torch
 
 from ..core.generation import (ChunkedPrefill, GenerationError, SamplingParams, apply_repetition_penalty, check_seed,
                                compiled_decode_step, sample)  # fmt: skip
+from ..core.cache import KVCache
 from ..core.stops import StopMatcher
 from ..core.tokenizer import check_vocabulary
 from ..training import lora
@@ -375,6 +376,9 @@ class Engine:
         model.setup_cache(max_batch_size, self.context_len, kv_cache_dtype=kv_cache_dtype)
         self.prefixes = None
         if prefix_cache_tokens:
+            if not isinstance(getattr(model, "cache", None), KVCache):
+                raise ValueError(f"prefix caching needs a model that keeps its KVCache in .cache (a llama.Transformer), "
+                                 f"not a {type(model).__name__}")  # fmt: skip
             self.prefixes = PrefixCache(model.cache, tokens=prefix_cache_tokens, block=prefix_block)
         self._step_fn = None  # the compiled decode step, or None: eager
         if compile:

@@ -129,7 +129,7 @@ class PrefixCache:
         the number of blocks copied in (those already stored are only marked as used)."""
         self.tick += 1
         length = len(prompt) if length is None else length
-        parent, added = None, 0
+        parent, new = None, []  # new: (block index in the prompt, store row) of the blocks to copy in
         chain: set[Block] = set()  # the blocks of this prompt: never evicted while storing it
         for i in range(length // self.block):
             key = self._key(parent, adapter, prompt, i)
@@ -142,16 +142,21 @@ class PrefixCache:
                 self.index[key] = block
                 if parent is not None:
                     parent.children += 1
-                positions = slice(i * self.block, (i + 1) * self.block)
-                for source, target in zip(self.pool.layers, self.store_cache.layers):
-                    for buffer, stored in zip(source.buffers(), target.buffers()):
-                        stored[slot] = buffer[row, :, positions]
-                added += 1
+                new.append((i, slot))
             block.used = self.tick
             chain.add(block)
             parent = block
-        self.stats.stored_blocks += added
-        return added
+        if new:  # one copy per buffer for all the new blocks
+            device = self.store_cache.layers[0].k.device
+            slots = torch.tensor([slot for _, slot in new], device=device)  # (N,)
+            positions = torch.tensor([i * self.block + j for i, _ in new for j in range(self.block)], device=device)
+            for source, target in zip(self.pool.layers, self.store_cache.layers):
+                for buffer, stored in zip(source.buffers(), target.buffers()):
+                    # buffer[row, :, positions]: (Hkv, N * block, X) -> (N, Hkv, block, X), a block per store row
+                    picked = buffer[row][:, positions]
+                    stored[slots] = picked.view(picked.shape[0], len(new), self.block, -1).transpose(0, 1)
+        self.stats.stored_blocks += len(new)
+        return len(new)
 
     def _free_row(self, protected: set[Block]) -> int | None:
         if self.free:
