@@ -160,6 +160,47 @@ def test_a_running_stream_keeps_receiving_tokens_while_a_long_prompt_prefills(st
         assert generated == list(range(generated[0], generated[0] + 19))
 
 
+def test_a_prompt_cancelled_mid_prefill_keeps_its_slot_until_its_group_stops_writing_it(started, ref):
+    """Two long prompts prefilled together; one is cancelled after 3 chunks. Its slot is taken back only
+    when the group's prefill ends: a request given it earlier would have its keys and values
+    overwritten by the group's next chunks."""
+    # late: shorter than what the group has left when it arrives, so it is prefilled first, and longer
+    # than where the group's chunks then write: in the cancelled row's slot, those would overwrite it.
+    short, late = [1] + ids(4, 1), [1] + ids(119, 3)
+    longs = [[1] + ids(200, 2), [1] + ids(200, 4)]
+    engine = started(max_batch_size=3, prefill_chunk=32)  # two rows: 16 positions a chunk
+    chunks, tickets, outs, done = [], {}, {0: [], 2: [], 3: []}, {2: threading.Event(), 3: threading.Event()}
+    long_sent = threading.Event()
+
+    def hook(module, args, out):  # the engine thread
+        if args[0].shape[0] == 2 and args[0].shape[1] > 1:  # a chunk of the two long prompts (not a decode step)
+            chunks.append(args[0].shape[1])
+            if len(chunks) == 3:
+                tickets[1].cancel()
+                tickets[2] = engine.submit([Request(late, 5, stop_tokens=NO_STOP)], sink(2))
+
+    def sink(name):
+        def receive(i, delta):
+            outs[name] += delta.tokens
+            if name == 0 and not long_sent.is_set():
+                assert long_sent.wait(30)  # the short stream runs: hold the engine until both long prompts are queued
+            if delta.finish_reason is not None and name in done:
+                assert delta.error is None, delta.error
+                done[name].set()
+        return receive
+
+    engine.model.register_forward_hook(hook)
+    tickets[0] = engine.submit([Request(short, 60, stop_tokens=NO_STOP)], sink(0))
+    tickets[1] = engine.submit([Request(longs[0], 5, stop_tokens=NO_STOP)], lambda i, d: pytest.fail(f"cancelled, got {d}"))
+    tickets[3] = engine.submit([Request(longs[1], 5, stop_tokens=NO_STOP)], sink(3))
+    long_sent.set()
+    assert done[2].wait(120) and done[3].wait(120)
+    assert chunks == [16] * 12 + [9]  # 201 positions: the group went on with both rows to its end
+    assert outs[3] == alone(ref, longs[1], 5) and outs[2] == alone(ref, late, 5)
+    assert outs[0] == alone(ref, short, 60)[: len(outs[0])]
+    assert engine.stats()["cancelled"] == 1 and engine.stats()["errors"] == 0
+
+
 # ---- the prefix cache ---------------------------------------------------------------------------------
 
 
