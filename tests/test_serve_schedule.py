@@ -397,3 +397,9 @@ def test_serve_script_refuses_schedule_flags_it_cannot_honour(flags, message):
     result = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "scripts" / "serve.py"), *flags],
                             capture_output=True, text=True, timeout=60)  # fmt: skip
     assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_compile_refuses_dynamic_ntk_scaling():
+    model = random_model(CONFIG.with_rope_scaling("dynamic:2"))
+    with pytest.raises(ValueError, match="compile does not support dynamic NTK RoPE scaling"):
+        Engine(model, llama.load_tokenizer(KJV), compile=True)
