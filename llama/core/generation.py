@@ -199,13 +199,16 @@ class ChunkedPrefill:
     def step(self, chunk: int | None = None) -> int:
         """Run the next `chunk` positions (default: the chunk given at construction)."""
         begin = self.begin
-        logits = self.model(self.tokens[:, begin : begin + (chunk or self.chunk)], self.start_pos + begin,
-                            cache_rows=self.cache_rows)  # (B, C, V)  # fmt: skip
+        tokens = self.tokens[:, begin : begin + (chunk or self.chunk)]  # (B, C)
+        end = begin + tokens.shape[1]
+        here = ((self.last >= begin) & (self.last < end)).nonzero().flatten()  # rows whose prompt ends in this chunk
+        # Without on_logits only each row's last prompt position is needed: keep one position per row
+        # (any, for rows whose prompt does not end here) instead of C positions x V logits.
+        keep = None if self.on_logits is not None else (self.last - begin).clamp(0, tokens.shape[1] - 1)
+        logits = self.model(tokens, self.start_pos + begin, cache_rows=self.cache_rows, keep=keep)  # (B, C or 1, V)
         if self.logits is None:
             self.logits = logits.new_empty(self.tokens.shape[0], logits.shape[-1])
-        end = begin + logits.shape[1]
-        here = ((self.last >= begin) & (self.last < end)).nonzero().flatten()  # rows whose prompt ends in this chunk
-        self.logits[here] = logits[here, self.last[here] - begin]
+        self.logits[here] = logits[here, 0] if keep is not None else logits[here, self.last[here] - begin]
         if self.on_logits is not None:
             self.on_logits(begin, logits)
         self.begin = end

@@ -326,7 +326,8 @@ class Engine:
     """Runs `model` for many requests at once with continuous batching (see the module docstring).
 
     `model` is a llama.Transformer, or anything with its `config`, `tok_embeddings` (for the device),
-    `setup_cache(rows, positions)` and `model(tokens, start_pos, cache_rows=rows) -> logits`. The
+    `setup_cache(rows, positions)` and `model(tokens, start_pos, cache_rows=rows, keep=None) -> logits`
+    (keep: Transformer.forward's). The
     engine owns the model's KV cache (setup_cache is called here): do not run llama.generate on the
     same model object while the engine lives. max_seq_len (default: the model's) bounds prompt +
     max_tokens of every request, and with max_batch_size the pool's memory. stop_tokens default to
