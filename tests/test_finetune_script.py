@@ -61,7 +61,9 @@ def run(argv, capsys):
 def base_args(data, out, *extra):
     return ["--checkpoint", BUNDLED, "--data", str(data / "train.jsonl"), "--valid", str(data / "valid.json"),
             "--out", str(out), "--batch-size", "4", "--max-steps", "4", "--eval-every", "2", "--no-progress",
-            "--precision", "float32", *extra]  # fmt: skip
+            "--precision", "float32",
+            # 0: leave glibc's heap as it is: the script's mallopt would stay set for the test process
+            "--malloc-mmap-threshold", "0", *extra]  # fmt: skip
 
 
 def test_lora_run_writes_a_peft_adapter_that_loads_everywhere(data, tmp_path, capsys):
@@ -168,6 +170,7 @@ def test_user_errors_exit_2_before_training(data, tmp_path, capsys):
         (["--method", "full", "--layers", "6"], "layers [6] do not exist; the model has layers 0..5"),
         (["--method", "lora", "--layers", "6"], "layers [6] do not exist; the model has layers 0..5"),
         (["--method", "lora", "--quantize", "int8"], "quantize='int8' is for method qlora"),
+        (["--malloc-mmap-threshold", "-1"], "the mmap threshold must be >= 0 bytes, got -1"),
         (["--checkpoint", str(tmp_path)], "error: "),
     ]  # fmt: skip
     for extra, message in cases:
