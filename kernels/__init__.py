@@ -25,6 +25,7 @@ on PyTorch. A float32 model has nothing to swap and is left alone without compil
 
 from __future__ import annotations
 
+from llama.core.checkpoint import release_freed_memory
 from llama.core.model import Attention, FeedForward, Transformer
 
 from . import native as native_kernels
@@ -106,4 +107,5 @@ def optimize(
     if native:
         native_kernels.swap_native_linears(model)
         native_kernels.swap_native_attention(model)
+    release_freed_memory()  # the separate weights the fusions replaced: hand their pages back
     return model

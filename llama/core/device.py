@@ -69,3 +69,15 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if bf16_supported(device):
         return torch.bfloat16
     return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device a model runs on: its embedding's (a float table's, or a QuantizedEmbedding's)."""
+    embedding = model.tok_embeddings
+    return embedding.weight.device if isinstance(embedding, torch.nn.Embedding) else embedding.device
+
+
+def model_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype of a model's activations (its residual stream): the embedding's output dtype."""
+    embedding = model.tok_embeddings
+    return embedding.weight.dtype if isinstance(embedding, torch.nn.Embedding) else embedding.dtype
