@@ -104,8 +104,10 @@ def optimize(
         if type(block.feed_forward) is FeedForward and fuse_gate_up:
             block.feed_forward = FusedFeedForward(block.feed_forward)
         # GeluFeedForward (config.mlp = "gelu") has no gate/up pair to fuse: it runs as written.
+        # The layer's separate weights are gone: hand their pages back now, or the C allocator keeps
+        # them (too small for the next layer's stacked weights) and memory grows layer by layer.
+        release_freed_memory()
     if native:
         native_kernels.swap_native_linears(model)
         native_kernels.swap_native_attention(model)
-    release_freed_memory()  # the separate weights the fusions replaced: hand their pages back
     return model

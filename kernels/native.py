@@ -528,16 +528,20 @@ def swap_native_linears(model: nn.Module, max_rows: int | None = None) -> list[s
     if not candidates or not _load():  # build only when there is something to swap
         return []
     names = {id(m): n for n, m in model.named_modules()}
-    swapped = []
-    made: dict[int, nn.Module | None] = {}  # one swap per module, whichever names it has (a tied table)
+    places: dict[int, list] = {}  # one swap per module, under every name it has (a tied table and output)
     for parent, name, child in candidates:
-        if id(child) not in made:
-            made[id(child)] = _native_version(child, max_rows)
-            if made[id(child)] is not None:
-                swapped.append(names.get(id(child), name))
-        if made[id(child)] is not None:
-            setattr(parent, name, made[id(child)])
-    release_freed_memory()  # NativeInt4Linear let the int4 buffers go: hand their pages back
+        places.setdefault(id(child), [child]).append((parent, name))
+    del candidates
+    swapped = []
+    while places:  # popped one by one, so that a replaced module (NativeInt4Linear's int4 buffers) goes at once
+        child, *where = places.popitem()[1]
+        new = _native_version(child, max_rows)
+        if new is not None:
+            for parent, name in where:
+                setattr(parent, name, new)
+            swapped.append(names.get(id(child), where[0][1]))
+        del child, new, where
+    release_freed_memory()  # hand the pages of the replaced buffers back
     return swapped
 
 

@@ -32,7 +32,8 @@ from weights.gguf import BLOCK, GGMLType, dequantize, quantize_q8_0
 from ..core import gguf as core_gguf
 from ..core.gguf import Fill
 from .embedding import QuantizedEmbedding
-from .linear import Int4Linear, Int8Linear, _row_chunks, check_mode, pack_nibbles, target_names
+from .linear import (Int4Linear, Int8Linear, _row_chunks, check_mode, pack_nibbles, quantize_int4, quantize_int8,
+                     target_names)  # fmt: skip
 
 Q8_0_BLOCK = 34  # bytes of one Q8_0 block: fp16 d, then 32 int8 values
 Q4_0_BLOCK = 18  # fp16 d, then 16 bytes of 4-bit values
@@ -173,7 +174,7 @@ def load(path: str | os.PathLike, mode: str, *, group_size: int = 128, include_o
         if mode == "int8" or K % group_size == 0:
             module = Int8Linear(K, N, dtype, "meta") if mode == "int8" else Int4Linear(K, N, group_size, dtype, "meta")
             requantized.append(name)
-            return module, lambda weight: module.load_weight(weight.dequantized(dtype))
+            return module, lambda weight: _requantize(module, weight, dtype)
         return None  # stays in float, as llama/quantization does with a width the groups do not divide
 
     def swap(model, dtype, types):
@@ -216,6 +217,25 @@ def load(path: str | os.PathLike, mode: str, *, group_size: int = 128, include_o
     # that loading does not peak at the int32 copy torch's packing makes of each matrix (1 GB for a
     # 1B model's output projection).
     return model
+
+
+def _requantize(module: Int8Linear | Int4Linear, weight: core_gguf.StoredWeight, dtype: torch.dtype) -> None:
+    """module.load_weight(the weight dequantized to dtype), a slice of rows at a time: the same values
+    (both steps work row by row), without the whole float matrix (0.5 GB in bfloat16 for a 1B
+    model's output) existing at once."""
+    N, K = weight.shape
+    row_bytes = weight.data.numel() // N
+    int8 = isinstance(module, Int8Linear)
+    parts = []
+    for rows in _row_chunks(torch.empty(N, K, device="meta")):
+        w = dequantize(weight.data[rows.start * row_bytes : min(rows.stop, N) * row_bytes], weight.type, dtype)
+        q, scales = quantize_int8(w.view(-1, K)) if int8 else quantize_int4(w.view(-1, K), module.group_size)
+        parts.append((q if int8 else pack_nibbles(q), scales))
+    if int8:
+        module.weight, module.scales = torch.cat([q for q, _ in parts]), torch.cat([s for _, s in parts]).to(dtype)
+    else:  # scales_and_zeros: (K/G, N, 2)
+        module.weight = torch.cat([q for q, _ in parts])
+        module.scales_and_zeros = torch.cat([sz for _, sz in parts], dim=1).to(dtype)
 
 
 def _fill_int4(module: Int4Linear, raw: torch.Tensor) -> None:
