@@ -540,8 +540,10 @@ def swap_native_linears(model: nn.Module, max_rows: int | None = None) -> list[s
             for parent, name in where:
                 setattr(parent, name, new)
             swapped.append(names.get(id(child), where[0][1]))
+        repacked = isinstance(new, NativeInt4Linear)
         del child, new, where
-    release_freed_memory()  # hand the pages of the replaced buffers back
+        if repacked:  # hand the pages of the int4 buffers back before the next packing asks for more
+            release_freed_memory()
     return swapped
 
 
