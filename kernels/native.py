@@ -364,35 +364,39 @@ class NativeInt4Linear(Int4Linear):
 
     # ---- the Int4Linear buffers, read back from the packing (gemv_int4.cpp describes the layout) ----
 
-    def _unpack(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Output rows `rows` (n,) -> (q (n, K) uint8 in 0..15, sz (n, K/G, 2) bfloat16)."""
-        K, G = self.in_features, self.group_size
-        records = self.packed.view(-1, K // G, 64 + 8 * G)[rows // 16]  # (n, K/G, record): each row's block
-        i = rows % 16  # the row's place in its block
-        n = torch.arange(rows.numel(), device=rows.device)
-        sz = records[..., :64].contiguous().view(torch.bfloat16).view(-1, K // G, 16, 2)[n, :, i]  # (n, K/G, 2)
-        quads = records[..., 64:].view(-1, K // G, G // 4, 16, 2)[n, :, :, i]  # (n, K/G, G/4, 2)
+    def _unpack(self, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Output rows `rows` (n,), or all N -> (q (n, K) uint8 in 0..15, sz (n, K/G, 2) bfloat16)."""
+        N, K, G = self.out_features, self.in_features, self.group_size
+        records = self.packed.view(-1, K // G, 64 + 8 * G)  # (blocks of 16 rows, K/G, record)
+        if rows is not None:
+            records = records[rows // 16]  # (n, K/G, record): each row's block
+        sz = records[..., :64].contiguous().view(torch.bfloat16).view(-1, K // G, 16, 2)  # row i's (s, z) at [:, :, i]
+        quads = records[..., 64:].reshape(-1, K // G, G // 4, 16, 2)  # row i's bytes at [:, :, :, i]
+        if rows is None:  # every row: rows to the front, (blocks, 16) -> N
+            sz = sz.transpose(1, 2).reshape(-1, K // G, 2)[:N]
+            quads = quads.permute(0, 3, 1, 2, 4).reshape(-1, K // G, G // 4, 2)[:N]
+        else:
+            n, i = torch.arange(rows.numel(), device=rows.device), rows % 16
+            sz, quads = sz[n, :, i], quads[n, :, :, i]  # (n, K/G, 2), (n, K/G, G/4, 2)
         # byte t of a row in quad j holds k = 4j + t (low nibble) and 4j + 2 + t (high nibble)
         q = torch.cat([quads & 15, quads >> 4], dim=-1)  # (n, K/G, G/4, 4): k = 4j + 0, 1, 2, 3
         return q.view(-1, K), sz
 
     @property
     def weight(self) -> torch.Tensor:
-        q, _ = self._unpack(torch.arange(self.out_features, device=self.packed.device))
-        return pack_nibbles(q)  # (N, K/2)
+        return pack_nibbles(self._unpack()[0])  # (N, K/2)
 
     @property
     def scales_and_zeros(self) -> torch.Tensor:
-        _, sz = self._unpack(torch.arange(self.out_features, device=self.packed.device))
-        return sz.transpose(0, 1).contiguous()  # (K/G, N, 2)
+        return self._unpack()[1].transpose(0, 1).contiguous()  # (K/G, N, 2)
 
     def dequantize(self, dtype=None) -> torch.Tensor:
-        return self.dequantize_rows(torch.arange(self.out_features, device=self.packed.device), dtype)
+        q, sz = self._unpack()
+        return dequantize_int4(q, sz, self.group_size, dtype or torch.bfloat16)
 
     def dequantize_rows(self, index: torch.Tensor, dtype=None) -> torch.Tensor:
         q, sz = self._unpack(index.reshape(-1))
-        w = dequantize_int4(pack_nibbles(q), sz, self.group_size, dtype or torch.bfloat16)
-        return w.view(*index.shape, self.in_features)
+        return dequantize_int4(q, sz, self.group_size, dtype or torch.bfloat16).view(*index.shape, self.in_features)
 
     def load_weight(self, w: torch.Tensor) -> None:
         q, sz = quantize_int4(w, self.group_size)

@@ -173,7 +173,7 @@ def run_once(llm, prompt_ids: list[int], n_new: int, args, seed, device, draft=N
 
     from llama.core.generation import stream
     from llama.core.speculative import SpeculativeStats, speculative_stream
-    from llama.training.evaluate import bytes_per_token
+    from llama.core.device import weight_bytes_per_token as bytes_per_token
 
     decoder = llm.tokenizer.stream_decoder(prompt_ids)
     ids: list[int] = []
