@@ -62,15 +62,16 @@ def test_kept_embedding_gives_the_dequantized_embeddings_logits(tmp_path, model,
     assert torch.equal(quantized.tok_embeddings(TOKENS), reference["tok_embeddings.weight"][TOKENS])
     assert torch.equal(quantized.tok_embeddings.dequantize(), reference["tok_embeddings.weight"])
     assert torch.equal(logits(quantized), logits(plain))
+    assert greedy(quantized) == greedy(plain)
     # bfloat16: Int4Linear's scales are rounded to bfloat16 (as in every bfloat16 Int4Linear), Q8_0's rows
-    # are rounded once from float32: to bfloat16 rounding of the logits, and the same greedy tokens
+    # are rounded once from float32: to bfloat16 rounding of the logits (a random model's near-flat
+    # logits make greedy tokens in bfloat16 a coin toss: they are compared in float32 above)
     quantized = llama.load(path, dtype="bfloat16", quantize=mode)
     plain = llama.load(path, dtype="bfloat16", quantize=mode, quantize_embedding=False)
     assert quantized.tok_embeddings(TOKENS).dtype == torch.bfloat16 and model_dtype(quantized) == torch.bfloat16
     expected = logits(plain)
     error = (logits(quantized) - expected).abs().max()
     assert error <= 4 * 2**-8 * expected.abs().max()  # a few bfloat16 roundings of the largest logit
-    assert greedy(quantized) == greedy(plain)
 
 
 def test_other_embedding_types_are_looked_up_as_stored(tmp_path, model):
@@ -103,8 +104,8 @@ def test_optimized_tied_model_holds_the_table_once(tmp_path):
     assert [n for n, _ in table.named_buffers()] == ["packed"]  # the kernel's packing is the only copy
     assert torch.equal(table.dequantize_rows(TOKENS), plain.tok_embeddings.table.dequantize_rows(TOKENS))
     assert torch.equal(fast.tok_embeddings(TOKENS), plain.tok_embeddings(TOKENS))
-    torch.testing.assert_close(logits(fast), logits(plain), rtol=0.05, atol=0.05)  # bf16 kernels and SDPA
-    assert greedy(fast) == greedy(plain)
+    expected = logits(plain)
+    assert (logits(fast) - expected).abs().max() <= 0.05 * expected.abs().max()  # bf16 kernels and SDPA
 
 
 def test_what_cannot_take_a_quantized_embedding_says_so(tmp_path):
@@ -120,7 +121,7 @@ def test_what_cannot_take_a_quantized_embedding_says_so(tmp_path):
         llama.distributed.tensor_parallel.split_modules(quantized, None, None)  # checks before it needs a plan
     with pytest.raises(ValueError, match="keeps GGUF's own blocks"):
         llama.quantization.save_quantized(quantized, tmp_path / "q")
-    with pytest.raises(ValueError, match="quantized"):
+    with pytest.raises(ValueError, match=r"the model is quantized \(int8\): save writes float checkpoints"):
         llama.save(quantized, tmp_path / "hf")
     # without quantize_embedding a float table, tied to no output copy when the output is not quantized
     plain = llama.load(path, dtype="float32", quantize="int8", quantize_output=False)
