@@ -15,6 +15,11 @@ import argparse
 import sys
 from pathlib import Path
 
+if __package__:  # installed as the package llama_cli
+    from .arg_types import positive_int
+else:  # python scripts/NAME.py: scripts/ is sys.path[0]
+    from arg_types import positive_int
+
 GGUF_OUTTYPES = ("f32", "f16", "bf16", "q8_0")  # llama.core.gguf.OUTTYPES, spelled out so --help needs no torch
 
 
@@ -34,16 +39,6 @@ def parse_size(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
     return int(value * scale)
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,19 +21,17 @@ import sys
 import time
 from pathlib import Path
 
+if __package__:  # installed as the package llama_cli
+    from .arg_types import positive_int
+else:  # python scripts/NAME.py: scripts/ is sys.path[0]
+    from arg_types import positive_int
+
 
 def _limit(value: str) -> int | float:
     number = float(value)
     if number <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {value}")
     return number if number < 1 else int(number)
-
-
-def _positive(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return number
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--include-path", action="append", default=[], help="a folder of extra lm-eval task YAMLs (repeatable)")
     p.add_argument("--limit", type=_limit, help="evaluate only the first N items of each task (a number below 1: that fraction)")
     p.add_argument("--num-fewshot", type=int, help="few-shot examples per item (default: each task's own)")
-    p.add_argument("--batch-size", type=_positive, default=8, help="sequences per forward pass (default 8)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="sequences per forward pass (default 8)")
     p.add_argument("--no-bos", action="store_true", help="do not put BOS in front of encoded text (as lm-eval's API models, e.g. "
                                                          "local-completions over scripts/serve.py; default: BOS, as its hf backend)")  # fmt: skip
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="weight dtype (default float32)")
@@ -53,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--group-size", type=int, default=128, help="int4 group size: 32, 64, 128 or 256 (default 128)")
     p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter (peft layout, e.g. from scripts/finetune.py) applied to the "
                                                    "checkpoint")  # fmt: skip
-    p.add_argument("--threads", type=_positive, help="CPU threads for torch (default: one per core, less the cores other "
+    p.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: one per core, less the cores other "
                                                      "processes kept busy over the last minute, at least 1)")  # fmt: skip
     p.add_argument("--seed", type=int, default=1234, help="lm-eval's random seeds (few-shot draws, sampling; default 1234)")
     p.add_argument("--output", help="write lm-eval's results JSON to this file")

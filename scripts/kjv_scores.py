@@ -30,6 +30,11 @@ import tempfile
 import time
 from pathlib import Path
 
+if __package__:  # installed as the package llama_cli
+    from .arg_types import positive_int
+else:  # python scripts/NAME.py: scripts/ is sys.path[0]
+    from arg_types import positive_int
+
 SERVE = Path(__file__).with_name("serve.py")  # scripts/serve.py, or llama_cli/serve.py when installed
 TASK = "kjv"
 COLUMNS = [  # (task, metric key, heading)
@@ -155,19 +160,12 @@ def replace_block(text: str, block: str) -> str:
     return pattern.sub(lambda _: f"{BEGIN}\n{block}\n{END}", text)
 
 
-def _positive(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return number
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="checkpoint directory with a sentencepiece tokenizer.model (default: the bundled model)")
-    p.add_argument("--limit", type=_positive, help="only the first N items of each task (default: all)")
-    p.add_argument("--batch-size", type=_positive, default=16, help="sequences per forward pass, and the server's slots (default 16)")
-    p.add_argument("--threads", type=_positive, default=1, help="CPU threads for torch, here and in the server (default 1)")
+    p.add_argument("--limit", type=positive_int, help="only the first N items of each task (default: all)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="sequences per forward pass, and the server's slots (default 16)")
+    p.add_argument("--threads", type=positive_int, default=1, help="CPU threads for torch, here and in the server (default 1)")
     p.add_argument("--no-server", action="store_true", help="skip the rows over scripts/serve.py")
     p.add_argument("--no-hf", action="store_true", help="skip lm-eval's hf backend (needs transformers)")
     p.add_argument("--readme", help="rewrite the block of scores in this README")

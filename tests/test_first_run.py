@@ -280,7 +280,9 @@ def test_serve_checks_its_port_before_loading():
                                     "bench_prefill.py", "kv_cache_quality.py", "position_perplexity.py",
                                     "extend_context.py"])  # fmt: skip
 def test_help_does_not_import_torch(script):
-    code = ("import runpy, sys\nsys.argv = [sys.argv[1], '--help']\ntry:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+    # sys.path[0] = the script's folder, as `python scripts/NAME.py` sets it (runpy does not)
+    code = ("import os, runpy, sys\nsys.argv = [sys.argv[1], '--help']\nsys.path.insert(0, os.path.dirname(sys.argv[0]))\n"
+            "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
             "except SystemExit:\n    pass\nprint('torch imported' if 'torch' in sys.modules else 'no torch')")  # fmt: skip
     result = subprocess.run([sys.executable, "-c", code, str(SCRIPTS / script)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr

@@ -156,33 +156,64 @@ PREFILL_CHUNK = 512
 
 
 def prefill(model: Transformer, tokens: torch.Tensor, lengths: torch.Tensor, *, chunk: int | None = PREFILL_CHUNK,
-            start_pos: int = 0, cache_rows: torch.Tensor | None = None,
+            start_pos: int | torch.Tensor = 0, cache_rows: torch.Tensor | None = None,
             progress: Callable[[int, int], None] | None = None,
             on_logits: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:  # fmt: skip
     """Write right-padded prompts into the model's KV cache and return the logits after each one.
 
     tokens: (B, T) int64, row b's prompt its first lengths[b] tokens, placed at positions start_pos..
-    (cache_rows: the cache row of each, as for Transformer.forward). `chunk` positions per forward
-    (None: all T at once); progress(done, T) after each; on_logits(begin, (B, C, V) logits) gets each
-    chunk's logits (e.g. for prompt logprobs). Returns (B, V) float32: the logits at each
-    row's last prompt token, i.e. the distribution of its first new token.
+    (an int, or (B,) per row; cache_rows: the cache row of each, as for Transformer.forward). `chunk`
+    positions per forward (None: all T at once); progress(done, T) after each; on_logits(begin,
+    (B, C, V) logits) gets each chunk's logits (e.g. for prompt logprobs). Returns (B, V) float32:
+    the logits at each row's last prompt token, i.e. the distribution of its first new token.
     """
-    B, T = tokens.shape
-    chunk = chunk or T
-    last = lengths.to(tokens.device) - 1  # (B,) each row's last prompt position
-    out = None
-    for begin in range(0, T, chunk):
-        logits = model(tokens[:, begin : begin + chunk], start_pos + begin, cache_rows=cache_rows)  # (B, C, V)
-        if out is None:
-            out = logits.new_empty(B, logits.shape[-1])
-        end = begin + logits.shape[1]
-        here = ((last >= begin) & (last < end)).nonzero().flatten()  # rows whose prompt ends in this chunk
-        out[here] = logits[here, last[here] - begin]
-        if on_logits is not None:
-            on_logits(begin, logits)
+    steps = ChunkedPrefill(model, tokens, lengths, chunk=chunk, start_pos=start_pos, cache_rows=cache_rows,
+                           on_logits=on_logits)  # fmt: skip
+    while not steps.done:
+        done = steps.step()
         if progress is not None:
-            progress(end, T)
-    return out
+            progress(done, steps.length)
+    return steps.logits
+
+
+class ChunkedPrefill:
+    """prefill() one chunk at a time, for a caller that runs other forwards between the chunks (a
+    server decoding its running sequences: llama/serving/engine.py). step() runs the next chunk and
+    returns the positions done; once `done`, `logits` is prefill()'s result. Between two steps the
+    cache rows of this prefill must not be written by anything else; other rows may be.
+    """
+
+    def __init__(self, model: Transformer, tokens: torch.Tensor, lengths: torch.Tensor, *, chunk: int | None,
+                 start_pos: int | torch.Tensor = 0, cache_rows: torch.Tensor | None = None,
+                 on_logits: Callable[[int, torch.Tensor], None] | None = None):  # fmt: skip
+        self.model, self.tokens, self.start_pos, self.cache_rows, self.on_logits = model, tokens, start_pos, cache_rows, on_logits
+        self.length = tokens.shape[1]  # T
+        self.chunk = chunk or self.length
+        self.last = lengths.to(tokens.device) - 1  # (B,) each row's last prompt position
+        self.begin = 0
+        self.logits: torch.Tensor | None = None  # (B, V), filled row by row as each prompt ends
+
+    @property
+    def done(self) -> bool:
+        return self.begin >= self.length
+
+    def step(self, chunk: int | None = None) -> int:
+        """Run the next `chunk` positions (default: the chunk given at construction)."""
+        begin = self.begin
+        tokens = self.tokens[:, begin : begin + (chunk or self.chunk)]  # (B, C)
+        end = begin + tokens.shape[1]
+        here = ((self.last >= begin) & (self.last < end)).nonzero().flatten()  # rows whose prompt ends in this chunk
+        # Without on_logits only each row's last prompt position is needed: keep one position per row
+        # (any, for rows whose prompt does not end here) instead of C positions x V logits.
+        keep = None if self.on_logits is not None else (self.last - begin).clamp(0, tokens.shape[1] - 1)
+        logits = self.model(tokens, self.start_pos + begin, cache_rows=self.cache_rows, keep=keep)  # (B, C or 1, V)
+        if self.logits is None:
+            self.logits = logits.new_empty(self.tokens.shape[0], logits.shape[-1])
+        self.logits[here] = logits[here, 0] if keep is not None else logits[here, self.last[here] - begin]
+        if self.on_logits is not None:
+            self.on_logits(begin, logits)
+        self.begin = end
+        return end
 
 
 @dataclass
@@ -358,9 +389,11 @@ def _decode_loop(model, prompts, max_new_tokens, params, seed, stop, stop_string
 CACHE_BUCKET = 256
 
 
-def decode_step(model: Transformer, token: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
-    """token: (B,) int64 at positions: (B,) -> next-token logits (B, V) float32."""
-    return model(token[:, None], positions, kv_len=kv_len)[:, -1]
+def decode_step(model: Transformer, token: torch.Tensor, positions: torch.Tensor, kv_len: int,
+                rows: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """token: (B,) int64 at positions: (B,) (in cache rows `rows`, (B,); None: rows 0..B-1) -> next-token
+    logits (B, V) float32."""
+    return model(token[:, None], positions, kv_len=kv_len, cache_rows=rows)[:, -1]
 
 
 def compiled_decode_step(model: Transformer, **options):

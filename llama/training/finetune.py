@@ -117,6 +117,9 @@ def load_for_finetuning(path: str | os.PathLike, spec: FinetuneSpec, *, dtype: s
             # comes with it).
             module.use_kernel = False
     if spec.method == "full":
+        bad = [i for i in spec.layers or () if not 0 <= i < len(model.layers)]
+        if bad:  # the same message as apply_lora's, not "no trainable parameters" later
+            raise ValueError(f"layers {bad} do not exist; the model has layers 0..{len(model.layers) - 1}")
         blocks = None if spec.layers is None else {f"layers.{i}." for i in spec.layers}
         for name, p in model.named_parameters():
             p.requires_grad_(blocks is None or name.startswith(tuple(blocks)))
