@@ -137,3 +137,21 @@ def test_quantized_embedding_from_float():
         torch.testing.assert_close(quantized(TOKENS % 300), embedding(TOKENS % 300), rtol=0, atol=0.3)
     with pytest.raises(TypeError, match="dequantize_rows"):
         QuantizedEmbedding(torch.nn.Linear(64, 300), torch.float32)
+
+
+def test_evaluation_runs_on_a_kept_embedding(tmp_path, model):
+    """perplexity, the lm-eval adapter and position NLL find the device through model_device, not a
+    float table's .weight: a GGUF model with its embedding kept quantized scores what the same file
+    with a float embedding scores."""
+    from llama.training.evaluate import perplexity
+    from llama.training.long_context import position_nll
+
+    path, _ = llama_cpp_file(tmp_path, T.Q8_0, model)
+    quantized = llama.load(path, dtype="float32", quantize="int8")
+    plain = llama.load(path, dtype="float32", quantize="int8", quantize_embedding=False)
+    assert type(quantized.tok_embeddings) is QuantizedEmbedding
+    tokens = TOKENS.flatten().tolist() * 3
+    got, expected = (perplexity(m, tokens, context_len=16, stride=8) for m in (quantized, plain))
+    assert got.n_tokens == expected.n_tokens and got.nll_sum == pytest.approx(expected.nll_sum, rel=1e-6)
+    windows = torch.tensor([tokens[:12], tokens[12:24]])
+    assert torch.allclose(position_nll(quantized, windows), position_nll(plain, windows), rtol=1e-6, atol=0)
