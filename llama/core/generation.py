@@ -24,6 +24,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 
 from .cache import check_kv_cache_dtype
+from .device import model_device, model_dtype
 from .model import Transformer
 
 
@@ -315,7 +316,7 @@ def _decode_loop(model, prompts, max_new_tokens, params, seed, stop, stop_string
         return
     longest = max(len(p) for p in prompts)
     vocab = model.config.vocab_size
-    device = model.tok_embeddings.weight.device
+    device = model_device(model)
     B = len(prompts)
     generator = None
     if seed is not None:
@@ -413,7 +414,7 @@ def static_cache(model: Transformer, batch_size: int, length: int, kv_cache_dtyp
     kv_cache_dtype (default: the model's choice), reusing the present one if it fits; returns its
     length (the kv_len to decode with). A new cache of another kind means one more compilation."""
     length = min(-(-length // CACHE_BUCKET) * CACHE_BUCKET, model.config.max_seq_len)
-    wanted = kv_cache_dtype or model.kv_cache_dtype or str(model.tok_embeddings.weight.dtype).removeprefix("torch.")
+    wanted = kv_cache_dtype or model.kv_cache_dtype or str(model_dtype(model)).removeprefix("torch.")
     if (model.cache_size is None or model.cache_size[0] != batch_size or model.cache_size[1] < length
             or model.cache.kv_cache_dtype != wanted):  # fmt: skip
         model.setup_cache(batch_size, length, kv_cache_dtype=kv_cache_dtype)
@@ -424,7 +425,7 @@ def warm_up(model: Transformer, batch_size: int, length: int, kv_cache_dtype: st
     """Compile the decode step for this batch size and cache length now (by running it once), so that
     the first generated tokens do not pay for it. Writes only cache slots a prefill overwrites."""
     kv_len = static_cache(model, batch_size, length, kv_cache_dtype)
-    device = model.tok_embeddings.weight.device
+    device = model_device(model)
     # Inputs made as _decode_loop makes them (inference tensors, not aliased): anything else is a
     # different guard, so a second compilation.
     with torch.inference_mode():

@@ -34,6 +34,7 @@ from torch import nn
 
 from .cache import KVCache, LayerCache, check_kv_cache_dtype  # noqa: F401 (LayerCache re-exported)
 from .config import ModelConfig, RopeScaling
+from .device import model_device, model_dtype
 from .recording import Recorder
 
 
@@ -318,10 +319,9 @@ class Transformer(nn.Module):
         stores keys and values -- "float32", "bfloat16", "float16", or quantized "int8" / "fp8"
         (cache.py); default self.kv_cache_dtype, else `dtype`, else the weights' dtype.
         """
-        param = self.tok_embeddings.weight
         shapes = [(layer.attention.n_kv_heads, layer.attention.head_dim) for layer in self.layers]
-        self.cache = KVCache(shapes, batch_size, max_seq_len or self.config.max_seq_len, dtype or param.dtype,
-                             device or param.device, check_kv_cache_dtype(kv_cache_dtype or self.kv_cache_dtype))  # fmt: skip
+        self.cache = KVCache(shapes, batch_size, max_seq_len or self.config.max_seq_len, dtype or model_dtype(self),
+                             device or model_device(self), check_kv_cache_dtype(kv_cache_dtype or self.kv_cache_dtype))  # fmt: skip
 
     def clear_cache(self) -> None:
         self.cache = None

@@ -201,11 +201,11 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(1).to(torch.int32)  # (N, K/2, 2) -> (N, K)
 
 
-def dequantize_int4(packed: torch.Tensor, sz: torch.Tensor, group_size: int, dtype) -> torch.Tensor:
-    """packed (n, K/2) uint8 (pack_nibbles) and sz (n, K/G, 2) scales and zeros -> (n, K) in dtype:
+def dequantize_int4(q: torch.Tensor, sz: torch.Tensor, group_size: int, dtype) -> torch.Tensor:
+    """q (n, K) integers in [0, 15] and sz (n, K/G, 2) scales and zeros -> (n, K) in dtype:
     (q - 8) * scale + zero, computed in dtype."""
-    n, K = packed.shape[0], packed.shape[1] * 2
-    q = unpack_nibbles(packed).view(n, K // group_size, group_size).to(dtype)  # (n, K/G, G)
+    n, K = q.shape
+    q = q.view(n, K // group_size, group_size).to(dtype)  # (n, K/G, G)
     sz = sz.to(dtype)
     return ((q - 8) * sz[..., :1] + sz[..., 1:]).view(n, K)
 
@@ -246,13 +246,14 @@ class Int4Linear(nn.Module):
     def dequantize(self, dtype=None) -> torch.Tensor:
         """The (N, K) weight the int4 values stand for."""
         dtype = dtype or self.scales_and_zeros.dtype
-        return dequantize_int4(self.weight, self.scales_and_zeros.transpose(0, 1), self.group_size, dtype)
+        return dequantize_int4(unpack_nibbles(self.weight), self.scales_and_zeros.transpose(0, 1), self.group_size, dtype)
 
     def dequantize_rows(self, index: torch.Tensor, dtype=None) -> torch.Tensor:
         """Rows `index` (any shape) of dequantize(dtype): (*index.shape, K); an embedding's lookup."""
         dtype = dtype or self.scales_and_zeros.dtype
         rows = index.reshape(-1)
-        w = dequantize_int4(self.weight[rows], self.scales_and_zeros[:, rows].transpose(0, 1), self.group_size, dtype)
+        sz = self.scales_and_zeros[:, rows].transpose(0, 1)  # (n, K/G, 2)
+        w = dequantize_int4(unpack_nibbles(self.weight[rows]), sz, self.group_size, dtype)
         return w.view(*index.shape, self.in_features)
 
     def _kernel_weight(self) -> torch.Tensor:

@@ -126,9 +126,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from ..core.cache import KVCache
+from ..core.device import model_device
 from ..core.generation import (ChunkedPrefill, GenerationError, SamplingParams, apply_repetition_penalty, check_seed,
                                compiled_decode_step, sample)  # fmt: skip
-from ..core.cache import KVCache
 from ..core.stops import StopMatcher
 from ..core.tokenizer import check_vocabulary
 from ..training import lora
@@ -371,7 +372,7 @@ class Engine:
         if stop_tokens is None:
             stop_tokens = getattr(model, "stop_tokens", None) or tokenizer.stop_tokens
         self.stop_tokens = frozenset(stop_tokens)
-        self.device = model.tok_embeddings.weight.device
+        self.device = model_device(model)
         # Several LoRA adapters on one base: each row of a forward uses its request's adapter (or none).
         self.adapters = tuple(lora.adapter_names(model))
         model.setup_cache(max_batch_size, self.context_len, kv_cache_dtype=kv_cache_dtype)
