@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from ..quantization import QuantizedEmbedding
-from ..quantization.linear import Int4Linear, Int8Linear, check_mode, dequantize_int4, pack_nibbles, quantize_int4
+from ..quantization.linear import (Int4Linear, Int8Linear, check_mode, dequantize_int4, pack_nibbles, quantize_int4,
+                                   unpack_nibbles)  # fmt: skip
 
 CHUNK_ROWS = 4096  # rows of the embedding table quantized at a time while loading
 DEQUANTIZE_ROWS = 1024  # rows of an int4 weight widened at a time by RowwiseInt4Linear
@@ -151,7 +152,7 @@ class RowwiseInt4Linear(Int4Linear):
         out = torch.empty(self.out_features, self.in_features, dtype=dtype, device=self.weight.device)  # (N, K)
         for start in range(0, self.out_features, DEQUANTIZE_ROWS):
             rows = slice(start, start + DEQUANTIZE_ROWS)
-            out[rows] = dequantize_int4(self.weight[rows], self.scales_and_zeros[:, rows].transpose(0, 1),
+            out[rows] = dequantize_int4(unpack_nibbles(self.weight[rows]), self.scales_and_zeros[:, rows].transpose(0, 1),
                                         self.group_size, dtype)  # fmt: skip
         return out
 
