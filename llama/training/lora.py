@@ -288,7 +288,8 @@ def merge_lora(model: Transformer) -> None:
         raise ValueError(f"cannot merge into quantized weights ({quantized[0]} ...): load the float checkpoint, "
                          "apply the adapter to it, then merge")  # fmt: skip
     for name, module in modules:
-        if name == "output" and module.base.weight is model.tok_embeddings.weight:
+        # (a QuantizedEmbedding has no float .weight: then the output is not the embedding)
+        if name == "output" and module.base.weight is getattr(model.tok_embeddings, "weight", None):
             module.base.weight = nn.Parameter(module.base.weight.detach().clone(), requires_grad=False)
             model.config = model.config.replace(tie_word_embeddings=False)
         w = module.base.weight
