@@ -25,6 +25,7 @@ on PyTorch. A float32 model has nothing to swap and is left alone without compil
 
 from __future__ import annotations
 
+from llama.core.checkpoint import release_freed_memory
 from llama.core.model import Attention, FeedForward, Transformer
 
 from . import native as native_kernels
@@ -103,6 +104,9 @@ def optimize(
         if type(block.feed_forward) is FeedForward and fuse_gate_up:
             block.feed_forward = FusedFeedForward(block.feed_forward)
         # GeluFeedForward (config.mlp = "gelu") has no gate/up pair to fuse: it runs as written.
+        # The layer's separate weights are gone: hand their pages back now, or the C allocator keeps
+        # them (too small for the next layer's stacked weights) and memory grows layer by layer.
+        release_freed_memory()
     if native:
         native_kernels.swap_native_linears(model)
         native_kernels.swap_native_attention(model)

@@ -71,7 +71,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llama.core.checkpoint import release_freed_memory
+from llama.core.device import model_device, model_dtype
 from llama.quantization import Int4Linear, Int8BlockLinear, Int8Linear
+from llama.quantization.linear import dequantize_int4, pack_nibbles, quantize_int4
 
 from .fused import FastAttention, FusedFeedForward
 from .support import check_supported
@@ -341,33 +344,89 @@ class NativeInt8BlockLinear(Int8BlockLinear):
 
 
 class NativeInt4Linear(Int4Linear):
-    """Int4Linear whose decode-sized calls go to gemv_int4 on its own packing of the weights (the
-    non-persistent buffer `packed`, remade when weights are loaded through load_state_dict or
-    load_weight). Shares the original's weight and scales_and_zeros."""
+    """Int4Linear whose decode-sized calls go to gemv_int4, holding its weights once: in the kernel's
+    packing (the buffer `packed`), made from the original's weight and scales_and_zeros, which are
+    not kept. `weight` and `scales_and_zeros` read the Int4Linear buffers back from the packing
+    (exactly: it holds every value and every bfloat16 scale and zero), for whatever asks for them;
+    the state dict holds them under those names, as an Int4Linear's, and loading one (or
+    load_weight) packs anew. The fallback (long prefills, other dtypes, other devices, gradients)
+    dequantizes from the packing too, never through torch's own int4 kernel, whose packing would
+    be a second copy."""
 
     def __init__(self, module: Int4Linear, max_rows: int = MAX_ROWS["int4"]):
-        super().__init__(module.in_features, module.out_features, module.group_size,
-                         module.scales_and_zeros.dtype, device="meta")  # fmt: skip
-        self.weight, self.scales_and_zeros = module.weight, module.scales_and_zeros  # the same tensors
-        self.use_kernel = module.use_kernel  # for the fallback: Int4Linear.forward
+        nn.Module.__init__(self)  # not Int4Linear's: its buffers would be the second copy
+        self.in_features, self.out_features, self.group_size = module.in_features, module.out_features, module.group_size
+        self.use_kernel = False  # the fallback dequantizes (Int4Linear.forward); see the class docstring
+        self._packed = None
         self.max_rows = max_rows
-        self.register_buffer("packed", self._pack(), persistent=False)
+        self.register_buffer("packed", pack_int4(module.weight, module.scales_and_zeros, self.group_size),
+                             persistent=False)  # fmt: skip
 
-    def _pack(self) -> torch.Tensor:
-        return pack_int4(self.weight, self.scales_and_zeros, self.group_size)
+    # ---- the Int4Linear buffers, read back from the packing (gemv_int4.cpp describes the layout) ----
+
+    def _unpack(self, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Output rows `rows` (n,), or all N -> (q (n, K) uint8 in 0..15, sz (n, K/G, 2) bfloat16)."""
+        N, K, G = self.out_features, self.in_features, self.group_size
+        records = self.packed.view(-1, K // G, 64 + 8 * G)  # (blocks of 16 rows, K/G, record)
+        if rows is not None:
+            records = records[rows // 16]  # (n, K/G, record): each row's block
+        sz = records[..., :64].contiguous().view(torch.bfloat16).view(-1, K // G, 16, 2)  # row i's (s, z) at [:, :, i]
+        quads = records[..., 64:].reshape(-1, K // G, G // 4, 16, 2)  # row i's bytes at [:, :, :, i]
+        if rows is None:  # every row: rows to the front, (blocks, 16) -> N
+            sz = sz.transpose(1, 2).reshape(-1, K // G, 2)[:N]
+            quads = quads.permute(0, 3, 1, 2, 4).reshape(-1, K // G, G // 4, 2)[:N]
+        else:
+            n, i = torch.arange(rows.numel(), device=rows.device), rows % 16
+            sz, quads = sz[n, :, i], quads[n, :, :, i]  # (n, K/G, 2), (n, K/G, G/4, 2)
+        # byte t of a row in quad j holds k = 4j + t (low nibble) and 4j + 2 + t (high nibble)
+        q = torch.cat([quads & 15, quads >> 4], dim=-1)  # (n, K/G, G/4, 4): k = 4j + 0, 1, 2, 3
+        return q.view(-1, K), sz
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return pack_nibbles(self._unpack()[0])  # (N, K/2)
+
+    @property
+    def scales_and_zeros(self) -> torch.Tensor:
+        return self._unpack()[1].transpose(0, 1).contiguous()  # (K/G, N, 2)
+
+    def dequantize(self, dtype=None) -> torch.Tensor:
+        q, sz = self._unpack()
+        return dequantize_int4(q, sz, self.group_size, dtype or torch.bfloat16)
+
+    def dequantize_rows(self, index: torch.Tensor, dtype=None) -> torch.Tensor:
+        q, sz = self._unpack(index.reshape(-1))
+        return dequantize_int4(q, sz, self.group_size, dtype or torch.bfloat16).view(*index.shape, self.in_features)
 
     def load_weight(self, w: torch.Tensor) -> None:
-        super().load_weight(w)
-        self.packed = self._pack()
+        q, sz = quantize_int4(w, self.group_size)
+        self.packed = pack_int4(pack_nibbles(q), sz, self.group_size)
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        if self.weight.device.type == "cpu":
-            self.packed = self._pack()
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight"] = self.weight
+        destination[prefix + "scales_and_zeros"] = self.scales_and_zeros
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):  # fmt: skip
+        names = (prefix + "weight", prefix + "scales_and_zeros")
+        missing = [name for name in names if name not in state_dict]
+        missing_keys.extend(missing)
+        if strict:
+            unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in names
+                                   and "." not in k[len(prefix):])  # fmt: skip
+        if missing:
+            return
+        weight, sz = (state_dict[name] for name in names)
+        N, K, G = self.out_features, self.in_features, self.group_size
+        if tuple(weight.shape) != (N, K // 2) or tuple(sz.shape) != (K // G, N, 2):
+            error_msgs.append(f"{prefix}: weight {list(weight.shape)} / scales_and_zeros {list(sz.shape)} do not fit "
+                              f"an int4 layer of {N} x {K}, group size {G}")  # fmt: skip
+            return
+        self.packed = pack_int4(weight.to(self.packed.device), sz.to(self.packed.device), G)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         N, K = self.out_features, self.in_features
-        if self.packed.device.type == "cpu" and _takes_kernel(x, K, self.max_rows, self.scales_and_zeros):
+        if self.packed.device.type == "cpu" and _takes_kernel(x, K, self.max_rows, self.packed):
             y = torch.ops.llama_kernels.gemv_int4(x.reshape(-1, K), self.packed, N, K, self.group_size)  # (M, N)
             return y.view(*x.shape[:-1], self.out_features)  # (..., N)
         return super().forward(x)
@@ -409,8 +468,7 @@ def swap_native_attention(model: nn.Module) -> list[str]:
     the names replaced. Other attention modules stay as they are."""
     check_supported(model, "kernels.native", (FastAttention, FusedFeedForward, *NATIVE_MODULES))
     found = [(p, n, c) for p in model.modules() for n, c in p.named_children() if type(c) is FastAttention and c.sdpa]
-    param = model.tok_embeddings.weight
-    if not found or param.device.type != "cpu" or param.dtype != torch.bfloat16 or not _load():
+    if not found or model_device(model).type != "cpu" or model_dtype(model) != torch.bfloat16 or not _load():
         return []
     names = {id(m): n for n, m in model.named_modules()}
     for parent, name, child in found:
@@ -474,12 +532,22 @@ def swap_native_linears(model: nn.Module, max_rows: int | None = None) -> list[s
     if not candidates or not _load():  # build only when there is something to swap
         return []
     names = {id(m): n for n, m in model.named_modules()}
-    swapped = []
+    places: dict[int, list] = {}  # one swap per module, under every name it has (a tied table and output)
     for parent, name, child in candidates:
+        places.setdefault(id(child), [child]).append((parent, name))
+    del candidates
+    swapped = []
+    while places:  # popped one by one, so that a replaced module (NativeInt4Linear's int4 buffers) goes at once
+        child, *where = places.popitem()[1]
         new = _native_version(child, max_rows)
         if new is not None:
-            setattr(parent, name, new)
-            swapped.append(names.get(id(child), name))
+            for parent, name in where:
+                setattr(parent, name, new)
+            swapped.append(names.get(id(child), where[0][1]))
+        repacked = isinstance(new, NativeInt4Linear)
+        del child, new, where
+        if repacked:  # hand the pages of the int4 buffers back before the next packing asks for more
+            release_freed_memory()
     return swapped
 
 

@@ -16,18 +16,21 @@ from llama.core.model import (Attention, FeedForward, GeluFeedForward, KVCache, 
                               TransformerBlock)  # fmt: skip
 from llama.core.support import UnsupportedModelError
 from llama.distributed import PARALLEL_MODULES
-from llama.quantization import Int4Linear, Int8BlockLinear, Int8Linear
+from llama.quantization import Int4Linear, Int8BlockLinear, Int8Linear, QuantizedEmbedding
+from llama.quantization.gguf import GGUFRows
 from llama.training.lora import LoRALinear
 
 # The plain model's modules (and the quantized linears, which may sit in a model before any swap:
 # Int8BlockLinear holds a GGUF file's Q8_0 weights; and LoRA adapters left unmerged, as a server of
 # several adapters keeps them: a LoRALinear calls its base projection, which the native swap replaces
-# like any other; fusing refuses it, see check_fusable). QuantizedLayerCache: the attention steps
+# like any other; fusing refuses it, see check_fusable; and a QuantizedEmbedding with its table, which
+# the swaps only look up rows of -- the native swap replaces a table that is also the tied output
+# under both names). QuantizedLayerCache: the attention steps
 # receive its keys and values dequantized, in the model's dtype, as from a LayerCache
 # (tests/test_kv_cache.py checks FastAttention on it).
 PLAIN_MODULES = (Transformer, TransformerBlock, Attention, FeedForward, GeluFeedForward, RMSNorm, KVCache, LayerCache,
                  QuantizedLayerCache, nn.ModuleList, nn.Linear, nn.Embedding, Int8Linear, Int4Linear, Int8BlockLinear,
-                 LoRALinear, nn.ParameterDict)  # fmt: skip
+                 LoRALinear, nn.ParameterDict, QuantizedEmbedding, GGUFRows)  # fmt: skip
 # A tensor-parallel model (llama.distributed.shard / load) also holds the row- and vocabulary-parallel
 # modules, whose forward ends in a collective. No swap replaces them: the swaps pick modules by exact
 # type (a plain nn.Linear, Attention, FeedForward), so FastAttention / FusedFeedForward take them over

@@ -37,6 +37,7 @@ def load(
     quantize: str | None = None,
     group_size: int = 128,
     quantize_output: bool = True,
+    quantize_embedding: bool = True,
     adapter: str | os.PathLike | None = None,
     kv_cache_dtype: str | None = None,
     rope_scaling=None,
@@ -51,7 +52,9 @@ def load(
         llama.quantization.save_quantized loads already quantized, and then quantize must be None or
         its own mode. A GGUF file's Q8_0 weights load as they are stored with "int8", its Q4_0
         weights with "int4" (see llama/quantization/gguf.py); without quantize, every weight is
-        dequantized to dtype (default: float32 for quantized files).
+        dequantized to dtype (default: float32 for quantized files). With quantize, a GGUF file's
+        quantized embedding stays quantized unless quantize_embedding is False (a QuantizedEmbedding:
+        llama/quantization/embedding.py; a tied output is then its table).
     adapter: a LoRA adapter directory in peft's layout (scripts/finetune.py's output, or peft's),
         applied after loading: merged into float weights (the model stays a plain Transformer, as
         fast as the base), kept as an unmerged adapter beside quantized ones (llama.training.lora).
@@ -62,7 +65,7 @@ def load(
     """
     check_kv_cache_dtype(kv_cache_dtype)
     model = _load(path, dtype=dtype, device=device, progress=progress, quantize=quantize, group_size=group_size,
-                  quantize_output=quantize_output)  # fmt: skip
+                  quantize_output=quantize_output, quantize_embedding=quantize_embedding)  # fmt: skip
     if adapter is not None:
         model = _with_adapter(model, adapter)
     model.kv_cache_dtype = kv_cache_dtype
@@ -71,13 +74,14 @@ def load(
     return model
 
 
-def _load(path, *, dtype, device, progress, quantize, group_size, quantize_output) -> Transformer:
+def _load(path, *, dtype, device, progress, quantize, group_size, quantize_output, quantize_embedding) -> Transformer:
     if quantize is not None:
         quantization.check_mode(quantize, group_size)
     if is_gguf(path):
         if quantize is not None:
             return quantization.gguf.load(path, quantize, group_size=group_size, include_output=quantize_output,
-                                          dtype=dtype, device=device, progress=progress)  # fmt: skip
+                                          include_embedding=quantize_embedding, dtype=dtype, device=device,
+                                          progress=progress)  # fmt: skip
         return gguf.load(path, dtype=dtype, device=device, progress=progress)
     weights.detect_format(path)  # a readable directory and config file, before anything reads them
     stored = quantization.read_quantization(path)

@@ -19,7 +19,7 @@ import torch
 
 import llama
 import weights
-from llama.core.device import pick_device
+from llama.core.device import model_device, pick_device
 from llama.core.recording import Recorder, plot_attention
 from llama.core.tokenizer import TokenizerFormatError, TokenizerNotFoundError
 
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"the prompt has {len(ids)} tokens; the model's context is {model.config.max_seq_len}")
         rec = Recorder(layers=[args.layer], hidden=False)
         with torch.no_grad():
-            model(torch.tensor([ids], device=model.tok_embeddings.weight.device), record=rec)
+            model(torch.tensor([ids], device=model_device(model)), record=rec)
         probs = rec.attention(args.layer)[0].float().cpu()  # (H, T, T)
         heads = range(n_heads) if args.head is None else [args.head]
         labels = [label(tokenizer, i) for i in ids]

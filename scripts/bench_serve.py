@@ -12,6 +12,24 @@ Reported per level: requests/s, output tokens/s, time to first token (request se
 and inter-token latency (gaps between streamed text chunks), p50 and p95, then the output
 throughput of the highest concurrency over the lowest. The server needs --max-batch-size at least
 the highest concurrency for the levels to be comparable; the server this script starts gets that.
+
+Two more scenarios measure the server's schedule (llama/serving/engine.py), on token-id prompts
+cut from /tokenize's output to exact lengths:
+
+    python scripts/bench_serve.py --checkpoint DIR --scenario prefix       # the prefix cache
+    python scripts/bench_serve.py --checkpoint DIR --scenario interleave --prefill-chunk 256 0
+
+prefix: --rounds pairs of requests, one after the other, each a --system-tokens "system prompt"
+plus a distinct 16-token question: a miss (the system prompt rotated by one more token each round,
+so no stored block matches) then a hit (the same system prompt every round, stored by a first
+request). Reports time to first token of each (p50, p95), their ratio and the cached tokens the
+server reported in usage.
+
+interleave: a stream decodes; once it has received 8 chunks, a second request with a
+--long-tokens prompt arrives (max_tokens 1). Reported: the long request's time to first token,
+the stream's inter-token gaps before it arrived and while it was prefilled (p50 and the largest),
+each --rounds times, with one server per --prefill-chunk value (0: prompts prefilled whole before
+the next decode step), started one after the other in this run.
 """
 
 from __future__ import annotations
@@ -126,6 +144,108 @@ async def run_level(url: str, api_key: str | None, concurrency: int, n_requests:
     return level
 
 
+# ---- the schedule scenarios ------------------------------------------------------------------------
+
+
+async def token_ids(client: httpx.AsyncClient, n: int, offset: int = 0) -> list[int]:
+    """n token ids of filler text (BOS first), as the server's tokenizer encodes it (POST /tokenize);
+    `offset` starts the text at another word."""
+    words = [WORDS[(offset + i) % len(WORDS)] for i in range(n + 8)]
+    ids: list[int] = []
+    while len(ids) < n:
+        response = await client.post("/tokenize", json={"prompt": " ".join(words)})
+        if response.status_code != 200:
+            raise RuntimeError(f"POST /tokenize: HTTP {response.status_code}: {response.text[:200]}")
+        ids = response.json()["tokens"]
+        words += words
+    return ids[:n]
+
+
+async def timed_stream(client: httpx.AsyncClient, prompt: list[int], max_tokens: int, times: list[float] | None = None,
+                       stop: asyncio.Event | None = None) -> tuple[float, dict]:  # fmt: skip
+    """Stream a completion of `prompt`; returns (time to first text, usage). Appends each text chunk's
+    arrival time to `times`; with `stop`, closes the stream (the server cancels it) once it is set."""
+    body = {"prompt": prompt, "max_tokens": max_tokens, "stream": True, "temperature": 0, "ignore_eos": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    sent, first, usage = time.perf_counter(), None, {}
+    async with client.stream("POST", "/v1/completions", json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread()).decode()[:200]}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"]["message"])
+            usage = chunk.get("usage") or usage
+            if any(c.get("text") for c in chunk.get("choices", [])):
+                now = time.perf_counter()
+                first = first or now
+                if times is not None:
+                    times.append(now)
+            if stop is not None and stop.is_set():
+                break
+    if first is None:
+        raise RuntimeError("no text came back")
+    return first - sent, usage
+
+
+async def prefix_scenario(url: str, api_key: str | None, rounds: int, system_tokens: int) -> dict:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=None) as client:
+        system = await token_ids(client, system_tokens)
+        await timed_stream(client, system + system[1:17], 2)  # stores the system prompt's blocks
+        miss, hit, cached = [], [], {"miss": 0, "hit": 0}
+        for i in range(rounds):
+            question = (await token_ids(client, 17, offset=7 * i + 3))[1:]  # without its BOS
+            rotated = [system[0]] + system[2 + i :] + system[1 : 2 + i]  # differs from the stored one at position 1
+            for kind, prompt, ttfts in (("miss", rotated, miss), ("hit", system, hit)):
+                ttft, usage = await timed_stream(client, prompt + question, 4)
+                ttfts.append(ttft)
+                cached[kind] += usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
+    return {"rounds": rounds, "prompt_tokens": system_tokens + 16,
+            "ttft_miss_p50_ms": percentile(miss, 50) * 1e3, "ttft_miss_p95_ms": percentile(miss, 95) * 1e3,
+            "ttft_hit_p50_ms": percentile(hit, 50) * 1e3, "ttft_hit_p95_ms": percentile(hit, 95) * 1e3,
+            "miss_over_hit": percentile(miss, 50) / percentile(hit, 50),
+            "cached_tokens_per_miss": cached["miss"] / rounds, "cached_tokens_per_hit": cached["hit"] / rounds}  # fmt: skip
+
+
+async def interleave_scenario(url: str, api_key: str | None, rounds: int, long_tokens: int, context: int) -> dict:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    before, during, longest, ttfts = [], [], [], []
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=None) as client:
+        short = await token_ids(client, 8)
+        for i in range(rounds):
+            long = (await token_ids(client, long_tokens, offset=11 * i + 1))
+            times, started, stop = [], asyncio.Event(), asyncio.Event()
+
+            async def stream_a():
+                await timed_stream(client, short, context - len(short), times, stop)
+
+            async def request_b():
+                while len(times) < 8:  # the stream is running
+                    await asyncio.sleep(0.005)
+                sent = time.perf_counter()
+                ttft, _ = await timed_stream(client, long, 1)
+                window = (sent, sent + ttft)
+                n = len(times)
+                while len(times) < n + 4:  # a few more tokens of the stream after the prefill
+                    await asyncio.sleep(0.005)
+                stop.set()
+                return window, ttft
+
+            _, (window, ttft) = await asyncio.gather(stream_a(), request_b())
+            gaps = [(a, b) for a, b in zip(times, times[1:])]
+            before += [b - a for a, b in gaps if b <= window[0]][1:]
+            inside = [b - a for a, b in gaps if b > window[0] and a < window[1]]  # gaps overlapping the prefill
+            during += inside
+            longest.append(max(inside))
+            ttfts.append(ttft)
+    return {"rounds": rounds, "long_prompt_tokens": long_tokens, "long_ttft_p50_ms": percentile(ttfts, 50) * 1e3,
+            "itl_before_p50_ms": percentile(before, 50) * 1e3, "itl_during_p50_ms": percentile(during, 50) * 1e3,
+            "itl_during_max_ms": max(longest) * 1e3, "stream_tokens_during": len(during) / rounds}  # fmt: skip
+
+
 def table(summaries: list[dict]) -> str:
     lines = ["| concurrency | requests | requests/s | output tokens/s | TTFT p50 | TTFT p95 | ITL p50 | ITL p95 |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
@@ -143,11 +263,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args, max_batch: int) -> tuple[subprocess.Popen, str]:
+def start_server(args, max_batch: int, prefill_chunk: int | None = None) -> tuple[subprocess.Popen, str]:
     port = free_port()
     argv = [sys.executable, str(SERVE), "--port", str(port), "--max-batch-size", str(max_batch),
             "--dtype", args.dtype, "--device", args.device, "--max-seq-len", str(args.max_seq_len),
             "--log-level", "warning"]  # fmt: skip
+    if prefill_chunk is not None:
+        argv += ["--prefill-chunk", str(prefill_chunk)]
+    if args.prefix_cache_tokens is not None:
+        argv += ["--prefix-cache-tokens", str(args.prefix_cache_tokens)]
+    if args.compile:
+        argv += ["--compile"]
     if args.checkpoint:
         argv += ["--checkpoint", args.checkpoint]
     if args.threads:
@@ -190,9 +316,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-seq-len", type=int, default=512, help="server --max-seq-len when this script starts it (default 512)")
     p.add_argument("--startup-timeout", type=float, default=600, help="seconds to wait for the server to load (default 600)")
     p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--scenario", choices=["mix", "prefix", "interleave"], default="mix",
+                   help="mix: the concurrency levels above; prefix: time to first token with and without a prefix "
+                        "cache hit; interleave: a stream's inter-token latency while a long prompt is prefilled "
+                        "(default mix)")
+    p.add_argument("--prefill-chunk", type=int, nargs="+", default=None,
+                   help="server --prefill-chunk when this script starts it; interleave: one server per value, "
+                        "one after the other (default: the server's)")
+    p.add_argument("--prefix-cache-tokens", type=int, default=None,
+                   help="server --prefix-cache-tokens when this script starts it (default: the server's)")
+    p.add_argument("--compile", action="store_true", help="server --compile when this script starts it")
+    p.add_argument("--system-tokens", type=int, default=200, help="prefix: tokens of the shared system prompt (default 200)")
+    p.add_argument("--long-tokens", type=int, default=1024, help="interleave: tokens of the long prompt (default 1024)")
     args = p.parse_args(argv)
     if min(args.concurrency) < 1 or args.rounds < 1 or args.max_tokens < 1:
         p.error("--concurrency, --rounds and --max-tokens must be positive")
+    if args.scenario != "mix":
+        return schedule_main(p, args)
 
     server = None
     try:
@@ -224,6 +364,48 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\noutput throughput, concurrency {high['concurrency']} over {low['concurrency']}: {gain:.1f}x")
     if args.json:
         Path(args.json).write_text(json.dumps(summaries, indent=2))
+    return 0
+
+
+def schedule_main(p: argparse.ArgumentParser, args) -> int:
+    """The prefix and interleave scenarios: print a table (and write --json)."""
+    if args.system_tokens < 18 or args.long_tokens < 2:
+        p.error("--system-tokens must be at least 18 and --long-tokens at least 2")
+    if args.scenario == "interleave":
+        args.max_seq_len = max(args.max_seq_len, args.long_tokens + 256)
+    chunks = args.prefill_chunk or [None]
+    if args.url and len(chunks) > 1:
+        p.error("several --prefill-chunk values need servers this script starts (not --url)")
+    results = []
+    for chunk in chunks if args.scenario == "interleave" else chunks[:1]:
+        server = None
+        try:
+            if args.url:
+                url = args.url.rstrip("/")
+            else:
+                server, url = start_server(args, 2, chunk)
+            asyncio.run(run_level(url, args.api_key, 1, 1, [{**request_mix(2)[0], "max_tokens": 2}]))  # warm-up
+            if args.scenario == "prefix":
+                result = asyncio.run(prefix_scenario(url, args.api_key, args.rounds, args.system_tokens))
+            else:
+                result = {"prefill_chunk": chunk if chunk is not None else "default",
+                          **asyncio.run(interleave_scenario(url, args.api_key, args.rounds, args.long_tokens, 
+                                                            args.max_seq_len))}  # fmt: skip
+        except (RuntimeError, httpx.HTTPError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        finally:
+            if server is not None:
+                server.terminate()
+                server.wait(30)
+        results.append(result)
+    keys = list(results[0])
+    print("| " + " | ".join(keys) + " |")
+    print("|" + "---:|" * len(keys))
+    for r in results:
+        print("| " + " | ".join(f"{v:.1f}" if isinstance(v, float) else str(v) for v in r.values()) + " |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
 
 

@@ -142,7 +142,7 @@ def _peak_memory(device: torch.device) -> float:
 def run_ours(args, kind: str, dtype: str, quant: str | None, compile: bool, batch: int) -> dict:
     import kernels
     import llama
-    from llama.training.evaluate import bytes_per_token
+    from llama.core.device import weight_bytes_per_token as bytes_per_token
     from llama.core.generation import stream, warm_up
 
     device = torch.device(args.device)

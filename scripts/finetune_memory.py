@@ -8,7 +8,9 @@ Configurations: full fine-tuning in bf16, LoRA on a bf16 base, QLoRA on an int8 
 activation checkpointing. Every configuration runs in a fresh process: load the checkpoint, build the
 method (finetune.load_for_finetuning), then --steps optimiser steps of llama.training.loop.train on
 random tokens (every position trained, bf16 autocast, AdamW). Peak memory is the process's peak
-resident set (getrusage), which includes loading and the Python/torch runtime; the resident set after
+resident set (getrusage), which includes loading and the Python/torch runtime. As finetune.py does, each
+process fixes glibc's mmap threshold (--malloc-mmap-threshold) and QLoRA quantizes the embedding and
+the output projection too (unless --float-embedding). The resident set after
 importing (the runtime: ~0.25 GB) and after loading are reported too, as is the peak while loading
 (reading and quantizing the checkpoint), and "peak above the runtime" is what the model and training
 added (comparable with GPU tables, which count tensor memory only).
@@ -52,14 +54,17 @@ def measure(args, name: str) -> dict:
     import torch
 
     from llama.training.data import Example, InstructionBatches
-    from llama.training.finetune import FinetuneSpec, load_for_finetuning, parameter_counts
+    from llama.training.finetune import FinetuneSpec, load_for_finetuning, parameter_counts, set_mmap_threshold
     from llama.training.loop import IGNORE, TrainConfig, train
 
     torch.set_num_threads(args.threads)
+    set_mmap_threshold(args.malloc_mmap_threshold)
+    load_before = os.getloadavg()[0]
     runtime = rss_gb()  # python, torch and this project imported, nothing loaded
     method, quantize, ckpt = CONFIGS[name]
     spec = FinetuneSpec(method=method, quantize=quantize, group_size=args.group_size, lora_rank=args.rank,
-                        lora_alpha=2.0 * args.rank, gradient_checkpointing=ckpt)  # fmt: skip
+                        lora_alpha=2.0 * args.rank, gradient_checkpointing=ckpt,
+                        quantize_embedding=not args.float_embedding)  # fmt: skip
     t0 = time.perf_counter()
     model = load_for_finetuning(args.checkpoint, spec, dtype="bfloat16")
     load_s, after_load = time.perf_counter() - t0, rss_gb()
@@ -96,6 +101,9 @@ def measure(args, name: str) -> dict:
         "cpu_s_per_step": round(sum(cpu[1:]) / max(1, len(cpu) - 1), 2),
         "trainable": trainable, "parameters": total,
         "context": args.context, "batch_size": args.batch_size, "threads": args.threads, "loss_chunk": args.loss_chunk,
+        "malloc_mmap_threshold": args.malloc_mmap_threshold, "float_embedding": args.float_embedding,
+        # the machine's 1-minute load average before and after: what else competed for the CPU
+        "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)],
     }  # fmt: skip
 
 
@@ -110,10 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     p.add_argument("--loss-chunk", type=int, default=64, help="positions per chunk of the output layer and loss; 0: whole logits (default 64, finetune.py's)")
     p.add_argument("--only", nargs="+", choices=list(CONFIGS), help="run only these configurations")
-    p.add_argument("--malloc-mmap-threshold", type=int, metavar="BYTES",
-                   help="run the configurations with glibc's MALLOC_MMAP_THRESHOLD_=BYTES: buffers above it are "
-                        "mapped and handed back to the OS when freed, instead of kept in the heap (default: glibc's "
-                        "own, a threshold that grows up to 32 MB as large buffers are freed)")
+    p.add_argument("--malloc-mmap-threshold", type=int, default=4 << 20, metavar="BYTES",
+                   help="glibc's mmap threshold, as finetune.py sets it: buffers of at least BYTES are mapped and handed "
+                        "back to the OS when freed, instead of kept in the heap (default 4194304, finetune.py's; 0: "
+                        "glibc's own, a threshold that grows up to 32 MB as large buffers are freed)")
+    p.add_argument("--float-embedding", action="store_true",
+                   help="qlora: keep the embedding and the output projection in float (finetune.py's --float-embedding)")
     p.add_argument("--json", help="write the rows to this JSON file")
     p.add_argument("--one", choices=list(CONFIGS), help=argparse.SUPPRESS)  # internal: measure in this process
     args = p.parse_args(argv)
@@ -131,24 +141,23 @@ def main(argv: list[str] | None = None) -> int:
         argv_child = [sys.executable, __file__, "--checkpoint", args.checkpoint, "--context", str(args.context),
                       "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--rank", str(args.rank),
                       "--group-size", str(args.group_size), "--threads", str(args.threads), "--loss-chunk", str(args.loss_chunk),
-                      "--one", name]  # fmt: skip
-        env = dict(os.environ)
-        if args.malloc_mmap_threshold is not None:
-            env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
-        done = subprocess.run(argv_child, capture_output=True, text=True, env=env)
+                      "--malloc-mmap-threshold", str(args.malloc_mmap_threshold), "--one", name]  # fmt: skip
+        if args.float_embedding:
+            argv_child.append("--float-embedding")
+        done = subprocess.run(argv_child, capture_output=True, text=True)
         if done.returncode != 0:
             print(f"{name}: failed (exit {done.returncode}):\n{done.stderr[-2000:]}", file=sys.stderr)
             continue
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(f"{name}: {rows[-1]}", file=sys.stderr)
     print("| method | activation checkpointing | peak RSS GB | peak above the runtime GB | peak while loading GB "
-          "| after loading GB | s / step | CPU s / step | trainable parameters |")  # fmt: skip
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+          "| after loading GB | s / step | CPU s / step | trainable parameters | load average |")  # fmt: skip
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         label = {"full": "full, bf16", "lora": "LoRA, bf16 base", "qlora": f"QLoRA, {r['quantize']} base"}[r["method"]]
         print(f"| {label} | {'yes' if r['checkpointing'] else 'no'} | {r['peak_gb']:.2f} | {r['peak_gb'] - r['runtime_gb']:.2f} | "
               f"{r['peak_loading_gb']:.2f} | {r['after_load_gb']:.2f} | {r['s_per_step']:.1f} | {r['cpu_s_per_step']:.1f} | "
-              f"{r['trainable']:,} ({100 * r['trainable'] / r['parameters']:.2f}%) |")  # fmt: skip
+              f"{r['trainable']:,} ({100 * r['trainable'] / r['parameters']:.2f}%) | {r['load_average'][0]:.1f} to {r['load_average'][1]:.1f} |")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
     return 0

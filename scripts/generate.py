@@ -122,7 +122,9 @@ def peak_memory(device) -> str:
 
 def kv_cache_memory(model, positions: int) -> str:
     """"KV cache 12.6 MB int8": the size of the cache one sequence of `positions` positions holds."""
-    kind = model.kv_cache_dtype or str(model.tok_embeddings.weight.dtype).removeprefix("torch.")
+    from llama.core.device import model_dtype
+
+    kind = model.kv_cache_dtype or str(model_dtype(model)).removeprefix("torch.")
     size = model.config.kv_cache_bytes_per_token(kind) * positions
     return f"KV cache {size / 1e6:.1f} MB {kind}" if size >= 1e5 else f"KV cache {size / 1e3:.1f} kB {kind}"
 
@@ -171,7 +173,7 @@ def run_once(llm, prompt_ids: list[int], n_new: int, args, seed, device, draft=N
 
     from llama.core.generation import stream
     from llama.core.speculative import SpeculativeStats, speculative_stream
-    from llama.training.evaluate import bytes_per_token
+    from llama.core.device import weight_bytes_per_token as bytes_per_token
 
     decoder = llm.tokenizer.stream_decoder(prompt_ids)
     ids: list[int] = []

@@ -50,6 +50,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prefill-tokens", type=int, default=512,
                    help="prompt tokens admitted per step, prefilled in groups of similar length; a longer "
                         "prompt is admitted alone (default 512)")
+    p.add_argument("--prefill-chunk", type=int, default=256,
+                   help="while sequences decode, prefill at most this many prompt tokens (rows x positions) per step, "
+                        "then run the decode step, so running streams keep their pace while a long prompt is read; "
+                        "0: prefill every admitted prompt whole before the next decode step (default 256)")
+    p.add_argument("--prefix-cache-tokens", type=int, default=None,
+                   help="keep the keys and values of this many prompt tokens (blocks of 16) for later requests that "
+                        "begin with the same tokens and adapter, e.g. a shared system prompt; least recently used "
+                        "blocks are evicted; 0: off (default 2048; 0 under --tp, which does not support it)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decode step with torch.compile (dynamic batch size and cache length: two graphs, "
+                        "compiled at startup, tens of seconds to minutes); not with --lora or --tp")
     p.add_argument("--rope-scaling", metavar="SPEC",
                    help="serve the checkpoint with this RoPE scaling and the context it gives, without editing its "
                         "config: KIND:FACTOR (linear:4, yarn:4, dynamic:2, llama3:8), a JSON object of RopeScaling "
@@ -131,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
                              ("--max-seq-len", args.max_seq_len, 2), ("--max-queue", args.max_queue, 0),
                              ("--max-body-size", args.max_body_size, 1),
                              ("--max-prefill-tokens", args.max_prefill_tokens, 1),
+                             ("--prefill-chunk", args.prefill_chunk, 0),
+                             ("--prefix-cache-tokens", args.prefix_cache_tokens or 0, 0),
                              ("--threads", args.threads if args.threads is not None else 1, 1)):  # fmt: skip
         if value < low:
             parser.error(f"{flag} must be at least {low}, got {value}")
@@ -149,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
         adapters = lora_modules(args.lora)
     except ValueError as e:
         parser.error(str(e))
+    if args.compile and args.lora:
+        parser.error("--compile does not support --lora: each batch's mix of adapters would be another graph")
+    if 0 < (args.prefix_cache_tokens or 0) < 16:
+        parser.error(f"--prefix-cache-tokens must be 0 or at least one block of 16 tokens, got {args.prefix_cache_tokens}")
     try:
         if not several:
             check_port(args.host, args.port)
@@ -184,7 +201,9 @@ def main(argv: list[str] | None = None) -> int:
         tp = llama.distributed.start(args.tp)
         single = [flag for flag, given in (("--quantize", args.quantize != "none"), ("--lora", args.lora),
                                            ("--rope-scaling", args.rope_scaling is not None),
-                                           ("--kv-cache-dtype", args.kv_cache_dtype is not None)) if given]  # fmt: skip
+                                           ("--kv-cache-dtype", args.kv_cache_dtype is not None),
+                                           ("--prefix-cache-tokens", args.prefix_cache_tokens),
+                                           ("--compile", args.compile)) if given]  # fmt: skip
         if tp > 1 and single:
             raise llama.distributed.TensorParallelError(f"{single[0]} runs in one process only, not with --tp / under "
                                                         "torchrun")  # fmt: skip
@@ -220,11 +239,18 @@ def main(argv: list[str] | None = None) -> int:
     engine = None
     try:
         try:
+            prefix_cache_tokens = 0 if tp > 1 else 2048 if args.prefix_cache_tokens is None else args.prefix_cache_tokens
             engine = Engine(driver, tokenizer, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
-                            max_queue=args.max_queue, max_prefill_tokens=args.max_prefill_tokens)  # fmt: skip
-        except user_errors as e:
+                            max_queue=args.max_queue, max_prefill_tokens=args.max_prefill_tokens,
+                            prefill_chunk=args.prefill_chunk or None, prefix_cache_tokens=prefix_cache_tokens,
+                            compile=args.compile)  # fmt: skip
+        except (*user_errors, ValueError) as e:  # ValueError: a combination the engine does not support, named
             print(f"error: {e}", file=sys.stderr)
             return 2
+        if args.compile:
+            print("[compiling the decode step with torch.compile: tens of seconds to minutes ...]", file=sys.stderr,
+                  flush=True)  # fmt: skip
+            print(f"[compiled the decode step in {engine.warm_up():.1f} s]", file=sys.stderr, flush=True)
         if tp > 1:
             # uvicorn handles SIGTERM (a graceful shutdown), then raises it again once it has shut down; the
             # default action would end this process there, before the followers are released below.
@@ -260,6 +286,11 @@ def serve(args, engine, model, checkpoint, api_key, key_source, started, dtype, 
         engine.max_batch_size, engine.context_len, model.cache.nbytes / 1e6, model.cache.kv_cache_dtype, name, args.host,
         args.port,
     )  # fmt: skip
+    log.info("schedule: %s; prefix cache %s; decode step %s",
+             f"prefill {engine.prefill_chunk} tokens per step between decode steps" if engine.prefill_chunk
+             else "whole prompts before the next decode step",
+             f"{engine.prefixes.n_blocks * engine.prefixes.block} tokens, {engine.prefixes.nbytes / 1e6:.1f} MB"
+             if engine.prefixes else "off", "compiled" if args.compile else "eager")  # fmt: skip
     if api_key is not None:
         log.info("API key required (from %s): requests need 'Authorization: Bearer <key>'", key_source)
     else:

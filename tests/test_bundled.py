@@ -1,5 +1,6 @@
 """The small model that ships in weights/kjv: it loads, has the documented shape, and writes text."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_bundled_model_has_the_documented_shape():
     model = llama.load(weights.BUNDLED_MODEL)
     c = model.config
-    assert (c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim) == (288, 8, 6, 2, 48, 768)
+    assert (c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim) == (384, 6, 6, 2, 64, 960)
     assert (c.vocab_size, c.max_seq_len, c.tie_word_embeddings) == (4096, 256, False)
-    assert sum(p.numel() for p in model.parameters()) == c.n_params == 9_442_080
+    assert sum(p.numel() for p in model.parameters()) == c.n_params == 12_145_536
     assert model.output.weight.dtype == torch.bfloat16
     files = sum(f.stat().st_size for f in weights.BUNDLED_MODEL.iterdir())
     assert files < 25 * 2**20
@@ -33,6 +34,17 @@ def test_bundled_model_writes_bible_like_text():
     assert sum(w.strip(",.;:").lower() in common for w in words) >= len(words) // 4
     sampled = llm.generate("And it came to pass", max_new_tokens=40, temperature=0.8, seed=1)
     assert sampled.strip()
+
+
+def test_bundled_model_writes_a_paragraph_and_stops():
+    # Trained on runs of verses (paragraphs of 80-160 words), not single verses: greedy decoding goes on
+    # past the first sentence and ends the paragraph itself (EOS) well before the context is used up.
+    llm = llama.Llama.load(weights.BUNDLED_MODEL, dtype="float32")
+    text = llm.generate("And it came to pass", temperature=0)
+    sentences = [s for s in re.split(r"(?<=[.?!])\s+", text.strip()) if s]
+    assert len(sentences) >= 3, text
+    assert text.rstrip().endswith((".", "?", "!")), text
+    assert len(llm.tokenizer.encode(text, bos=False, eos=False)) < 200
 
 
 def test_generate_script_without_arguments_uses_the_bundled_model():

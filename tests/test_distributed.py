@@ -395,7 +395,7 @@ def test_fsdp_without_torchrun_is_refused(tmp_path):
     assert "error: --fsdp trains over several processes: start with torchrun" in done.stderr
 
 
-@pytest.mark.parametrize("method", [["--method", "lora"], ["--method", "full", "--layers", "7"]])
+@pytest.mark.parametrize("method", [["--method", "lora"], ["--method", "full", "--layers", "5"]])
 def test_finetune_script_under_torchrun_equals_one_process(tmp_path, method):
     """scripts/finetune.py on 2 ranks (FSDP2 under torchrun, each rank half of every micro-batch): the
     losses of one process on the same global batch, and rank 0 writes the adapter / checkpoint, with

@@ -133,6 +133,8 @@ def llama_cpp_file(tmp_path: Path, kind: T, model: llama.Transformer, *, output_
     rng = np.random.default_rng(int(kind))
     tensors, reference = {}, {}
     for name, param in model.state_dict().items():
+        if name == "output.weight" and model.config.tie_word_embeddings:
+            continue  # llama.cpp writes no output tensor for a tied model
         w = param.float().numpy()
         t = (output_kind or kind) if name == "output.weight" else kind if w.ndim == 2 else T.F32
         stored = encode_like_llama_cpp(w, t, rng)

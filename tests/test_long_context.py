@@ -45,6 +45,41 @@ def test_chunked_prefill_equals_one_forward(chunk):
     assert done == [(min(n + step, 50), 50) for n in range(0, 50, step)]
 
 
+def test_forward_keep_computes_only_the_kept_positions_logits():
+    """forward(keep=) gives each row's logits at its kept position, (B, 1, V), equal to the full
+    forward's there; the output projection then sees B rows, not B x T (prefill's saving)."""
+    model = random_model(CONFIG, std=0.2)
+    tokens = torch.randint(0, CONFIG.vocab_size, (3, 20), generator=torch.Generator().manual_seed(2))
+    keep = torch.tensor([19, 0, 7])
+    seen = []
+    hook = model.output.register_forward_hook(lambda module, args, out: seen.append(args[0].shape))
+    with torch.no_grad():
+        full = model(tokens)
+        got = model(tokens, keep=keep)
+    hook.remove()
+    assert got.shape == (3, 1, CONFIG.vocab_size)
+    assert rel_err(got[:, 0], full[torch.arange(3), keep]) <= 1e-5
+    assert seen == [(3, 20, CONFIG.dim), (3, 1, CONFIG.dim)]
+
+
+def test_prefill_projects_only_the_last_positions_unless_chunk_logits_are_asked_for():
+    model = random_model(CONFIG, std=0.2)
+    tokens = torch.randint(0, CONFIG.vocab_size, (2, 30), generator=torch.Generator().manual_seed(3))
+    lengths = torch.tensor([30, 11])
+    seen = []
+    hook = model.output.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape[:2])))
+    model.setup_cache(2, 30)
+    chunks = []
+    with torch.no_grad():
+        fast = prefill(model, tokens, lengths, chunk=16)
+        assert seen == [(2, 1), (2, 1)]
+        seen.clear()
+        slow = prefill(model, tokens, lengths, chunk=16, on_logits=lambda begin, logits: chunks.append(logits))
+    hook.remove()
+    assert seen == [(2, 16), (2, 14)] and [c.shape[1] for c in chunks] == [16, 14]
+    assert rel_err(fast, slow) <= 1e-5
+
+
 def plain_last_logits(model: Transformer, ids: torch.Tensor) -> torch.Tensor:
     cache, model.cache = model.cache, None
     try:

@@ -132,8 +132,8 @@ def test_script_reads_a_checkpoints_config_and_lists_the_registry(script, capsys
     monkeypatch.chdir(ROOT)
     assert script.main(["weights/kjv", "--dtype", "float32"]) == 0
     out = capsys.readouterr().out
-    assert "dim 288, 8 layers, 6 query heads, 2 key/value heads" in out
-    assert "2 (k, v) x 8 layers x 2 KV heads x 48 x 4 bytes" in out
+    assert "dim 384, 6 layers, 6 query heads, 2 key/value heads" in out
+    assert "2 (k, v) x 6 layers x 2 KV heads x 64 x 4 bytes" in out
     assert script.main(["--all"]) == 0
     table = capsys.readouterr().out
     for name, config in REGISTRY.items():

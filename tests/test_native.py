@@ -224,7 +224,12 @@ def test_swapped_quantized_linears_share_the_buffers(mode):
     assert all(isinstance(m, cls) for n, m in model.named_modules() if n in swapped)
     after = model.state_dict()
     assert after.keys() == state.keys()  # int4's own packing is not saved
-    assert all(after[n].data_ptr() == t.data_ptr() for n, t in state.items())
+    if mode == "int8":
+        assert all(after[n].data_ptr() == t.data_ptr() for n, t in state.items())
+    else:  # the packing is the only copy; the state dict reads the int4 buffers back from it, exactly
+        assert all(torch.equal(after[n], t) for n, t in state.items())
+        for name in swapped:
+            assert [n for n, _ in model.get_submodule(name).named_buffers()] == ["packed"], name
 
 
 @needs_kernels
@@ -234,6 +239,8 @@ def test_a_swapped_module_falls_back_above_max_rows_and_when_turned_off(kind):
     linear = nn.Linear(K, N, bias=False).bfloat16()
     plain = {"bf16": linear, "int8": Int8Linear.from_float(linear), "int4": Int4Linear.from_float(linear, 64)}[kind]
     fast = native._native_version(plain, max_rows=4)
+    if kind == "int4":
+        plain.use_kernel = False  # NativeInt4Linear's fallback dequantizes: torch's packing would be a second copy
     x = randn(2, 3, K, seed=0).bfloat16()  # 6 rows > max_rows: the module's own computation
     with torch.no_grad():
         torch.testing.assert_close(fast(x), plain(x), rtol=0, atol=0)

@@ -304,11 +304,20 @@ def test_generate_script_quantize_flags():
     assert bad.returncode == 2 and "error: int4 group_size must be one of 32, 64, 128, 256, got 100" in bad.stderr
 
 
-def test_bundled_model_int8_keeps_most_greedy_tokens():
+def test_bundled_model_int8_keeps_every_clear_greedy_choice():
+    # Along the float model's own greedy continuation (so one early near-tie cannot fork the rest),
+    # int8 weights pick the float model's token wherever its top two logits are clearly apart.
     plain = llama.load(weights.BUNDLED_MODEL, dtype="float32")
     q8 = llama.load(weights.BUNDLED_MODEL, dtype="float32", quantize="int8")
     prompt = llama.load_tokenizer(weights.BUNDLED_MODEL).encode("In the beginning", bos=True, eos=False)
-    a = llama.generate(plain, [prompt], 16, temperature=0)[0]
-    b = llama.generate(q8, [prompt], 16, temperature=0)[0]
-    same = sum(x == y for x, y in zip(a, b)) / len(a)
-    assert same >= 0.5, (a, b)
+    new = llama.generate(plain, [prompt], 64, temperature=0, stop_tokens=[])[0]
+    tokens = torch.tensor([prompt + new])
+    with torch.no_grad():
+        ref, ours = plain(tokens)[0, len(prompt) - 1 : -1], q8(tokens)[0, len(prompt) - 1 : -1]
+    assert torch.equal(ref.argmax(-1), torch.tensor(new))  # the continuation is the float model's greedy one
+    top2 = ref.topk(2).values
+    clear = (top2[:, 0] - top2[:, 1]) > 0.25
+    same = ref.argmax(-1) == ours.argmax(-1)
+    assert clear.sum() >= len(new) // 2, "too few clear choices for the test to mean anything"
+    assert same[clear].all(), [i for i in range(len(new)) if clear[i] and not same[i]]
+    assert same.float().mean() >= 0.9, same.float().mean()

@@ -227,7 +227,7 @@ def test_attention_map_prints_the_recorded_probabilities_and_plots_them(script, 
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--layer", "8"], "error: --layer 8 is out of range: the model has 8 layers (0..7)"),
+        (["--layer", "8"], "error: --layer 8 is out of range: the model has 6 layers (0..5)"),
         (["--head", "-1"], "error: --head -1 is out of range: the model has 6 query heads (0..5)"),
         (["--prompt", "", "--no-bos"], "error: the prompt is empty"),
         (["--checkpoint", "no/such/dir"], "error: "),

@@ -523,10 +523,12 @@ class ScriptedModel(torch.nn.Module):
     def setup_cache(self, *args, **kwargs):
         pass
 
-    def forward(self, tokens, start_pos=0, *, cache_rows=None):
+    def forward(self, tokens, start_pos=0, *, cache_rows=None, keep=None):
         B, T = tokens.shape
         positions = torch.as_tensor(start_pos).expand(B)[:, None] + torch.arange(T)  # (B, T)
-        logits = torch.zeros(B, T, self.config.vocab_size)
+        if keep is not None:  # only these positions' logits, as Transformer.forward(keep=)
+            positions = positions.gather(1, keep.view(-1, 1))  # (B, 1)
+        logits = torch.zeros(*positions.shape, self.config.vocab_size)
         return logits.scatter_(2, self.script[positions][..., None], 10.0)  # position p predicts script[p]
 
 

@@ -145,7 +145,8 @@ def load(
     finally:
         ckpt.close()
 
-    assign_weights(model, state, config.tie_word_embeddings and "output" not in swapped, device)
+    # A swapped output (or a swapped embedding, which brings its own tied output) is filled already.
+    assign_weights(model, state, config.tie_word_embeddings and not swapped & {"output", "tok_embeddings"}, device)
     model.stop_tokens = checkpoint_stop_tokens(path)
     return model.eval()
 
@@ -217,7 +218,12 @@ def save(model: Transformer, path: str | os.PathLike, *, format: str = "hf", n_s
     """Write a model as a Meta (params.json + consolidated.NN.pth) or HF (config.json + safetensors)
     checkpoint directory, with the tokenizer, generation config and chat template files of the
     checkpoint directory `tokenizer_from` (e.g. the one the model was loaded from), so that the
-    result runs as it is. Returns the files written."""
+    result runs as it is. Returns the files written. Refuses (ValueError) a quantized model: these
+    formats hold float weights."""
+    quantization = getattr(model, "quantization", None)
+    if quantization is not None:
+        raise ValueError(f"the model is quantized ({quantization.get('mode')}): save writes float checkpoints; use "
+                         "llama.quantization.save_quantized, or convert the source checkpoint (scripts/convert.py)")
     state = {n: t.detach().cpu() for n, t in model.state_dict().items()}
     written = save_state_dict(model.config, state, path, format=format, n_shards=n_shards, max_shard_bytes=max_shard_bytes)
     if tokenizer_from is not None:

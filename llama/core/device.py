@@ -69,3 +69,35 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if bf16_supported(device):
         return torch.bfloat16
     return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device a model runs on: its embedding's (a float table's, or a QuantizedEmbedding's)."""
+    embedding = model.tok_embeddings
+    return embedding.weight.device if isinstance(embedding, torch.nn.Embedding) else embedding.device
+
+
+def model_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype of a model's activations (its residual stream): the embedding's output dtype."""
+    embedding = model.tok_embeddings
+    return embedding.weight.dtype if isinstance(embedding, torch.nn.Embedding) else embedding.dtype
+
+
+def weight_bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes of weights read to decode one token: every tensor the modules hold (quantized ones as
+    they are stored, scales and kernel packings included; a tensor shared by two modules once), less
+    the embedding's, of which one row per token is read, unless the output projection is that same
+    table. Decoding speed x this = achieved memory bandwidth. Reads the tensors the modules hold, not
+    a state dict: a module that keeps its weights in its own packing (kernels/native.py's
+    NativeInt4Linear) would make its state dict's tensors anew."""
+
+    def tensors(module: torch.nn.Module) -> dict[int, torch.Tensor]:
+        found = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+        return {t.data_ptr(): t for name, t in found.items() if name != "rope_freqs" and t.numel()}
+
+    held = tensors(model)
+    output = set(tensors(model.output))
+    for ptr in tensors(model.tok_embeddings):
+        if ptr not in output:
+            held.pop(ptr, None)
+    return sum(t.numel() * t.element_size() for t in held.values())

@@ -24,6 +24,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 
 from .cache import check_kv_cache_dtype
+from .device import model_device, model_dtype
 from .model import Transformer
 
 
@@ -155,33 +156,64 @@ PREFILL_CHUNK = 512
 
 
 def prefill(model: Transformer, tokens: torch.Tensor, lengths: torch.Tensor, *, chunk: int | None = PREFILL_CHUNK,
-            start_pos: int = 0, cache_rows: torch.Tensor | None = None,
+            start_pos: int | torch.Tensor = 0, cache_rows: torch.Tensor | None = None,
             progress: Callable[[int, int], None] | None = None,
             on_logits: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:  # fmt: skip
     """Write right-padded prompts into the model's KV cache and return the logits after each one.
 
     tokens: (B, T) int64, row b's prompt its first lengths[b] tokens, placed at positions start_pos..
-    (cache_rows: the cache row of each, as for Transformer.forward). `chunk` positions per forward
-    (None: all T at once); progress(done, T) after each; on_logits(begin, (B, C, V) logits) gets each
-    chunk's logits (e.g. for prompt logprobs). Returns (B, V) float32: the logits at each
-    row's last prompt token, i.e. the distribution of its first new token.
+    (an int, or (B,) per row; cache_rows: the cache row of each, as for Transformer.forward). `chunk`
+    positions per forward (None: all T at once); progress(done, T) after each; on_logits(begin,
+    (B, C, V) logits) gets each chunk's logits (e.g. for prompt logprobs). Returns (B, V) float32:
+    the logits at each row's last prompt token, i.e. the distribution of its first new token.
     """
-    B, T = tokens.shape
-    chunk = chunk or T
-    last = lengths.to(tokens.device) - 1  # (B,) each row's last prompt position
-    out = None
-    for begin in range(0, T, chunk):
-        logits = model(tokens[:, begin : begin + chunk], start_pos + begin, cache_rows=cache_rows)  # (B, C, V)
-        if out is None:
-            out = logits.new_empty(B, logits.shape[-1])
-        end = begin + logits.shape[1]
-        here = ((last >= begin) & (last < end)).nonzero().flatten()  # rows whose prompt ends in this chunk
-        out[here] = logits[here, last[here] - begin]
-        if on_logits is not None:
-            on_logits(begin, logits)
+    steps = ChunkedPrefill(model, tokens, lengths, chunk=chunk, start_pos=start_pos, cache_rows=cache_rows,
+                           on_logits=on_logits)  # fmt: skip
+    while not steps.done:
+        done = steps.step()
         if progress is not None:
-            progress(end, T)
-    return out
+            progress(done, steps.length)
+    return steps.logits
+
+
+class ChunkedPrefill:
+    """prefill() one chunk at a time, for a caller that runs other forwards between the chunks (a
+    server decoding its running sequences: llama/serving/engine.py). step() runs the next chunk and
+    returns the positions done; once `done`, `logits` is prefill()'s result. Between two steps the
+    cache rows of this prefill must not be written by anything else; other rows may be.
+    """
+
+    def __init__(self, model: Transformer, tokens: torch.Tensor, lengths: torch.Tensor, *, chunk: int | None,
+                 start_pos: int | torch.Tensor = 0, cache_rows: torch.Tensor | None = None,
+                 on_logits: Callable[[int, torch.Tensor], None] | None = None):  # fmt: skip
+        self.model, self.tokens, self.start_pos, self.cache_rows, self.on_logits = model, tokens, start_pos, cache_rows, on_logits
+        self.length = tokens.shape[1]  # T
+        self.chunk = chunk or self.length
+        self.last = lengths.to(tokens.device) - 1  # (B,) each row's last prompt position
+        self.begin = 0
+        self.logits: torch.Tensor | None = None  # (B, V), filled row by row as each prompt ends
+
+    @property
+    def done(self) -> bool:
+        return self.begin >= self.length
+
+    def step(self, chunk: int | None = None) -> int:
+        """Run the next `chunk` positions (default: the chunk given at construction)."""
+        begin = self.begin
+        tokens = self.tokens[:, begin : begin + (chunk or self.chunk)]  # (B, C)
+        end = begin + tokens.shape[1]
+        here = ((self.last >= begin) & (self.last < end)).nonzero().flatten()  # rows whose prompt ends in this chunk
+        # Without on_logits only each row's last prompt position is needed: keep one position per row
+        # (any, for rows whose prompt does not end here) instead of C positions x V logits.
+        keep = None if self.on_logits is not None else (self.last - begin).clamp(0, tokens.shape[1] - 1)
+        logits = self.model(tokens, self.start_pos + begin, cache_rows=self.cache_rows, keep=keep)  # (B, C or 1, V)
+        if self.logits is None:
+            self.logits = logits.new_empty(self.tokens.shape[0], logits.shape[-1])
+        self.logits[here] = logits[here, 0] if keep is not None else logits[here, self.last[here] - begin]
+        if self.on_logits is not None:
+            self.on_logits(begin, logits)
+        self.begin = end
+        return end
 
 
 @dataclass
@@ -284,7 +316,7 @@ def _decode_loop(model, prompts, max_new_tokens, params, seed, stop, stop_string
         return
     longest = max(len(p) for p in prompts)
     vocab = model.config.vocab_size
-    device = model.tok_embeddings.weight.device
+    device = model_device(model)
     B = len(prompts)
     generator = None
     if seed is not None:
@@ -357,9 +389,11 @@ def _decode_loop(model, prompts, max_new_tokens, params, seed, stop, stop_string
 CACHE_BUCKET = 256
 
 
-def decode_step(model: Transformer, token: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
-    """token: (B,) int64 at positions: (B,) -> next-token logits (B, V) float32."""
-    return model(token[:, None], positions, kv_len=kv_len)[:, -1]
+def decode_step(model: Transformer, token: torch.Tensor, positions: torch.Tensor, kv_len: int,
+                rows: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """token: (B,) int64 at positions: (B,) (in cache rows `rows`, (B,); None: rows 0..B-1) -> next-token
+    logits (B, V) float32."""
+    return model(token[:, None], positions, kv_len=kv_len, cache_rows=rows)[:, -1]
 
 
 def compiled_decode_step(model: Transformer, **options):
@@ -380,7 +414,7 @@ def static_cache(model: Transformer, batch_size: int, length: int, kv_cache_dtyp
     kv_cache_dtype (default: the model's choice), reusing the present one if it fits; returns its
     length (the kv_len to decode with). A new cache of another kind means one more compilation."""
     length = min(-(-length // CACHE_BUCKET) * CACHE_BUCKET, model.config.max_seq_len)
-    wanted = kv_cache_dtype or model.kv_cache_dtype or str(model.tok_embeddings.weight.dtype).removeprefix("torch.")
+    wanted = kv_cache_dtype or model.kv_cache_dtype or str(model_dtype(model)).removeprefix("torch.")
     if (model.cache_size is None or model.cache_size[0] != batch_size or model.cache_size[1] < length
             or model.cache.kv_cache_dtype != wanted):  # fmt: skip
         model.setup_cache(batch_size, length, kv_cache_dtype=kv_cache_dtype)
@@ -391,7 +425,7 @@ def warm_up(model: Transformer, batch_size: int, length: int, kv_cache_dtype: st
     """Compile the decode step for this batch size and cache length now (by running it once), so that
     the first generated tokens do not pay for it. Writes only cache slots a prefill overwrites."""
     kv_len = static_cache(model, batch_size, length, kv_cache_dtype)
-    device = model.tok_embeddings.weight.device
+    device = model_device(model)
     # Inputs made as _decode_loop makes them (inference tensors, not aliased): anything else is a
     # different guard, so a second compilation.
     with torch.inference_mode():

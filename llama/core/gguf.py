@@ -753,7 +753,9 @@ def load(
         (Meta names; a tied output gets the embedding's); it may replace modules and returns
         {module name: fill}, each fill given that weight as stored (a StoredWeight) instead of a
         float tensor (llama/quantization/gguf.py keeps Q8_0 and Q4_0 weights quantized this way). A
-        tied output among them gets the embedding's, dequantized once for both.
+        tied output among them gets the embedding's, dequantized once for both. The embedding
+        ("tok_embeddings") may be replaced too; a tied output it shares a module with needs no fill
+        of its own (its tensors are taken under both names).
     """
     dtype = parse_dtype(dtype)
     device = torch.device(device)
@@ -781,8 +783,7 @@ def load(
 
         def fill(module: str, weight: StoredWeight) -> None:
             fills[module](weight)
-            layer = model.get_submodule(module)
-            state.update({f"{module}.{n}": b.to(device) for n, b in layer.named_buffers()})
+            model.get_submodule(module).to(device)
 
         for name in names:
             module = name.removesuffix(".weight")
@@ -809,7 +810,14 @@ def load(
         stop_tokens = _stop_tokens(ckpt.file.metadata, str(ckpt.path))
     finally:
         ckpt.close()
-    assign_weights(model, state, config.tie_word_embeddings and "output" not in fills, device)
+    # The filled modules' tensors, under every name a module has (a tied output may be the
+    # embedding's quantized table itself: llama/quantization/embedding.py).
+    filled = {id(sub) for name in fills for sub in model.get_submodule(name).modules()}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if id(module) in filled:
+            state.update({f"{name}.{n}": t for n, t in module.state_dict().items()})
+    tied_float = config.tie_word_embeddings and "output" not in fills and "tok_embeddings" not in fills
+    assign_weights(model, state, tied_float, device)
     model.stop_tokens = stop_tokens
     return model.eval()
 

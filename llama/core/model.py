@@ -34,6 +34,7 @@ from torch import nn
 
 from .cache import KVCache, LayerCache, check_kv_cache_dtype  # noqa: F401 (LayerCache re-exported)
 from .config import ModelConfig, RopeScaling
+from .device import model_device, model_dtype
 from .recording import Recorder
 
 
@@ -318,10 +319,9 @@ class Transformer(nn.Module):
         stores keys and values -- "float32", "bfloat16", "float16", or quantized "int8" / "fp8"
         (cache.py); default self.kv_cache_dtype, else `dtype`, else the weights' dtype.
         """
-        param = self.tok_embeddings.weight
         shapes = [(layer.attention.n_kv_heads, layer.attention.head_dim) for layer in self.layers]
-        self.cache = KVCache(shapes, batch_size, max_seq_len or self.config.max_seq_len, dtype or param.dtype,
-                             device or param.device, check_kv_cache_dtype(kv_cache_dtype or self.kv_cache_dtype))  # fmt: skip
+        self.cache = KVCache(shapes, batch_size, max_seq_len or self.config.max_seq_len, dtype or model_dtype(self),
+                             device or model_device(self), check_kv_cache_dtype(kv_cache_dtype or self.kv_cache_dtype))  # fmt: skip
 
     def clear_cache(self) -> None:
         self.cache = None
@@ -343,7 +343,8 @@ class Transformer(nn.Module):
     # ---- the forward pass --------------------------------------------------------------------------
 
     def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor = 0, *, cache_rows: torch.Tensor | None = None,
-                kv_len: int | None = None, record: Recorder | None = None) -> torch.Tensor:
+                kv_len: int | None = None, record: Recorder | None = None,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
         """tokens: (B, T) int64 -> logits: (B, T, V) float32.
 
         Without a cache this is the plain causal forward over the T tokens (start_pos must be 0).
@@ -353,6 +354,9 @@ class Transformer(nn.Module):
         cache_rows, the cache row of each batch row (a server keeps one request per row); kv_len, a
         fixed number of cache positions to attend to (a compiled decode step). record: a Recorder
         that collects every layer's attention probabilities and hidden states (llama/core/recording.py).
+        keep: (B,) int64, one position of this call per row (0 .. T-1): only those logits are
+        computed, (B, 1, V). A prefill needs only the last prompt token's, and the output
+        projection (V x D) is the largest matrix product of a step (a fifth of Llama 3.2 1B's).
         """
         ctx = self.context(tokens, start_pos, cache_rows, kv_len, record)
         h = self.tok_embeddings(tokens)  # (B, T, D)
@@ -360,8 +364,10 @@ class Transformer(nn.Module):
             ctx.record("hidden", i, h)  # the residual stream entering block i
             h = layer(h, ctx)
         ctx.record("hidden", len(self.layers), h)
+        if keep is not None:
+            h = h.gather(1, keep.view(-1, 1, 1).expand(-1, 1, h.shape[-1]))  # (B, 1, D)
         h = self.norm(h)
-        return self.output(h).float()  # (B, T, V)
+        return self.output(h).float()  # (B, T, V), or (B, 1, V) with keep
 
     def context(self, tokens: torch.Tensor, start_pos, cache_rows, kv_len, record=None) -> Context:
         """Positions, rotation angles and masks of this call: computed once, shared by every layer."""

@@ -52,6 +52,7 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
+from .device import model_device
 from .generation import GenerationError, SamplingParams, Token, check_prompt, filter_logits
 from .model import Transformer
 
@@ -112,7 +113,7 @@ def speculative_stream(
             f"the draft's vocabulary ({draft_vocab} tokens) differs from the target's ({vocab}); "
             "speculative decoding needs both models to share one tokenizer"
         )
-    device, draft_device = target.tok_embeddings.weight.device, draft.tok_embeddings.weight.device
+    device, draft_device = model_device(target), model_device(draft)
     if device != draft_device:
         raise GenerationError(f"the target is on {device} and the draft on {draft_device}; put both on one device")
     prompt = check_prompt(prompt_ids, 0, vocab)
@@ -150,7 +151,7 @@ def _rounds(target, draft, prompt, max_new_tokens, k, params, generator, stop, s
     if max_new_tokens == 0:
         return
     greedy = params.temperature == 0
-    device = target.tok_embeddings.weight.device
+    device = model_device(target)
     seq = list(prompt)  # prompt + every token settled so far
     target_cached = draft_cached = 0  # positions of each cache that agree with seq
     produced = 0

@@ -26,6 +26,7 @@ from weights.safetensors_io import SafetensorsFile, save_safetensors
 from ..core import checkpoint as core_checkpoint
 from ..core.checkpoint import checkpoint_stop_tokens, meta_model
 from ..core.config import ConfigError, ModelConfig
+from ..core.device import model_dtype
 from .linear import check_mode, prepare_kernels, swap_linears
 
 
@@ -72,7 +73,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, *, tokenizer_from:
     state = {n: t.detach().cpu() for n, t in model.state_dict().items()}
     if model.config.tie_word_embeddings and not info.get("include_output"):
         state.pop("output.weight", None)  # the embedding itself
-    dtype = str(model.tok_embeddings.weight.dtype).removeprefix("torch.")
+    dtype = str(model_dtype(model)).removeprefix("torch.")
     config = model.config.to_hf(dtype) | {"quantization": info}
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     save_safetensors(path / "model.safetensors", state, metadata={"format": "pt"})

@@ -27,10 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from weights.gguf import GGMLType, quantize_q8_0
+from weights.gguf import BLOCK, GGMLType, dequantize, quantize_q8_0
 
 from ..core import gguf as core_gguf
-from .linear import Int4Linear, Int8Linear, _row_chunks, check_mode, pack_nibbles, target_names
+from ..core.gguf import Fill
+from .embedding import QuantizedEmbedding
+from .linear import (Int4Linear, Int8Linear, _row_chunks, check_mode, pack_nibbles, quantize_int4, quantize_int8,
+                     target_names)  # fmt: skip
 
 Q8_0_BLOCK = 34  # bytes of one Q8_0 block: fp16 d, then 32 int8 values
 Q4_0_BLOCK = 18  # fp16 d, then 16 bytes of 4-bit values
@@ -80,6 +83,13 @@ class Int8BlockLinear(nn.Module):
         w = q * self.scales[rows].float().unsqueeze(-1)  # (n, K/32, 32): the value Q8_0 stands for, in float32
         return w.view(-1, self.in_features).to(dtype)
 
+    def dequantize_rows(self, index: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+        """Rows `index` (any shape) of dequantize(dtype): (*index.shape, K); an embedding's lookup."""
+        rows = index.reshape(-1)
+        q = self.weight[rows].view(-1, self.in_features // self.block_size, self.block_size).float()
+        w = q * self.scales[rows].float().unsqueeze(-1)  # (n, K/32, 32) in float32, as dequantize()
+        return w.to(dtype).view(*index.shape, self.in_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)  # (M, K)
         y = torch.empty(x2.shape[0], self.out_features, dtype=x.dtype, device=x.device)
@@ -90,6 +100,36 @@ class Int8BlockLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"int8 per block of {self.block_size} (Q8_0)")
+
+
+class GGUFRows(nn.Module):
+    """A (V, D) matrix as a GGUF file stores it, kept for row lookups (an embedding's table, see
+    embedding.py): buffer `blocks` (V, row bytes) uint8 of GGML type `kind`, each row a whole number
+    of blocks. dequantize_rows widens the rows asked for with weights/gguf.py's dequantize, so a
+    lookup is bit for bit the dequantized file's row. It has no matmul: it serves only lookups (a
+    tied output of such a type gets its own quantized copy; see load)."""
+
+    def __init__(self, kind: GGMLType, out_features: int, in_features: int, device=None):
+        super().__init__()
+        values, size = BLOCK[kind]
+        if in_features % values:
+            raise ValueError(f"{kind.name} rows hold blocks of {values} values; {in_features} is not a multiple")
+        self.kind, self.out_features, self.in_features = GGMLType(kind), out_features, in_features
+        self.register_buffer("blocks", torch.zeros(out_features, in_features // values * size, dtype=torch.uint8,
+                                                   device=device))  # fmt: skip
+
+    def load_raw(self, data: torch.Tensor) -> None:
+        """Fill from the tensor's bytes as stored (1-D uint8); copied, as the file is closed after loading."""
+        self.blocks = data.view(self.out_features, -1).clone()
+
+    def dequantize_rows(self, index: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+        """Rows `index` (any shape) of the matrix: (*index.shape, D) in dtype."""
+        rows = self.blocks[index.reshape(-1)].cpu()  # (n, row bytes); weights/gguf.py dequantizes on the CPU
+        w = dequantize(rows.reshape(-1), self.kind, dtype).to(self.blocks.device)
+        return w.view(*index.shape, self.in_features)
+
+    def extra_repr(self) -> str:
+        return f"{self.out_features}, {self.in_features}, GGUF {self.kind.name} rows"
 
 
 def int4_from_q4_0(data: torch.Tensor, out_features: int, in_features: int,
@@ -106,50 +146,96 @@ def int4_from_q4_0(data: torch.Tensor, out_features: int, in_features: int,
 
 
 def load(path: str | os.PathLike, mode: str, *, group_size: int = 128, include_output: bool = True,
-         dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu", progress: bool | None = None):
+         include_embedding: bool = True, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
+         progress: bool | None = None):  # fmt: skip
     """Load a GGUF file with its linears quantized: Q8_0 weights (mode "int8") and Q4_0 weights (mode
     "int4") copied as they are stored, every other one quantized from its dequantized values
-    (see the module docstring). include_output: quantize the output projection too (a tied one as a
-    quantized copy of the embedding). model.quantization records the mode and what came from GGUF."""
+    (see the module docstring). include_output: quantize the output projection too.
+    include_embedding: keep a quantized embedding quantized (a QuantizedEmbedding, embedding.py):
+    as the mode's module when its type is the one the mode keeps (a tied output is then that same
+    module), else as its GGUF rows (GGUFRows; a tied output gets a quantized copy). A float
+    embedding, and a tied one when include_output is False, stays in float.
+    model.quantization records the mode, what came from GGUF, and the embedding's stored type."""
     check_mode(mode, group_size)
     kept: list[str] = []
     requantized: list[str] = []
+    embedding_kind: list[str] = []
+
+    def module_for(name: str, N: int, K: int, kind: GGMLType, dtype) -> tuple[nn.Module, Fill] | None:
+        """The quantized module for a weight stored as `kind`, and how to fill it; None: stays in float."""
+        if mode == "int8" and kind == GGMLType.Q8_0:
+            module = Int8BlockLinear(K, N, device="meta")
+            kept.append(name)
+            return module, lambda weight: module.load_q8_0(weight.data)
+        if mode == "int4" and kind == GGMLType.Q4_0:
+            module = Int4Linear(K, N, 32, dtype, device="meta")
+            kept.append(name)
+            return module, lambda weight: _fill_int4(module, weight.data)
+        if mode == "int8" or K % group_size == 0:
+            module = Int8Linear(K, N, dtype, "meta") if mode == "int8" else Int4Linear(K, N, group_size, dtype, "meta")
+            requantized.append(name)
+            return module, lambda weight: _requantize(module, weight, dtype)
+        return None  # stays in float, as llama/quantization does with a width the groups do not divide
 
     def swap(model, dtype, types):
         fills = {}
-        for name in target_names(model, include_output):
+        names = target_names(model, include_output)  # checks the model before anything changes
+        tied = model.config.tie_word_embeddings
+        kind = types["tok_embeddings.weight"]
+        if include_embedding and kind in BLOCK and not (tied and not include_output):
+            V, D = model.tok_embeddings.num_embeddings, model.tok_embeddings.embedding_dim
+            if (mode, kind) in (("int8", GGMLType.Q8_0), ("int4", GGMLType.Q4_0)):
+                table, fills["tok_embeddings"] = module_for("tok_embeddings", V, D, kind, dtype)
+                if tied:  # the output is the table itself: one quantized matrix for both
+                    model.output = table
+                    names.remove("output")
+                    kept.append("output")
+            else:
+                table = GGUFRows(kind, V, D, device="meta")
+                fills["tok_embeddings"] = lambda weight, table=table: table.load_raw(weight.data)
+            model.tok_embeddings = QuantizedEmbedding(table, dtype)
+            embedding_kind.append(kind.name)
+        for name in names:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             linear = getattr(parent, child)
             if not isinstance(linear, nn.Linear):
                 continue
-            N, K, kind = linear.out_features, linear.in_features, types[f"{name}.weight"]
-            if mode == "int8" and kind == GGMLType.Q8_0:
-                module = Int8BlockLinear(K, N, device="meta")
-                fills[name] = lambda weight, module=module: module.load_q8_0(weight.data)
-                kept.append(name)
-            elif mode == "int4" and kind == GGMLType.Q4_0:
-                module = Int4Linear(K, N, 32, dtype, device="meta")
-                fills[name] = lambda weight, module=module: _fill_int4(module, weight.data)
-                kept.append(name)
-            elif mode == "int8" or K % group_size == 0:
-                module = (Int8Linear(K, N, dtype, "meta") if mode == "int8"
-                          else Int4Linear(K, N, group_size, dtype, "meta"))  # fmt: skip
-                fills[name] = lambda weight, module=module: module.load_weight(weight.dequantized(dtype))
-                requantized.append(name)
-            else:
-                continue  # stays in float, as llama/quantization does with a width the groups do not divide
-            setattr(parent, child, module)
+            made = module_for(name, linear.out_features, linear.in_features, types[f"{name}.weight"], dtype)
+            if made is not None:
+                setattr(parent, child, made[0])
+                fills[name] = made[1]
         return fills
 
     model = core_gguf.load(path, dtype=dtype, device=device, progress=progress, swap=swap)
     model.quantization = {"mode": mode, "group_size": group_size, "include_output": "output" in kept + requantized,
-                          "gguf_kept": len(kept), "gguf_requantized": len(requantized)}  # fmt: skip
+                          "gguf_kept": len([n for n in kept if n != "tok_embeddings"]),
+                          "gguf_requantized": len(requantized),
+                          "embedding": embedding_kind[0] if embedding_kind else None}  # fmt: skip
     # No prepare_kernels here: the packing torch's int4 kernel wants is made on a module's first use
     # instead, by the modules that use it (kernels.optimize swaps in ones with their own packing), so
     # that loading does not peak at the int32 copy torch's packing makes of each matrix (1 GB for a
     # 1B model's output projection).
     return model
+
+
+def _requantize(module: Int8Linear | Int4Linear, weight: core_gguf.StoredWeight, dtype: torch.dtype) -> None:
+    """module.load_weight(the weight dequantized to dtype), a slice of rows at a time: the same values
+    (both steps work row by row), without the whole float matrix (0.5 GB in bfloat16 for a 1B
+    model's output) existing at once."""
+    N, K = weight.shape
+    row_bytes = weight.data.numel() // N
+    int8 = isinstance(module, Int8Linear)
+    parts = []
+    for rows in _row_chunks(torch.empty(N, K, device="meta")):
+        w = dequantize(weight.data[rows.start * row_bytes : min(rows.stop, N) * row_bytes], weight.type, dtype)
+        q, scales = quantize_int8(w.view(-1, K)) if int8 else quantize_int4(w.view(-1, K), module.group_size)
+        parts.append((q if int8 else pack_nibbles(q), scales))
+    if int8:
+        module.weight, module.scales = torch.cat([q for q, _ in parts]), torch.cat([s for _, s in parts]).to(dtype)
+    else:  # scales_and_zeros: (K/G, N, 2)
+        module.weight = torch.cat([q for q, _ in parts])
+        module.scales_and_zeros = torch.cat([sz for _, sz in parts], dim=1).to(dtype)
 
 
 def _fill_int4(module: Int4Linear, raw: torch.Tensor) -> None:

@@ -153,6 +153,11 @@ class Int8Linear(nn.Module):
         dtype = dtype or self.scales.dtype
         return self.weight.to(dtype) * self.scales.to(dtype)[:, None]
 
+    def dequantize_rows(self, index: torch.Tensor, dtype=None) -> torch.Tensor:
+        """Rows `index` (any shape) of dequantize(dtype): (*index.shape, K); an embedding's lookup."""
+        dtype = dtype or self.scales.dtype
+        return self.weight[index].to(dtype) * self.scales[index].to(dtype)[..., None]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.requires_grad and torch.is_grad_enabled():
             return QuantizedMatmul.apply(x, self)  # QLoRA: a gradient for x, none for the frozen weight
@@ -196,6 +201,15 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(1).to(torch.int32)  # (N, K/2, 2) -> (N, K)
 
 
+def dequantize_int4(q: torch.Tensor, sz: torch.Tensor, group_size: int, dtype) -> torch.Tensor:
+    """q (n, K) integers in [0, 15] and sz (n, K/G, 2) scales and zeros -> (n, K) in dtype:
+    (q - 8) * scale + zero, computed in dtype."""
+    n, K = q.shape
+    q = q.view(n, K // group_size, group_size).to(dtype)  # (n, K/G, G)
+    sz = sz.to(dtype)
+    return ((q - 8) * sz[..., :1] + sz[..., 1:]).view(n, K)
+
+
 class Int4Linear(nn.Module):
     """Grouped asymmetric int4 weights. Buffers (the saved state): weight (N, K/2) uint8, two
     values per byte (pack_nibbles; portable), scales_and_zeros (K/G, N, 2).
@@ -231,11 +245,16 @@ class Int4Linear(nn.Module):
 
     def dequantize(self, dtype=None) -> torch.Tensor:
         """The (N, K) weight the int4 values stand for."""
-        N, K, G = self.out_features, self.in_features, self.group_size
         dtype = dtype or self.scales_and_zeros.dtype
-        q = unpack_nibbles(self.weight).view(N, K // G, G).to(dtype)  # (N, K/G, G)
-        sz = self.scales_and_zeros.to(dtype).transpose(0, 1)  # (N, K/G, 2)
-        return ((q - 8) * sz[..., :1] + sz[..., 1:]).view(N, K)
+        return dequantize_int4(unpack_nibbles(self.weight), self.scales_and_zeros.transpose(0, 1), self.group_size, dtype)
+
+    def dequantize_rows(self, index: torch.Tensor, dtype=None) -> torch.Tensor:
+        """Rows `index` (any shape) of dequantize(dtype): (*index.shape, K); an embedding's lookup."""
+        dtype = dtype or self.scales_and_zeros.dtype
+        rows = index.reshape(-1)
+        sz = self.scales_and_zeros[:, rows].transpose(0, 1)  # (n, K/G, 2)
+        w = dequantize_int4(unpack_nibbles(self.weight[rows]), sz, self.group_size, dtype)
+        return w.view(*index.shape, self.in_features)
 
     def _kernel_weight(self) -> torch.Tensor:
         if self._packed is not None and torch.compiler.is_compiling():

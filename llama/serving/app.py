@@ -767,10 +767,10 @@ class _Response:
         self.log.update(id=self.id)
 
     def usage(self) -> dict:
-        # no prompt caching here: none of the prompt tokens were cached
+        # cached_tokens: prompt tokens whose keys and values the engine's prefix cache supplied
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "total_tokens": self.prompt_tokens + self.completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": 0}}  # fmt: skip
+                "prompt_tokens_details": {"cached_tokens": sum(s.cached_tokens for s in self.stats)}}  # fmt: skip
 
     def _account(self, index: int, delta: Delta) -> None:
         self.completion_tokens += len(delta.tokens)

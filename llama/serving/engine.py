@@ -12,15 +12,16 @@ The KV cache is set up once, as a pool of `max_batch_size` rows ("slots") of `ma
 positions: that is all the memory keys and values will ever take. A running sequence owns one slot.
 One engine thread loops:
 
-  1. admit: give waiting sequences free slots and prefill their prompts, several of similar length
-     together, right-padded to the longest, in one forward (model(prompts, 0, cache_rows=slots));
-     each samples its first token from its own last prompt position. The padding writes junk beyond
-     a row's prompt, which the model never attends to (it lies past the row's position) and
-     generation overwrites;
-  2. decode: one forward for all running sequences: row b feeds its last token at its own position
-     into its own slot (start_pos and cache_rows are (B,) tensors); each row is sampled with its own
-     parameters and its own random generator;
-  3. retire: a sequence that produced a stop token, completed a stop string, reached max_tokens or
+  1. admit: give waiting sequences free slots (and their cached prefixes, see below) and queue
+     their prompts for prefill, several of similar length together, right-padded to the longest
+     (model(prompts, start, cache_rows=slots)); each samples its first token from its own last
+     prompt position once its prompt is in. The padding writes junk beyond a row's prompt, which the
+     model never attends to (it lies past the row's position) and generation overwrites;
+  2. prefill: one chunk of the queued prompts (see the prefill policy below);
+  3. decode: one forward for all running sequences whose prompts are in: row b feeds its last token
+     at its own position into its own slot (start_pos and cache_rows are (B,) tensors); each row is
+     sampled with its own parameters and its own random generator;
+  4. retire: a sequence that produced a stop token, completed a stop string, reached max_tokens or
      was cancelled frees its slot for the next admit. Its stale keys and values need no clearing: the
      model never attends past a row's current position, and the next prefill overwrites them.
 
@@ -49,10 +50,37 @@ prompt of 10 tokens costs about one decode step, so 16 short prompts alone cost 
 together about one). Where it is bound by compute (long prompts, CPUs), padding tokens cost as much
 as real ones, so prompts are grouped by length: a group's real tokens are at least 2/3 of its padded
 size. Each step admits waiting sequences in arrival order up to max_prefill_tokens prompt tokens
-(at least one sequence). A group is prefilled max_prefill_tokens positions per forward (chunks
-through the cache: llama.core.generation.prefill), so a prompt as long as the pool's rows takes
-memory bounded by that chunk and the pool, not by its length. Prefills run before the next decode
-step, so a burst of long prompts delays the tokens of running sequences.
+(at least one sequence). A group is prefilled in chunks through the cache
+(llama.core.generation.ChunkedPrefill), so a prompt as long as the pool's rows takes memory bounded
+by the chunk and the pool, not by its length. While sequences decode, a step runs one chunk of at
+most prefill_chunk tokens (rows x positions) of the group with the fewest positions left, then the
+decode step: a long prompt costs each running stream about one chunk's time per token instead of
+stalling it for the whole prompt, and the prompt's own first token comes later by the decode steps
+between its chunks. With nothing decoding there is nothing to interleave: a chunk is then up to
+max(max_prefill_tokens, prefill_chunk) tokens. prefill_chunk=None restores the plain schedule:
+every admitted prompt whole (max_prefill_tokens positions per forward) before the next decode step.
+A row cancelled mid-prefill keeps its slot until its group's prefill ends (the forward still
+writes it). Where the chunks fall changes only rounding (each chunk attends to the cache holding
+everything before it), so chunked and one-shot prefill give the same greedy tokens up to ties.
+(Chunked prefills interleaved with decodes: Agrawal et al., 2023, "SARATHI".)
+
+Prefix caching (prefix_cache_tokens > 0; llama/serving/prefix_cache.py). When a prompt is in, its
+whole blocks of prefix_block tokens are copied from its slot into a store of their own, keyed by
+their tokens, everything before them and the request's adapter. An admitted prompt that begins with
+stored blocks gets them copied into its slot and prefills only the rest, from that position (rows of
+one forward may start at different positions). The last prompt token is always computed (it gives
+the first new token); a request asking for prompt_logprobs is computed whole (those need every
+position's logits). A stored block holds the bytes the first request computed, so a hit computes
+what a miss computes up to the rounding of a different chunking. Stats.cached_tokens reports the
+tokens taken from the store.
+
+Compiled decode step (compile=True). The decode forward runs through torch.compile
+(llama.core.generation.compiled_decode_step with dynamic=True): the batch size and the cache length
+attended to are symbolic, so one graph serves a batch of 1 and one every larger batch, at any
+length; warm_up() compiles both before start(). The step attends to the same positions as eager
+(0 .. the longest row's). Not with per-request LoRA adapters (each batch's mix of adapters would be a
+new graph) or dynamic NTK RoPE scaling (frequencies that change with the length); prefill stays
+eager (its shapes change with every prompt).
 
 Sampling a row. Each request's logits go through, in order: its logit_bias (added), OpenAI's
 presence and frequency penalties (for token j generated c_j times so far, the logit drops by
@@ -98,10 +126,14 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from ..core.generation import GenerationError, SamplingParams, apply_repetition_penalty, check_seed, prefill, sample
+from ..core.cache import KVCache
+from ..core.device import model_device
+from ..core.generation import (ChunkedPrefill, GenerationError, SamplingParams, apply_repetition_penalty, check_seed,
+                               compiled_decode_step, sample)  # fmt: skip
 from ..core.stops import StopMatcher
 from ..core.tokenizer import check_vocabulary
 from ..training import lora
+from .prefix_cache import PrefixCache
 
 logger = logging.getLogger(__name__)
 
@@ -192,6 +224,7 @@ class Stats:
     queue_time: float
     time_to_first_token: float
     latency: float
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
 
 
 @dataclass(frozen=True)
@@ -254,6 +287,8 @@ class _Sequence:
         self.decoder = engine.tokenizer.stream_decoder(self.prompt)
         self.tokens: list[int] = []  # generated so far, without a stop token
         self.slot = -1
+        self.prefilling = False  # its prompt is being written into its slot, chunk by chunk
+        self.cached = 0  # leading prompt tokens taken from the prefix cache
         self.done = False  # its final Delta is decided (finished, failed or cancelled)
         self.position = 0  # where the next token fed to the model goes in the slot
         self.chars = 0  # characters decoded so far
@@ -264,11 +299,36 @@ class _Sequence:
         self.started = self.first_token = None
 
 
+class _Prefill:
+    """The prompts of a group of sequences being written into their slots (llama.core.generation's
+    ChunkedPrefill): each row's tokens after its cached prefix, right-padded, at positions from there.
+    The rows that asked for prompt logprobs keep their chunks' logits, which those need whole."""
+
+    def __init__(self, engine: "Engine", seqs: list[_Sequence]):
+        self.seqs = seqs
+        device = engine.device
+        lengths = torch.tensor([len(s.prompt) - s.cached for s in seqs], device=device)  # (B,)
+        ids = torch.zeros(len(seqs), int(lengths.max()), dtype=torch.long, device=device)  # (B, T)
+        for b, seq in enumerate(seqs):
+            ids[b, : len(seq.prompt) - seq.cached] = torch.tensor(seq.prompt[seq.cached :], device=device)
+        rows = torch.tensor([s.slot for s in seqs], device=device)  # (B,)
+        starts = [s.cached for s in seqs]
+        start_pos = starts[0] if len(set(starts)) == 1 else torch.tensor(starts, device=device)  # (B,) if they differ
+        self.pieces: dict[int, list[torch.Tensor]] = {b: [] for b, s in enumerate(seqs) if s.request.prompt_logprobs is not None}
+        self.steps = ChunkedPrefill(engine.model, ids, lengths, chunk=engine.max_prefill_tokens, start_pos=start_pos,
+                                    cache_rows=rows, on_logits=self._keep if self.pieces else None)  # fmt: skip
+
+    def _keep(self, begin: int, chunk_logits: torch.Tensor) -> None:  # chunk_logits: (B, C, V)
+        for b, kept in self.pieces.items():
+            kept.append(chunk_logits[b])
+
+
 class Engine:
     """Runs `model` for many requests at once with continuous batching (see the module docstring).
 
     `model` is a llama.Transformer, or anything with its `config`, `tok_embeddings` (for the device),
-    `setup_cache(rows, positions)` and `model(tokens, start_pos, cache_rows=rows) -> logits`. The
+    `setup_cache(rows, positions)` and `model(tokens, start_pos, cache_rows=rows, keep=None) -> logits`
+    (keep: Transformer.forward's). The
     engine owns the model's KV cache (setup_cache is called here): do not run llama.generate on the
     same model object while the engine lives. max_seq_len (default: the model's) bounds prompt +
     max_tokens of every request, and with max_batch_size the pool's memory. stop_tokens default to
@@ -276,12 +336,17 @@ class Engine:
     has embeddings is refused (TokenizerMismatchError): it belongs to another checkpoint.
     kv_cache_dtype: how the pool stores keys and values ("int8", "fp8", a float dtype; default the
     model's choice, see llama/core/cache.py). A prompt is prefilled max_prefill_tokens positions per
-    forward, so its memory is bounded by that and the pool, not by its length.
+    forward, so its memory is bounded by that and the pool, not by its length. prefill_chunk: the
+    most prompt tokens prefilled per step while sequences decode (None: whole prompts before the
+    next decode step); prefix_cache_tokens: positions of the prefix cache, in blocks of prefix_block
+    (0: none); compile: the decode step through torch.compile (see the module docstring; call
+    warm_up() before start() to compile it up front).
     """
 
     def __init__(self, model, tokenizer, *, max_batch_size: int = 8, max_seq_len: int | None = None,
                  max_queue: int = 64, max_prefill_tokens: int = 512, stop_tokens: Sequence[int] | None = None,
-                 kv_cache_dtype: str | None = None):  # fmt: skip
+                 kv_cache_dtype: str | None = None, prefill_chunk: int | None = 256, prefix_cache_tokens: int = 0,
+                 prefix_block: int = 16, compile: bool = False):  # fmt: skip
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
@@ -290,22 +355,49 @@ class Engine:
             raise ValueError(f"max_seq_len must be an integer >= 2, got {max_seq_len!r}")
         if isinstance(max_prefill_tokens, bool) or not isinstance(max_prefill_tokens, int) or max_prefill_tokens < 1:
             raise ValueError(f"max_prefill_tokens must be a positive integer, got {max_prefill_tokens!r}")
+        if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1):
+            raise ValueError(f"prefill_chunk must be a positive integer or None, got {prefill_chunk!r}")
+        if isinstance(prefix_cache_tokens, bool) or not isinstance(prefix_cache_tokens, int) or prefix_cache_tokens < 0:
+            raise ValueError(f"prefix_cache_tokens must be a non-negative integer, got {prefix_cache_tokens!r}")
+        in_process = isinstance(model, torch.nn.Module)  # not a proxy driving other processes (tensor parallelism)
+        if (prefix_cache_tokens or compile) and not in_process:
+            raise ValueError(f"{'prefix caching' if prefix_cache_tokens else 'compile'} needs the model in this process "
+                             f"(an nn.Module), not a {type(model).__name__}")  # fmt: skip
         check_vocabulary(tokenizer, model.config.vocab_size)
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.max_queue, self.max_prefill_tokens = max_batch_size, max_queue, max_prefill_tokens
+        self.prefill_chunk = prefill_chunk
         self.context_len = min(model.config.max_seq_len, max_seq_len or model.config.max_seq_len)
         self.vocab_size = model.config.vocab_size
         if stop_tokens is None:
             stop_tokens = getattr(model, "stop_tokens", None) or tokenizer.stop_tokens
         self.stop_tokens = frozenset(stop_tokens)
-        self.device = model.tok_embeddings.weight.device
+        self.device = model_device(model)
         # Several LoRA adapters on one base: each row of a forward uses its request's adapter (or none).
         self.adapters = tuple(lora.adapter_names(model))
         model.setup_cache(max_batch_size, self.context_len, kv_cache_dtype=kv_cache_dtype)
+        self.prefixes = None
+        if prefix_cache_tokens:
+            if not isinstance(getattr(model, "cache", None), KVCache):
+                raise ValueError(f"prefix caching needs a model that keeps its KVCache in .cache (a llama.Transformer), "
+                                 f"not a {type(model).__name__}")  # fmt: skip
+            self.prefixes = PrefixCache(model.cache, tokens=prefix_cache_tokens, block=prefix_block)
+        self._step_fn = None  # the compiled decode step, or None: eager
+        if compile:
+            scaling = model.config.rope_scaling
+            if scaling is not None and scaling.kind == "dynamic":
+                raise ValueError("compile does not support dynamic NTK RoPE scaling (its frequencies change with the length)")
+            if self.adapters:
+                raise ValueError(f"compile does not support per-request LoRA adapters ({', '.join(self.adapters)}): each "
+                                 "batch's mix of adapters would be a new graph")  # fmt: skip
+            # dynamic=True: the batch size and the cache length attended to are symbolic from the start,
+            # so the graphs are one for a batch of 1 (torch specialises size 1) and one for all others.
+            self._step_fn = compiled_decode_step(model, dynamic=True)
 
         self._free = list(range(max_batch_size - 1, -1, -1))  # free slots; pop() gives the lowest
         self._waiting: deque[_Sequence] = deque()
-        self._running: list[_Sequence] = []  # touched by the engine thread only
+        self._running: list[_Sequence] = []  # every sequence holding a slot; touched by the engine thread only
+        self._prefills: list[_Prefill] = []  # prompts being written into their slots, chunk by chunk
         self._in_flight = 0  # waiting + running sequences
         self._wake = threading.Condition()  # guards _waiting, _in_flight, _stopping, _drain_deadline
         self._stopping = False
@@ -313,8 +405,10 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None  # what killed the engine thread, if anything
         # prefills: sequences prefilled, in prefill_batches forwards; decode_rows: rows over all decode steps
-        self.counters = dict(prefills=0, prefill_batches=0, prefill_tokens=0, decode_steps=0, decode_rows=0,
-                             generated_tokens=0, finished=0, cancelled=0, rejected=0, errors=0)  # fmt: skip
+        # prefill_tokens: computed (not taken from the prefix cache); prefill_chunks: prefill forwards
+        self.counters = dict(prefills=0, prefill_batches=0, prefill_tokens=0, prefill_chunks=0, decode_steps=0,
+                             decode_rows=0, generated_tokens=0, finished=0, cancelled=0, rejected=0, errors=0,
+                             prefix_cache_hits=0, prefix_cache_hit_tokens=0)  # fmt: skip
 
     # ---- the caller's side (any thread) ------------------------------------------------------------
 
@@ -322,6 +416,24 @@ class Engine:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="llama-engine", daemon=True)
             self._thread.start()
+
+    def warm_up(self) -> float:
+        """With compile: compile the decode step's graphs now, before start(), so that the first requests
+        do not wait for them: one for a batch of 1 and, with max_batch_size > 1, one for every larger
+        batch (torch specialises size 1). Returns the seconds it took (0 without compile). Writes only
+        cache positions that a prefill overwrites."""
+        if self._step_fn is None:
+            return 0.0
+        if self._thread is not None:
+            raise RuntimeError("warm_up() must run before start(): the engine thread owns the model")
+        started = time.perf_counter()
+        with torch.inference_mode():  # inputs made as _decode makes them: anything else is another guard
+            for rows in sorted({1, min(2, self.max_batch_size)}):
+                tokens = torch.tensor([[0]] * rows, device=self.device)  # (B, 1)
+                positions = torch.tensor([1] * rows, device=self.device)  # (B,)
+                slots = torch.tensor(list(range(rows)), device=self.device)  # (B,)
+                self._step_fn(self.model, tokens[:, 0], positions, 2, slots)
+        return time.perf_counter() - started
 
     def stop(self, timeout: float | None = 30) -> None:
         """End the engine thread; sequences still waiting or running get a final "error" Delta."""
@@ -447,10 +559,10 @@ class Engine:
         try:
             with torch.inference_mode():
                 while (admitted := self._next_admissions()) is not None:
-                    for group in self._prefill_groups(admitted):
-                        self._prefill(group)
+                    self._admit(admitted)
                     self._retire_cancelled()
-                    if self._running:
+                    self._prefill_step()
+                    if any(not s.prefilling for s in self._running):
                         self._decode()
                     self._end_overdue()
         except BaseException as e:  # a bug in the scheduling itself: fail everyone rather than hang them
@@ -492,63 +604,117 @@ class Engine:
             self._fail(seq, "the server is shutting down; its grace period ended before this request finished",
                        "shutdown")  # fmt: skip
 
+    def _admit(self, seqs: list[_Sequence]) -> None:
+        """Give `seqs` slots, their cached prefixes, and a place in the prefill queue, in groups."""
+        for seq in [s for s in seqs if s.ticket.cancelled]:  # cancelled between the queue and here
+            self._release(seq, cancelled=True)
+        seqs = [s for s in seqs if not s.ticket.cancelled]
+        now = time.perf_counter()
+        for seq in seqs:
+            seq.slot, seq.started, seq.prefilling = self._free.pop(), now, True
+            self._running.append(seq)
+        blocks = {}
+        if self.prefixes is not None:
+            for seq in seqs:
+                # Prompt logprobs need every prompt position's logits: such a prompt is computed whole.
+                if seq.request.prompt_logprobs is None:
+                    blocks[seq] = self.prefixes.lookup(seq.prompt, seq.request.adapter, limit=len(seq.prompt) - 1)
+                    seq.cached = len(blocks[seq]) * self.prefixes.block
+        for group in self._prefill_groups(seqs):
+            try:
+                for seq in group:
+                    if blocks.get(seq):
+                        self.prefixes.load(blocks[seq], seq.slot)
+                self._prefills.append(_Prefill(self, group))
+            except Exception as e:  # e.g. out of memory for the padded prompts
+                self._end_prefill(group, f"prefill failed: {type(e).__name__}: {e}")
+
     def _prefill_groups(self, seqs: list[_Sequence]) -> list[list[_Sequence]]:
-        """`seqs` in groups of similar prompt length: real tokens >= 2/3 of each group's padded size."""
+        """`seqs` in groups of similar length still to compute (the prompt less its cached prefix):
+        real tokens >= 2/3 of each group's padded size, and every row's padding inside its slot."""
         groups: list[list[_Sequence]] = []
-        for seq in sorted(seqs, key=lambda s: len(s.prompt)):
+        for seq in sorted(seqs, key=lambda s: len(s.prompt) - s.cached):
+            n = len(seq.prompt) - seq.cached  # the longest of the group so far: its padded length
             group = groups[-1] if groups else None
-            if group and 3 * (sum(len(s.prompt) for s in group) + len(seq.prompt)) >= 2 * (len(group) + 1) * len(seq.prompt):
+            if (group and 3 * (sum(len(s.prompt) - s.cached for s in group) + n) >= 2 * (len(group) + 1) * n
+                    and max(s.cached for s in group) + n <= self.context_len):  # fmt: skip
                 group.append(seq)
             else:
                 groups.append([seq])
         return groups
 
-    def _prefill(self, seqs: list[_Sequence]) -> None:
-        for seq in [s for s in seqs if s.ticket.cancelled]:  # cancelled between the queue and here
-            self._release(seq, cancelled=True)
-        seqs = [s for s in seqs if not s.ticket.cancelled]
-        if not seqs:
+    def _prefill_step(self) -> None:
+        """Prefill work of one step. Interleaved (prefill_chunk set): one forward of at most
+        prefill_chunk tokens (rows x positions) while sequences decode, else of max_prefill_tokens,
+        for the prefill with the fewest positions left; the decode step follows. Not interleaved: every
+        admitted prompt whole (max_prefill_tokens positions per forward) before the next decode step."""
+        for job in [j for j in self._prefills if all(s.done for s in j.seqs)]:  # all cancelled or failed
+            self._prefills.remove(job)
+            self._end_prefill(job.seqs)
+        if not self._prefills:
             return
-        now = time.perf_counter()
-        for seq in seqs:
-            seq.slot, seq.started = self._free.pop(), now
-            self._running.append(seq)
+        if self.prefill_chunk is None:
+            while self._prefills:
+                job = self._prefills[0]
+                while job in self._prefills:
+                    self._prefill_chunk(job, self.max_prefill_tokens)
+            return
+        job = min(self._prefills, key=lambda j: j.steps.length - j.steps.begin)  # the first of the shortest
+        decoding = any(not s.prefilling for s in self._running)
+        budget = self.prefill_chunk if decoding else max(self.max_prefill_tokens, self.prefill_chunk)
+        self._prefill_chunk(job, max(1, budget // len(job.seqs)))
+
+    def _prefill_chunk(self, job: "_Prefill", positions: int) -> None:
+        """Run the next `positions` of `job`; once its prompts are all in, their first tokens."""
         try:
-            lengths = torch.tensor([len(s.prompt) for s in seqs], device=self.device)  # (B,)
-            ids = torch.zeros(len(seqs), int(lengths.max()), dtype=torch.long, device=self.device)  # (B, T)
-            for b, seq in enumerate(seqs):
-                ids[b, : len(seq.prompt)] = torch.tensor(seq.prompt, device=self.device)
-            rows = torch.tensor([s.slot for s in seqs], device=self.device)  # (B,)
-            # Chunked through the cache (memory bounded by the chunk, not the prompt); the rows that
-            # asked for prompt logprobs keep their chunks' logits, which those need whole.
-            pieces: dict[int, list[torch.Tensor]] = {b: [] for b, s in enumerate(seqs) if s.request.prompt_logprobs is not None}
-
-            def keep(begin: int, chunk_logits: torch.Tensor) -> None:  # chunk_logits: (B, C, V)
-                for b, kept in pieces.items():
-                    kept.append(chunk_logits[b])
-
-            with self._adapters(seqs):
-                logits = prefill(self.model, ids, lengths, chunk=self.max_prefill_tokens, cache_rows=rows,
-                                 on_logits=keep if pieces else None)  # (B, V): each last prompt token  # fmt: skip
-            for b, kept in pieces.items():
-                seqs[b].unsent_prompt_logprobs = self._prompt_logprobs(seqs[b], torch.cat(kept)[: len(seqs[b].prompt) - 1])
+            with self._adapters(job.seqs):
+                job.steps.step(positions)
         except Exception as e:  # e.g. out of memory for long prompts: these requests fail, others go on
-            for seq in seqs:
-                self._fail(seq, f"prefill failed: {type(e).__name__}: {e}")
+            self._prefills.remove(job)
+            self._end_prefill(job.seqs, f"prefill failed: {type(e).__name__}: {e}")
             return
+        self.counters["prefill_chunks"] += 1
+        if not job.steps.done:
+            return
+        self._prefills.remove(job)
+        seqs = [s for s in job.seqs if not s.done]
+        logits = job.steps.logits
+        try:
+            for b, seq in enumerate(job.seqs):
+                if b in job.pieces and not seq.done:
+                    seq.unsent_prompt_logprobs = self._prompt_logprobs(seq, torch.cat(job.pieces[b])[: len(seq.prompt) - 1])
+            if self.prefixes is not None:
+                for seq in seqs:
+                    self.prefixes.store(seq.prompt, seq.request.adapter, seq.slot)
+        except Exception as e:
+            self._end_prefill(job.seqs, f"prefill failed: {type(e).__name__}: {e}")
+            return
+        self._end_prefill(job.seqs)
         self.counters["prefills"] += len(seqs)
         self.counters["prefill_batches"] += 1
-        self.counters["prefill_tokens"] += int(lengths.sum())
+        self.counters["prefill_tokens"] += sum(len(s.prompt) - s.cached for s in seqs)
+        self.counters["prefix_cache_hits"] += sum(1 for s in seqs if s.cached)
+        self.counters["prefix_cache_hit_tokens"] += sum(s.cached for s in seqs)
         for seq in seqs:
             seq.position = len(seq.prompt)
-        generating = [b for b, s in enumerate(seqs) if s.request.max_tokens > 0]
         for seq in seqs:
             if seq.request.max_tokens == 0:  # only the prompt was wanted
                 self._finish(seq, "length", "")
             elif seq.unsent_prompt_logprobs is not None:  # sent now, before the first token (which may show no text)
                 self._emit(seq, self._delta(seq, ""))
+        generating = [b for b, s in enumerate(job.seqs) if not s.done]
         if generating:
-            self._advance([seqs[b] for b in generating], logits[generating])
+            self._advance([job.seqs[b] for b in generating], logits[generating])
+
+    def _end_prefill(self, seqs: list[_Sequence], error: str | None = None) -> None:
+        """The prefill of `seqs` is over: those that finished (cancelled) meanwhile give their slots
+        back now; with `error`, the others fail."""
+        for seq in seqs:
+            seq.prefilling = False
+            if seq.done:
+                self._free_slot(seq)
+            elif error is not None:
+                self._fail(seq, error)
 
     def _prompt_logprobs(self, seq: _Sequence, logits: torch.Tensor) -> tuple[PromptLogprob, ...]:
         """logits: (T - 1, V), the predictions for prompt tokens 1..T-1."""
@@ -565,13 +731,17 @@ class Engine:
         return tuple(out)
 
     def _decode(self) -> None:
-        seqs = list(self._running)
+        seqs = [s for s in self._running if not s.prefilling]
         try:
             tokens = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)  # (B, 1)
             positions = torch.tensor([s.position for s in seqs], device=self.device)  # (B,)
             rows = torch.tensor([s.slot for s in seqs], device=self.device)  # (B,)
-            with self._adapters(seqs):
-                logits = self.model(tokens, positions, cache_rows=rows)[:, -1]  # (B, V)
+            if self._step_fn is not None:  # attends to the same positions as eager: 0 .. the longest row's
+                kv_len = max(s.position for s in seqs) + 1
+                logits = self._step_fn(self.model, tokens[:, 0], positions, kv_len, rows).clone()  # (B, V)
+            else:
+                with self._adapters(seqs):
+                    logits = self.model(tokens, positions, cache_rows=rows)[:, -1]  # (B, V)
         except Exception as e:
             for s in seqs:
                 self._fail(s, f"decode failed: {type(e).__name__}: {e}")
@@ -707,7 +877,7 @@ class Engine:
     def _stats(self, seq: _Sequence) -> Stats:
         now = time.perf_counter()
         return Stats(len(seq.prompt), len(seq.tokens), (seq.started or now) - seq.submitted,
-                     (seq.first_token or now) - seq.submitted, now - seq.submitted)  # fmt: skip
+                     (seq.first_token or now) - seq.submitted, now - seq.submitted, seq.cached)  # fmt: skip
 
     def _release(self, seq: _Sequence, cancelled: bool = False) -> None:
         """Take `seq` out of the running set (or the queue's count) and give its slot back."""
@@ -715,14 +885,18 @@ class Engine:
         seq.done = True
         if seq in self._running:
             self._running.remove(seq)
-        if seq.slot >= 0:
-            self._free.append(seq.slot)
-            self._free.sort(reverse=True)
-            seq.slot = -1
+        if not seq.prefilling:  # else its prefill still writes the slot: freed when that ends (_end_prefill)
+            self._free_slot(seq)
         with self._wake:
             self._in_flight -= 1
             if cancelled:
                 self.counters["cancelled"] += 1
+
+    def _free_slot(self, seq: _Sequence) -> None:
+        if seq.slot >= 0:
+            self._free.append(seq.slot)
+            self._free.sort(reverse=True)
+            seq.slot = -1
 
     def _retire_cancelled(self) -> None:
         for seq in [s for s in self._running if s.ticket.cancelled]:

@@ -27,6 +27,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..core.device import model_device
 from ..core.generation import generate
 from ..core.model import Transformer
 from .data import alpaca_prompt, record_kind
@@ -73,7 +74,7 @@ def perplexity(
     n = len(tokens)
     if n < 2 - len(prefix):
         raise ValueError(f"need at least {2 - len(prefix)} tokens to score, got {n}")
-    device = model.tok_embeddings.weight.device
+    device = model_device(model)
     prefix_t = torch.tensor(prefix, dtype=torch.long)
 
     n_windows = 1 + math.ceil(max(0, n - span) / stride)  # the last one reaches the end of the text
@@ -102,18 +103,6 @@ def perplexity(
     if bar is not None:
         bar.close()
     return PerplexityResult(math.exp(nll_sum / count), nll_sum, count, context_len, stride, bos_id is not None, len(starts))
-
-
-def bytes_per_token(model: torch.nn.Module) -> int:
-    """Bytes of weights read to decode one token: every matrix once (quantized ones at their stored
-    size, scales included), not the embedding table, of which one row per token is read, unless the
-    output projection is that same table. Decoding speed x this = achieved memory bandwidth."""
-    tensors = {t.data_ptr(): t for t in model.state_dict().values()}  # a tied output is the embedding
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    embedding = model.tok_embeddings.weight
-    if getattr(model.output, "weight", None) is not embedding:
-        total -= embedding.numel() * embedding.element_size()
-    return total
 
 
 # ---- exact match on held-out instructions ------------------------------------------------------------

@@ -15,6 +15,8 @@ Three methods:
          (llama/quantization/; Dettmers et al., 2023, who use a 4-bit NormalFloat where this
          project has its own int4). The base's gradients flow to its inputs through QuantizedMatmul,
          which dequantizes one layer at a time; no float copy of the base is ever whole in memory.
+         The embedding and the output projection are quantized too (qlora.py; the
+         paper keeps them in float: quantize_embedding=False).
 
 Activation checkpointing (any method) keeps only each block's input during the forward pass and
 recomputes the block's insides during the backward pass: activation memory falls from
@@ -24,6 +26,7 @@ forward pass of compute.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import os
 import shutil
@@ -35,12 +38,14 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..core.checkpoint import save_state_dict
+from ..core.checkpoint import load as load_checkpoint
+from ..core.checkpoint import release_freed_memory, save_state_dict
 from ..core.model import Transformer, TransformerBlock
 from .. import quantization
 from ..loading import load, set_config_fields
 from ..quantization.linear import Int4Linear, Int8Linear
 from .lora import DEFAULT_TARGETS, apply_lora, resolve_targets
+from .qlora import rowwise_int4, swap_embedding
 
 # A checkpoint's tokenizer and generation settings, copied beside a checkpoint fine-tuning writes.
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -64,6 +69,9 @@ class FinetuneSpec:
     layers: tuple[int, ...] | None = None  # blocks that train (full) or get adapters (lora); None: all
     gradient_checkpointing: bool = False
     adapter_dtype: str = "float32"  # of LoRA's A and B
+    # qlora: the embedding (and the output projection, tied or not) quantized too, unless an adapter
+    # goes on the output projection (lm_head), which then stays in float
+    quantize_embedding: bool = True
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -83,8 +91,13 @@ class FinetuneSpec:
         if self.method == "full":
             return {k: data[k] for k in ("method", "layers", "gradient_checkpointing")}
         if self.method == "lora":
-            data = {k: v for k, v in data.items() if k not in ("quantize", "group_size")}
+            data = {k: v for k, v in data.items() if k not in ("quantize", "group_size", "quantize_embedding")}
         return data
+
+    @property
+    def quantizes_embedding(self) -> bool:
+        """Whether loading quantizes the embedding and the output projection (see quantize_embedding)."""
+        return self.method == "qlora" and self.quantize_embedding and "output" not in resolve_targets(self.lora_targets)
 
 
 def load_for_finetuning(path: str | os.PathLike, spec: FinetuneSpec, *, dtype: str | torch.dtype | None = None,
@@ -95,7 +108,20 @@ def load_for_finetuning(path: str | os.PathLike, spec: FinetuneSpec, *, dtype: s
     asked, in train mode. set_fields: ModelConfig `field=value` assignments (loading.set_config_fields).
     rope_scaling: a scaling and the context it gives, as llama.load(rope_scaling=) takes it ("linear:4",
     "yarn:4", a RopeScaling): fine-tuning to a longer context."""
-    if spec.method == "qlora" and quantization.read_quantization(path) is None:
+    if spec.quantizes_embedding and quantization.read_quantization(path) is None:
+        # Every frozen matrix quantized as it is read: the blocks' projections, the embedding table,
+        # and the output projection (a tied one is the embedding's table itself:
+        # qlora.py); no int4 kernel packing (see below).
+        def swap(model, dtype):
+            tied = model.config.tie_word_embeddings
+            names = quantization.swap_linears(model, spec.quantize, spec.group_size, include_output=not tied,
+                                              dtype=dtype, fill=False)  # fmt: skip
+            return names + swap_embedding(model, spec.quantize, spec.group_size, dtype)
+
+        model = load_checkpoint(path, dtype=dtype, device=device, swap=swap)
+        model.quantization = {"mode": spec.quantize, "group_size": spec.group_size, "include_output": True}
+        release_freed_memory()
+    elif spec.method == "qlora" and quantization.read_quantization(path) is None:
         # As QLoRA does: the blocks' projections quantized, the output projection kept in float (a
         # tied one stays the embedding itself, no copy), and no int4 kernel packing (see below).
         model = quantization.load(path, spec.quantize, group_size=spec.group_size, include_output=False, dtype=dtype,
@@ -106,6 +132,7 @@ def load_for_finetuning(path: str | os.PathLike, spec: FinetuneSpec, *, dtype: s
             raise ValueError(f"{path} is quantized as {stored.get('mode')!r}: fine-tune it with --method qlora "
                              f"--quantize {stored.get('mode')}, or start from the float checkpoint")  # fmt: skip
         model = load(path, dtype=dtype, device=device)  # a quantized checkpoint loads quantized
+        release_freed_memory()  # what reading left in the C heap
     if set_fields:
         model = set_config_fields(model, set_fields)
     if rope_scaling is not None:
@@ -116,7 +143,12 @@ def load_for_finetuning(path: str | os.PathLike, spec: FinetuneSpec, *, dtype: s
             # (which is also why the int4 packing is not made above; a checkpoint saved quantized
             # comes with it).
             module.use_kernel = False
+    if spec.method == "qlora":
+        rowwise_int4(model)  # the same values, widened a slice at a time (qlora.py)
     if spec.method == "full":
+        bad = [i for i in spec.layers or () if not 0 <= i < len(model.layers)]
+        if bad:  # the same message as apply_lora's, not "no trainable parameters" later
+            raise ValueError(f"layers {bad} do not exist; the model has layers 0..{len(model.layers) - 1}")
         blocks = None if spec.layers is None else {f"layers.{i}." for i in spec.layers}
         for name, p in model.named_parameters():
             p.requires_grad_(blocks is None or name.startswith(tuple(blocks)))
@@ -126,6 +158,37 @@ def load_for_finetuning(path: str | os.PathLike, spec: FinetuneSpec, *, dtype: s
     if spec.gradient_checkpointing:
         checkpoint_activations(model)
     return model.train()
+
+
+# ---- the C heap ------------------------------------------------------------------------------------
+
+# glibc's malloc serves blocks below a threshold from its heap and maps larger ones on their own
+# (handed back to the OS when freed). The threshold starts at 128 KiB and rises to the size of any
+# mapped block freed, up to 32 MiB, so after the first step the MB-sized activations, logits and
+# dequantized weights of training all come from the heap; freed, they stay there as holes that
+# the next sizes do not fit, and the resident set grows by ~0.5 GB of memory nothing uses (measured
+# on the 1B shape: the heap held 0.5 GB free at the peak of a QLoRA step that used 0.25 GB).
+# A fixed threshold of 4 MiB (mallopt also stops it from rising) maps every block of 4 MiB or more
+# on its own: nothing large outlives its use in the heap. The cost is the page faults of fresh
+# mappings: more CPU time per step (the README's table).
+MMAP_THRESHOLD = 4 << 20
+_M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+
+
+def set_mmap_threshold(nbytes: int = MMAP_THRESHOLD) -> bool:
+    """Fix glibc's mmap threshold at nbytes for this process (0: leave glibc's own, rising one);
+    True if it was set, False where the C library is not glibc. A process-wide setting: scripts call
+    it (finetune.py, finetune_memory.py), the library never does."""
+    if nbytes < 0:
+        raise ValueError(f"the mmap threshold must be >= 0 bytes, got {nbytes}")
+    if nbytes == 0:
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return mallopt(_M_MMAP_THRESHOLD, nbytes) == 1
 
 
 # ---- activation checkpointing --------------------------------------------------------------------

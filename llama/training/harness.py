@@ -49,6 +49,7 @@ from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
+from ..core.device import model_device
 from ..core.generation import generate
 from ..core.tokenizer import check_vocabulary
 
@@ -101,7 +102,7 @@ class LlamaLM(TemplateLM):
             raise HarnessError(f"max_length must be in [2, {model.config.max_seq_len}], got {self.max_length}")
         self.max_gen_toks = max_gen_toks
         self.stop_tokens = sorted(getattr(model, "stop_tokens", None) or tokenizer.stop_tokens)
-        self._device = model.tok_embeddings.weight.device
+        self._device = model_device(model)
 
     @classmethod
     def load(cls, checkpoint: str | os.PathLike, **kwargs) -> "LlamaLM":
@@ -166,7 +167,7 @@ class LlamaLM(TemplateLM):
     def _score_chunk(self, chunk: list[tuple[tuple[int, ...], list[int]]], pairs) -> list[tuple[int, tuple[float, bool]]]:
         """One chunk: contexts prefilled together, each into the first row of its continuations,
         copied to the others, then every continuation (but its last token) in one forward."""
-        device = self.model.tok_embeddings.weight.device
+        device = model_device(self.model)
         rows, first_rows = [], []  # rows[r]: request index; first_rows[g]: the row group g's context fills
         for _, members in chunk:
             first_rows.append(len(rows))

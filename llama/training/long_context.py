@@ -21,6 +21,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..core.device import model_device
 from ..core.generation import generate
 from ..core.model import Transformer
 
@@ -47,7 +48,7 @@ def position_nll(model: Transformer, windows: torch.Tensor, *, batch_size: int =
     averaged over the N windows: (L - 1,) float64; entry i is the loss of predicting token i + 1
     from tokens 0..i. Without kv_cache_dtype each batch is one plain forward; with it, a cached
     forward (cached_forward) through a cache of that kind."""
-    device = model.tok_embeddings.weight.device
+    device = model_device(model)
     N, L = windows.shape
     total = torch.zeros(L - 1, dtype=torch.float64)
     for start in range(0, N, batch_size):

@@ -42,8 +42,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..core.device import bf16_supported
+from .qlora import reads_rows, weight_rows
 
 STATE_FILE = "train_state.pt"  # inside out_dir: everything needed to resume
+SLICE_WEIGHTS = 1 << 23  # most weights of a frozen output projection read at a time by the loss (Llama 3.2 1B: 4096 rows)
 IGNORE = -100  # the target of a position that takes no loss (F.cross_entropy's default ignore_index)
 
 
@@ -178,7 +180,11 @@ def token_loss(model, x: torch.Tensor, y: torch.Tensor, chunk: int = 0, base: nn
     the logits then never exist whole. That is most of a step's activation memory when V is large
     (Llama 3: 128256 float32 logits per position, 0.5 MB: 1.3 GB for 512 positions with their
     softmax and gradient). The model runs with its output projection swapped for nn.Identity
-    for the call, so it returns the final norm's output instead of logits.
+    for the call, so it returns the final norm's output instead of logits. A frozen output
+    projection (LoRA, QLoRA: no gradient for its weight) goes further: sliced_cross_entropy takes
+    every position at once and the vocabulary a slice at a time, at most chunk x V logits in all,
+    and never holds the whole weight in float (QLoRA's quantized table is dequantized a slice at a
+    time).
     model: what computes (e.g. a compiled module); base: the Transformer itself, if different.
     """
     if chunk == 0:
@@ -191,9 +197,14 @@ def token_loss(model, x: torch.Tensor, y: torch.Tensor, chunk: int = 0, base: nn
         h = model(x)  # (B, T, D): the model's .float() of the normed hidden state
     finally:
         base.output = output
-    h = h.to(base.tok_embeddings.weight.dtype)  # back to the stream's dtype: exactly what output would have seen
+    h = h.to(_stream_dtype(base))  # back to the stream's dtype: exactly what output would have seen
     keep = y.flatten() != IGNORE
     h, targets = h.flatten(0, 1)[keep], y.flatten()[keep]  # (n, D), (n,)
+    if len(targets) and reads_rows(output) and not any(p.requires_grad for p in output.parameters()):
+        # At most chunk x V logits at a time, and at most SLICE_WEIGHTS weights: a quantized slice is
+        # dequantized through temporaries of several bytes per weight.
+        rows = min(chunk * base.config.vocab_size // len(targets), SLICE_WEIGHTS // base.config.dim)
+        return sliced_cross_entropy(h, targets, output, max(1, rows))
     total = h.new_zeros((), dtype=torch.float32)
     for start in range(0, len(targets), chunk):
         part = slice(start, start + chunk)
@@ -206,6 +217,71 @@ def token_loss(model, x: torch.Tensor, y: torch.Tensor, chunk: int = 0, base: nn
 
 def _chunk_loss(output: nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(output(h).float(), targets, reduction="sum")  # (n, V) logits, then a scalar
+
+
+def _stream_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the residual stream: the embedding's (a float table's, or a quantized one's rows)."""
+    embedding = model.tok_embeddings
+    return embedding.weight.dtype if isinstance(embedding, nn.Embedding) else embedding.dtype
+
+
+def sliced_cross_entropy(h: torch.Tensor, targets: torch.Tensor, output: nn.Module, slice_size: int) -> torch.Tensor:
+    """sum_i cross_entropy(output(h_i), targets_i) for a frozen output projection, computed a slice
+    of the vocabulary at a time: h (n, D), targets (n,) int64 (no IGNORE) -> a float32 scalar.
+
+    The loss of position i is logsumexp_v(z_iv) - z_i,t with logits z = h W^T. Each slice s of
+    `slice_size` rows of W gives logits (n, S), their logsumexp per position and the target logits
+    that fall in it; the logsumexps of the slices combine into the whole one. The backward pass
+    computes each slice's logits again and adds its part of the gradient,
+    dL/dh = sum_s (softmax(z)_s - onehot_s) W_s, so at most n x S logits and S rows of W (read by
+    qlora.weight_rows, dequantized if need be) exist at a time. Autocast's dtype (or
+    h's) is the dtype of the matmuls, as output(h) would use; logits and softmax are float32.
+    """
+    return _SlicedCrossEntropy.apply(h, targets, output, slice_size)
+
+
+class _SlicedCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def _matmul_dtype(h: torch.Tensor) -> torch.dtype:
+        device = h.device.type
+        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+
+    @staticmethod
+    def _slices(vocab: int, size: int):
+        return [slice(start, min(start + size, vocab)) for start in range(0, vocab, size)]
+
+    @staticmethod
+    def forward(ctx, h, targets, output, slice_size):
+        dtype = _SlicedCrossEntropy._matmul_dtype(h)
+        x = h.to(dtype)
+        vocab = output.out_features
+        lse_parts, target_logit = [], torch.zeros(len(targets), dtype=torch.float32, device=h.device)
+        for part in _SlicedCrossEntropy._slices(vocab, slice_size):
+            z = F.linear(x, weight_rows(output, part, dtype)).float()  # (n, S)
+            lse_parts.append(torch.logsumexp(z, dim=-1))  # (n,)
+            inside = (targets >= part.start) & (targets < part.stop)  # (n,)
+            rows = inside.nonzero().squeeze(1)
+            target_logit[rows] = z[rows, targets[rows] - part.start]
+            del z
+        lse = torch.logsumexp(torch.stack(lse_parts, dim=-1), dim=-1)  # (n,)
+        ctx.save_for_backward(h, targets, lse)
+        ctx.output, ctx.slice_size, ctx.dtype = output, slice_size, dtype
+        return (lse - target_logit).sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, targets, lse = ctx.saved_tensors
+        x = h.to(ctx.dtype)
+        grad_h = torch.zeros(h.shape, dtype=torch.float32, device=h.device)  # (n, D)
+        positions = torch.arange(len(targets), device=h.device)
+        for part in _SlicedCrossEntropy._slices(ctx.output.out_features, ctx.slice_size):
+            w = weight_rows(ctx.output, part, ctx.dtype)  # (S, D)
+            p = torch.exp(F.linear(x, w).float() - lse[:, None])  # (n, S): softmax over the whole vocabulary
+            inside = (targets >= part.start) & (targets < part.stop)
+            p[positions[inside], targets[inside] - part.start] -= 1  # softmax - onehot
+            grad_h += ((p * grad).to(ctx.dtype) @ w).float()  # (n, S) @ (S, D)
+            del p
+        return grad_h.to(h.dtype), None, None, None
 
 
 def train_step(model, optimizer, batches, *, grad_clip: float, autocast, params=None, loss_chunk: int = 0,

@@ -44,6 +44,7 @@ from weights import CheckpointError
 
 from ..core.model import Transformer
 from ..quantization.linear import Int4Linear, Int8Linear
+from .qlora import RowwiseInt4Linear
 
 # Every projection LoRA can adapt, in the names a user may give: Hugging Face's (peft's
 # target_modules) and Meta's (this model's attribute names). Values: the module path inside a block
@@ -58,7 +59,7 @@ TARGETS = {
 # which peft's config has no place for.
 BASE_SETTINGS = "llama_base_settings.json"
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # all but lm_head
-BASE_TYPES = (nn.Linear, Int8Linear, Int4Linear)
+BASE_TYPES = (nn.Linear, Int8Linear, Int4Linear, RowwiseInt4Linear)
 
 
 class LoRALinear(nn.Module):
@@ -110,7 +111,10 @@ class LoRALinear(nn.Module):
         """s * B (A dropout(x)): (..., K) -> (..., N), in x's dtype."""
         A, B = self.lora_A[name], self.lora_B[name]
         x = F.dropout(x, self.dropout[name], self.training) if self.dropout[name] > 0 else x
-        h = F.linear(x.to(A.dtype), A)  # (..., r)
+        # Under autocast F.linear computes in autocast's dtype whatever its inputs' dtypes: a cast to
+        # A's float32 would only add two copies of x (the second kept for the backward pass), the
+        # same values either way.
+        h = F.linear(x if torch.is_autocast_enabled(x.device.type) else x.to(A.dtype), A)  # (..., r)
         return (F.linear(h, B) * self.scaling[name]).to(x.dtype)  # (..., N)
 
     def delta_weight(self, name: str) -> torch.Tensor:
@@ -284,7 +288,8 @@ def merge_lora(model: Transformer) -> None:
         raise ValueError(f"cannot merge into quantized weights ({quantized[0]} ...): load the float checkpoint, "
                          "apply the adapter to it, then merge")  # fmt: skip
     for name, module in modules:
-        if name == "output" and module.base.weight is model.tok_embeddings.weight:
+        # (a QuantizedEmbedding has no float .weight: then the output is not the embedding)
+        if name == "output" and module.base.weight is getattr(model.tok_embeddings, "weight", None):
             module.base.weight = nn.Parameter(module.base.weight.detach().clone(), requires_grad=False)
             model.config = model.config.replace(tie_word_embeddings=False)
         w = module.base.weight
