@@ -100,10 +100,13 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[round(q) - 1]
 
 
-async def one_request(client: httpx.AsyncClient, body: dict) -> Result:
+async def stream_completion(client: httpx.AsyncClient, body: dict, times: list[float],
+                            stop: asyncio.Event | None = None) -> tuple[float, dict]:  # fmt: skip
+    """POST `body` to /v1/completions, streamed, greedy, EOS ignored, usage included. Appends each text
+    chunk's arrival time to `times`; with `stop`, closes the stream (the server cancels it) once it is
+    set. Returns (the time it was sent, the usage)."""
     body = {**body, "stream": True, "temperature": 0, "ignore_eos": True, "stream_options": {"include_usage": True}}
-    sent = time.perf_counter()
-    times, tokens = [], 0
+    sent, usage, before = time.perf_counter(), {}, len(times)
     async with client.stream("POST", "/v1/completions", json=body) as response:
         if response.status_code != 200:
             raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread()).decode()[:200]}")
@@ -113,13 +116,20 @@ async def one_request(client: httpx.AsyncClient, body: dict) -> Result:
             chunk = json.loads(line[6:])
             if "error" in chunk:
                 raise RuntimeError(chunk["error"]["message"])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
+            usage = chunk.get("usage") or usage
             if any(c.get("text") for c in chunk.get("choices", [])):
                 times.append(time.perf_counter())
-    if not times:
+            if stop is not None and stop.is_set():
+                break
+    if len(times) == before:
         raise RuntimeError("no text came back")
-    return Result(times[0] - sent, [b - a for a, b in zip(times, times[1:])], tokens)
+    return sent, usage
+
+
+async def one_request(client: httpx.AsyncClient, body: dict) -> Result:
+    times: list[float] = []
+    sent, usage = await stream_completion(client, body, times)
+    return Result(times[0] - sent, [b - a for a, b in zip(times, times[1:])], usage.get("completion_tokens", 0))
 
 
 async def run_level(url: str, api_key: str | None, concurrency: int, n_requests: int, mix: list[dict]) -> Level:
@@ -164,30 +174,11 @@ async def token_ids(client: httpx.AsyncClient, n: int, offset: int = 0) -> list[
 async def timed_stream(client: httpx.AsyncClient, prompt: list[int], max_tokens: int, times: list[float] | None = None,
                        stop: asyncio.Event | None = None) -> tuple[float, dict]:  # fmt: skip
     """Stream a completion of `prompt`; returns (time to first text, usage). Appends each text chunk's
-    arrival time to `times`; with `stop`, closes the stream (the server cancels it) once it is set."""
-    body = {"prompt": prompt, "max_tokens": max_tokens, "stream": True, "temperature": 0, "ignore_eos": True,
-            "stream_options": {"include_usage": True}}  # fmt: skip
-    sent, first, usage = time.perf_counter(), None, {}
-    async with client.stream("POST", "/v1/completions", json=body) as response:
-        if response.status_code != 200:
-            raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread()).decode()[:200]}")
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                raise RuntimeError(chunk["error"]["message"])
-            usage = chunk.get("usage") or usage
-            if any(c.get("text") for c in chunk.get("choices", [])):
-                now = time.perf_counter()
-                first = first or now
-                if times is not None:
-                    times.append(now)
-            if stop is not None and stop.is_set():
-                break
-    if first is None:
-        raise RuntimeError("no text came back")
-    return first - sent, usage
+    arrival time to `times`; with `stop`, closes the stream once it is set."""
+    times = [] if times is None else times
+    first = len(times)
+    sent, usage = await stream_completion(client, {"prompt": prompt, "max_tokens": max_tokens}, times, stop)
+    return times[first] - sent, usage
 
 
 async def prefix_scenario(url: str, api_key: str | None, rounds: int, system_tokens: int) -> dict:
@@ -215,6 +206,8 @@ async def interleave_scenario(url: str, api_key: str | None, rounds: int, long_t
     before, during, longest, ttfts = [], [], [], []
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=None) as client:
         short = await token_ids(client, 8)
+        response = await client.post("/tokenize", json={"prompt": "a"})
+        context = min(context, response.json().get("max_model_len", context))  # a model of shorter context
         for i in range(rounds):
             long = (await token_ids(client, long_tokens, offset=11 * i + 1))
             times, started, stop = [], asyncio.Event(), asyncio.Event()

@@ -23,12 +23,7 @@ from llama.training.qlora import LoadedQuantizedEmbedding, TiedOutput, weight_ro
 CONFIG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=100, ffn_dim=128, max_seq_len=64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def quantized(mode: str, V: int = 100, D: int = 64, seed: int = 0) -> nn.Module:
