@@ -133,17 +133,22 @@ def test_a_running_stream_keeps_receiving_tokens_while_a_long_prompt_prefills(st
     engine.model.register_forward_hook(
         lambda module, args, out: forwards.append((*args[0].shape, engine.stats()["generated_tokens"])))
     outs, long_sent, finished = {0: [], 1: []}, threading.Event(), threading.Event()
+    short_started = threading.Event()
 
     def sink(name):
         def receive(i, delta):
             outs[name] += delta.tokens
             if name == 0 and not long_sent.is_set():
+                short_started.set()
                 assert long_sent.wait(30)  # the short stream has begun: hold the engine until the long prompt is queued
             if delta.finish_reason is not None and name == 1:
                 finished.set()
         return receive
 
     engine.submit([Request(short, 60, stop_tokens=NO_STOP)], sink(0))
+    # The long prompt goes in only once the engine is held in the short stream's first token: submitted
+    # earlier, it could be admitted together with the short one, in one prefill.
+    assert short_started.wait(30)
     engine.submit([Request(long, 3, stop_tokens=NO_STOP)], sink(1))
     long_sent.set()
     assert finished.wait(120)
@@ -170,7 +175,7 @@ def test_a_prompt_cancelled_mid_prefill_keeps_its_slot_until_its_group_stops_wri
     longs = [[1] + ids(200, 2), [1] + ids(200, 4)]
     engine = started(max_batch_size=3, prefill_chunk=32)  # two rows: 16 positions a chunk
     chunks, tickets, outs, done = [], {}, {0: [], 2: [], 3: []}, {2: threading.Event(), 3: threading.Event()}
-    long_sent = threading.Event()
+    long_sent, short_started = threading.Event(), threading.Event()
 
     def hook(module, args, out):  # the engine thread
         if args[0].shape[0] == 2 and args[0].shape[1] > 1:  # a chunk of the two long prompts (not a decode step)
@@ -183,6 +188,7 @@ def test_a_prompt_cancelled_mid_prefill_keeps_its_slot_until_its_group_stops_wri
         def receive(i, delta):
             outs[name] += delta.tokens
             if name == 0 and not long_sent.is_set():
+                short_started.set()
                 assert long_sent.wait(30)  # the short stream runs: hold the engine until both long prompts are queued
             if delta.finish_reason is not None and name in done:
                 assert delta.error is None, delta.error
@@ -191,6 +197,7 @@ def test_a_prompt_cancelled_mid_prefill_keeps_its_slot_until_its_group_stops_wri
 
     engine.model.register_forward_hook(hook)
     tickets[0] = engine.submit([Request(short, 60, stop_tokens=NO_STOP)], sink(0))
+    assert short_started.wait(30)  # the engine is held: both long prompts are queued before its next step
     tickets[1] = engine.submit([Request(longs[0], 5, stop_tokens=NO_STOP)], lambda i, d: pytest.fail(f"cancelled, got {d}"))
     tickets[3] = engine.submit([Request(longs[1], 5, stop_tokens=NO_STOP)], sink(3))
     long_sent.set()
