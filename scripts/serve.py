@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="while sequences decode, prefill at most this many prompt tokens (rows x positions) per step, "
                         "then run the decode step, so running streams keep their pace while a long prompt is read; "
                         "0: prefill every admitted prompt whole before the next decode step (default 256)")
+    p.add_argument("--prefill-patience", type=int, default=16,
+                   help="prompts are prefilled shortest first, but one passed over this many chunks of others goes "
+                        "first, so a stream of short prompts cannot postpone a long one forever; 0: arrival order "
+                        "(default 16)")
     p.add_argument("--prefix-cache-tokens", type=int, default=None,
                    help="keep the keys and values of this many prompt tokens (blocks of 16) for later requests that "
                         "begin with the same tokens and adapter, e.g. a shared system prompt; least recently used "
@@ -143,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                              ("--max-body-size", args.max_body_size, 1),
                              ("--max-prefill-tokens", args.max_prefill_tokens, 1),
                              ("--prefill-chunk", args.prefill_chunk, 0),
+                             ("--prefill-patience", args.prefill_patience, 0),
                              ("--prefix-cache-tokens", args.prefix_cache_tokens or 0, 0),
                              ("--threads", args.threads if args.threads is not None else 1, 1)):  # fmt: skip
         if value < low:
@@ -242,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
             prefix_cache_tokens = 0 if tp > 1 else 2048 if args.prefix_cache_tokens is None else args.prefix_cache_tokens
             engine = Engine(driver, tokenizer, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
                             max_queue=args.max_queue, max_prefill_tokens=args.max_prefill_tokens,
-                            prefill_chunk=args.prefill_chunk or None, prefix_cache_tokens=prefix_cache_tokens,
+                            prefill_chunk=args.prefill_chunk or None, prefill_patience=args.prefill_patience,
+                            prefix_cache_tokens=prefix_cache_tokens,
                             compile=args.compile)  # fmt: skip
         except (*user_errors, ValueError) as e:  # ValueError: a combination the engine does not support, named
             print(f"error: {e}", file=sys.stderr)

@@ -208,6 +208,48 @@ def test_a_prompt_cancelled_mid_prefill_keeps_its_slot_until_its_group_stops_wri
     assert engine.stats()["cancelled"] == 1 and engine.stats()["errors"] == 0
 
 
+@pytest.mark.parametrize("patience", [0, 4])
+def test_a_long_prompt_is_not_starved_by_a_stream_of_short_ones(started, ref, patience):
+    """Each prefill forward brings one more short prompt, which has fewer positions left than the long
+    one. Shortest-first alone would run every one of them first; after `patience` of them the long
+    prompt goes first, to its end."""
+    long = [1] + ids(99, 7)  # 100 positions: 7 chunks of 16
+    shorts = [[1] + ids(4, 100 + i) for i in range(40)]
+    engine = started(max_batch_size=4, prefill_chunk=16, max_prefill_tokens=16, prefill_patience=patience)
+    # All of these are touched on the engine thread only (the hook and the sinks run there).
+    chunks, submitted, outs, finished, long_at = [], [], {}, [], []
+    everything_done = threading.Event()
+
+    def sink(name):
+        def receive(i, delta):
+            assert delta.error is None, delta.error
+            if name == "long" and not outs.get(name):
+                long_at.append(engine.stats()["prefill_chunks"])  # chunks run when its first token came
+            outs.setdefault(name, []).extend(delta.tokens)
+            if delta.finish_reason is not None:
+                finished.append(name)
+                if "long" in finished and len(finished) == 1 + len(submitted):
+                    everything_done.set()
+        return receive
+
+    def hook(module, args, out):
+        if args[0].shape[1] > 1:  # a prefill chunk, not a decode step
+            chunks.append(tuple(args[0].shape))
+            if "long" not in finished and len(submitted) < len(shorts):  # one more short prompt arrives
+                n = len(submitted)
+                submitted.append(engine.submit([Request(shorts[n], 1, stop_tokens=NO_STOP)], sink(n)))
+
+    engine.model.register_forward_hook(hook)
+    engine.submit([Request(long, 3, stop_tokens=NO_STOP)], sink("long"))
+    assert everything_done.wait(120)
+    assert outs["long"] == alone(ref, long, 3)
+    assert len(submitted) < len(shorts)  # the stream of short prompts was still going when it finished
+    # Its first chunk, `patience` short prompts (each alone: they arrive one a step), then its other 6.
+    assert long_at == [1 + patience + 6]
+    assert chunks[: 7 + patience] == [(1, 16)] + [(1, 5)] * patience + [(1, 16)] * 5 + [(1, 4)]
+    assert [outs[n] for n in range(len(submitted))] == [alone(ref, shorts[n], 1) for n in range(len(submitted))]
+
+
 # ---- the prefix cache ---------------------------------------------------------------------------------
 
 
@@ -396,6 +438,7 @@ def test_usage_reports_the_cached_prompt_tokens():
     (["--compile", "--lora", "x=dir"], "--compile does not support --lora"),
     (["--prefix-cache-tokens", "8"], "--prefix-cache-tokens must be 0 or at least one block of 16 tokens, got 8"),
     (["--prefill-chunk", "-1"], "--prefill-chunk must be at least 0, got -1"),
+    (["--prefill-patience", "-1"], "--prefill-patience must be at least 0, got -1"),
 ])  # fmt: skip
 def test_serve_script_refuses_schedule_flags_it_cannot_honour(flags, message):
     import subprocess

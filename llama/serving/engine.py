@@ -49,12 +49,10 @@ Prefill policy. Prefilling together pays where a forward is bound by reading the
 prompt of 10 tokens costs about one decode step, so 16 short prompts alone cost 16 steps and
 together about one). Where it is bound by compute (long prompts, CPUs), padding tokens cost as much
 as real ones, so prompts are grouped by length: a group's real tokens are at least 2/3 of its padded
-size. Each step admits waiting sequences in arrival order up to max_prefill_tokens prompt tokens
-(at least one sequence). A group is prefilled in chunks through the cache
-(llama.core.generation.ChunkedPrefill), so a prompt as long as the pool's rows takes memory bounded
-by the chunk and the pool, not by its length. While sequences decode, a step runs one chunk of at
-most prefill_chunk tokens (rows x positions) of the group with the fewest positions left, then the
-decode step: a long prompt costs each running stream about one chunk's time per token instead of
+size. A group is prefilled in chunks through the cache (llama.core.generation.ChunkedPrefill), so a
+prompt as long as the pool's rows takes memory bounded by the chunk and the pool, not by its
+length. While sequences decode, a step runs one chunk of at most prefill_chunk tokens (rows x
+positions) of one group, then the decode step: a long prompt costs each running stream about one chunk's time per token instead of
 stalling it for the whole prompt, and the prompt's own first token comes later by the decode steps
 between its chunks. With nothing decoding there is nothing to interleave: a chunk is then up to
 max(max_prefill_tokens, prefill_chunk) tokens. prefill_chunk=None restores the plain schedule:
@@ -63,6 +61,17 @@ A row cancelled mid-prefill keeps its slot until its group's prefill ends (the f
 writes it). Where the chunks fall changes only rounding (each chunk attends to the cache holding
 everything before it), so chunked and one-shot prefill give the same greedy tokens up to ties.
 (Chunked prefills interleaved with decodes: Agrawal et al., 2023, "SARATHI".)
+
+Which group's chunk runs: the one with the fewest positions left (the first of those), so a short
+prompt arriving behind a long one gets its first token without waiting for the long one, unless a
+group has been passed over prefill_patience times (chunks of other groups run since it was
+queued): such an overdue group goes first, the oldest overdue first, until it is done.
+Shortest-first alone would let a steady stream of short prompts postpone a long one forever; with
+the bound, a group's prefill ends at most prefill_patience chunks of others, plus those of the
+groups that became overdue before it, after its own chunks (prefill_patience=0: arrival order).
+
+Each step admits waiting sequences in arrival order up to max_prefill_tokens prompt tokens (at
+least one sequence).
 
 Prefix caching (prefix_cache_tokens > 0; llama/serving/prefix_cache.py). When a prompt is in, its
 whole blocks of prefix_block tokens are copied from its slot into a store of their own, keyed by
@@ -306,6 +315,7 @@ class _Prefill:
 
     def __init__(self, engine: "Engine", seqs: list[_Sequence]):
         self.seqs = seqs
+        self.passed_over = 0  # chunks of other prefills run since it was queued (the prefill_patience bound)
         device = engine.device
         lengths = torch.tensor([len(s.prompt) - s.cached for s in seqs], device=device)  # (B,)
         ids = torch.zeros(len(seqs), int(lengths.max()), dtype=torch.long, device=device)  # (B, T)
@@ -338,15 +348,17 @@ class Engine:
     model's choice, see llama/core/cache.py). A prompt is prefilled max_prefill_tokens positions per
     forward, so its memory is bounded by that and the pool, not by its length. prefill_chunk: the
     most prompt tokens prefilled per step while sequences decode (None: whole prompts before the
-    next decode step); prefix_cache_tokens: positions of the prefix cache, in blocks of prefix_block
+    next decode step); prefill_patience: how many chunks of other prefills a queued prefill lets go
+    first before it goes first itself (see the module docstring's prefill policy; 0: arrival order);
+    prefix_cache_tokens: positions of the prefix cache, in blocks of prefix_block
     (0: none); compile: the decode step through torch.compile (see the module docstring; call
     warm_up() before start() to compile it up front).
     """
 
     def __init__(self, model, tokenizer, *, max_batch_size: int = 8, max_seq_len: int | None = None,
                  max_queue: int = 64, max_prefill_tokens: int = 512, stop_tokens: Sequence[int] | None = None,
-                 kv_cache_dtype: str | None = None, prefill_chunk: int | None = 256, prefix_cache_tokens: int = 0,
-                 prefix_block: int = 16, compile: bool = False):  # fmt: skip
+                 kv_cache_dtype: str | None = None, prefill_chunk: int | None = 256, prefill_patience: int = 16,
+                 prefix_cache_tokens: int = 0, prefix_block: int = 16, compile: bool = False):  # fmt: skip
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
@@ -357,6 +369,8 @@ class Engine:
             raise ValueError(f"max_prefill_tokens must be a positive integer, got {max_prefill_tokens!r}")
         if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1):
             raise ValueError(f"prefill_chunk must be a positive integer or None, got {prefill_chunk!r}")
+        if isinstance(prefill_patience, bool) or not isinstance(prefill_patience, int) or prefill_patience < 0:
+            raise ValueError(f"prefill_patience must be a non-negative integer, got {prefill_patience!r}")
         if isinstance(prefix_cache_tokens, bool) or not isinstance(prefix_cache_tokens, int) or prefix_cache_tokens < 0:
             raise ValueError(f"prefix_cache_tokens must be a non-negative integer, got {prefix_cache_tokens!r}")
         in_process = isinstance(model, torch.nn.Module)  # not a proxy driving other processes (tensor parallelism)
@@ -366,7 +380,7 @@ class Engine:
         check_vocabulary(tokenizer, model.config.vocab_size)
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.max_queue, self.max_prefill_tokens = max_batch_size, max_queue, max_prefill_tokens
-        self.prefill_chunk = prefill_chunk
+        self.prefill_chunk, self.prefill_patience = prefill_chunk, prefill_patience
         self.context_len = min(model.config.max_seq_len, max_seq_len or model.config.max_seq_len)
         self.vocab_size = model.config.vocab_size
         if stop_tokens is None:
@@ -646,8 +660,9 @@ class Engine:
     def _prefill_step(self) -> None:
         """Prefill work of one step. Interleaved (prefill_chunk set): one forward of at most
         prefill_chunk tokens (rows x positions) while sequences decode, else of max_prefill_tokens,
-        for the prefill with the fewest positions left; the decode step follows. Not interleaved: every
-        admitted prompt whole (max_prefill_tokens positions per forward) before the next decode step."""
+        for the oldest prefill passed over prefill_patience times, else the one with the fewest
+        positions left; the decode step follows. Not interleaved: every admitted prompt whole
+        (max_prefill_tokens positions per forward) before the next decode step."""
         for job in [j for j in self._prefills if all(s.done for s in j.seqs)]:  # all cancelled or failed
             self._prefills.remove(job)
             self._end_prefill(job.seqs)
@@ -659,7 +674,11 @@ class Engine:
                 while job in self._prefills:
                     self._prefill_chunk(job, self.max_prefill_tokens)
             return
-        job = min(self._prefills, key=lambda j: j.steps.length - j.steps.begin)  # the first of the shortest
+        overdue = [j for j in self._prefills if j.passed_over >= self.prefill_patience]  # in arrival order
+        job = overdue[0] if overdue else min(self._prefills, key=lambda j: j.steps.length - j.steps.begin)
+        for other in self._prefills:
+            if other is not job:
+                other.passed_over += 1
         decoding = any(not s.prefilling for s in self._running)
         budget = self.prefill_chunk if decoding else max(self.max_prefill_tokens, self.prefill_chunk)
         self._prefill_chunk(job, max(1, budget // len(job.seqs)))
