@@ -48,8 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=64,
                    help="sequences that may wait for a free row; beyond that requests get 429 (default 64)")
     p.add_argument("--max-prefill-tokens", type=int, default=512,
-                   help="prompt tokens admitted per step, prefilled in groups of similar length; a longer "
-                        "prompt is admitted alone (default 512)")
+                   help="prompt tokens to compute (a cached prefix not counted) per prefill group of similar "
+                        "lengths, and with --prefill-chunk 0 per step's admissions; a longer prompt goes alone, this "
+                        "many positions per forward (default 512)")
     p.add_argument("--prefill-chunk", type=int, default=256,
                    help="while sequences decode, prefill at most this many prompt tokens (rows x positions) per step, "
                         "then run the decode step, so running streams keep their pace while a long prompt is read; "

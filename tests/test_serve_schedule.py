@@ -250,6 +250,47 @@ def test_a_long_prompt_is_not_starved_by_a_stream_of_short_ones(started, ref, pa
     assert [outs[n] for n in range(len(submitted))] == [alone(ref, shorts[n], 1) for n in range(len(submitted))]
 
 
+# ---- admission -----------------------------------------------------------------------------------------
+
+
+def test_a_long_prompt_at_the_head_leaves_the_free_slots_to_the_prompts_behind_it(started, ref):
+    """Chunked, admitting computes nothing: the short prompts queued behind a long one are admitted
+    in the same step (not one step later, as when whole prompts were counted against
+    max_prefill_tokens) and, having fewer positions left, prefilled first."""
+    long, shorts = [1] + ids(299, 1), [[1] + ids(4, 10 + i) for i in range(3)]
+    engine = started(max_batch_size=4, prefill_chunk=64, max_prefill_tokens=64)
+    forwards = []
+    engine.model.register_forward_hook(lambda module, args, out: forwards.append(tuple(args[0].shape)))
+    prompts = [long] + shorts
+    got, _, _ = run(engine, [Request(p, 4, stop_tokens=NO_STOP) for p in prompts])  # one submit: queued together
+    assert got == [alone(ref, p, 4) for p in prompts]
+    assert forwards[0] == (3, 5)  # the three short prompts in one forward, before any of the long one
+    assert forwards[1:3] == [(3, 1), (1, 64)]  # their first decode step, then the long prompt's first chunk
+
+
+def test_plain_admission_counts_the_tokens_to_compute(started, ref):
+    """Plain schedule: a step admits prompts up to max_prefill_tokens tokens to compute (at least one),
+    where a cached prefix costs nothing; whole prompts after their first stay bounded."""
+    engine = started(max_batch_size=4, prefill_chunk=None, max_prefill_tokens=64, prefix_cache_tokens=512)
+    ask(engine, [SYSTEM + [7]], 1)  # stores SYSTEM's 12 whole blocks
+    forwards = []
+    engine.model.register_forward_hook(lambda module, args, out: forwards.append(tuple(args[0].shape)))
+    # 211 and 213 tokens, of which 19 and 21 to compute: both in one step, in one forward
+    cached = [SYSTEM + ids(10, 1), SYSTEM + ids(12, 2)]
+    outs, stats, lps = ask(engine, cached, 3)
+    for prompt, out, lp in zip(cached, outs, lps):
+        assert_alone(ref, prompt, 3, out, lp)
+    assert [s.cached_tokens for s in stats] == [192, 192] and forwards[0] == (2, 21)
+    # 100 tokens to compute (no cached prefix) then two of 5: the long one alone (64 + 36 positions
+    # before its first decode step), the short ones at the next step.
+    forwards.clear()
+    prompts = [[1] + ids(99, 3), [1] + ids(4, 4), [1] + ids(4, 5)]
+    outs, stats, lps = ask(engine, prompts, 4)
+    for prompt, out, lp in zip(prompts, outs, lps):
+        assert_alone(ref, prompt, 4, out, lp)
+    assert forwards[:5] == [(1, 64), (1, 36), (1, 1), (2, 5), (3, 1)]
+
+
 # ---- the prefix cache ---------------------------------------------------------------------------------
 
 

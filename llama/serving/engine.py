@@ -49,10 +49,11 @@ Prefill policy. Prefilling together pays where a forward is bound by reading the
 prompt of 10 tokens costs about one decode step, so 16 short prompts alone cost 16 steps and
 together about one). Where it is bound by compute (long prompts, CPUs), padding tokens cost as much
 as real ones, so prompts are grouped by length: a group's real tokens are at least 2/3 of its padded
-size. A group is prefilled in chunks through the cache (llama.core.generation.ChunkedPrefill), so a
-prompt as long as the pool's rows takes memory bounded by the chunk and the pool, not by its
-length. While sequences decode, a step runs one chunk of at most prefill_chunk tokens (rows x
-positions) of one group, then the decode step: a long prompt costs each running stream about one chunk's time per token instead of
+size, and it has at most max_prefill_tokens tokens to compute (or a single row). A group is
+prefilled in chunks through the cache (llama.core.generation.ChunkedPrefill), so a prompt as long as
+the pool's rows takes memory bounded by the chunk and the pool, not by its length. While sequences
+decode, a step runs one chunk of at most prefill_chunk tokens (rows x positions) of one group, then
+the decode step: a long prompt costs each running stream about one chunk's time per token instead of
 stalling it for the whole prompt, and the prompt's own first token comes later by the decode steps
 between its chunks. With nothing decoding there is nothing to interleave: a chunk is then up to
 max(max_prefill_tokens, prefill_chunk) tokens. prefill_chunk=None restores the plain schedule:
@@ -70,8 +71,11 @@ Shortest-first alone would let a steady stream of short prompts postpone a long 
 the bound, a group's prefill ends at most prefill_patience chunks of others, plus those of the
 groups that became overdue before it, after its own chunks (prefill_patience=0: arrival order).
 
-Each step admits waiting sequences in arrival order up to max_prefill_tokens prompt tokens (at
-least one sequence).
+Admission counts the tokens to compute, not whole prompts. Chunked, admitting computes nothing (the
+chunks do, at their bounded pace), so each step admits waiting sequences in arrival order into every
+free slot. Plain, what a step admits is prefilled before its decode step, so admission stops at
+max_prefill_tokens tokens to compute (at least one sequence), a prompt's cached prefix (looked up
+at admission) not counted. Stats.queue_time ends when a sequence's first prefill chunk runs.
 
 Prefix caching (prefix_cache_tokens > 0; llama/serving/prefix_cache.py). When a prompt is in, its
 whole blocks of prefix_block tokens are copied from its slot into a store of their own, keyed by
@@ -592,8 +596,9 @@ class Engine:
                 self._fail(seq, f"the engine stopped: {self.error or 'the server is shutting down'}", kind)
 
     def _next_admissions(self) -> list[_Sequence] | None:
-        """Sleep until there is work; the waiting sequences to prefill now, in arrival order, as many
-        as there are free slots and max_prefill_tokens allows (at least one). None: stop."""
+        """Sleep until there is work; the waiting sequences to admit now, in arrival order, as many as
+        there are free slots and, in the plain schedule, as max_prefill_tokens tokens to compute allow
+        (at least one). None: stop."""
         with self._wake:
             while not self._stopping and not self._running and not self._waiting:
                 self._wake.wait()
@@ -601,11 +606,19 @@ class Engine:
                 return None
             admitted, tokens = [], 0
             while self._waiting and len(admitted) < len(self._free):
-                tokens += len(self._waiting[0].prompt)
-                if admitted and tokens > self.max_prefill_tokens:
-                    break
+                if self.prefill_chunk is None:  # prefilled whole before the next decode step: bounded
+                    tokens += self._to_compute(self._waiting[0])
+                    if admitted and tokens > self.max_prefill_tokens:
+                        break
                 admitted.append(self._waiting.popleft())
             return admitted
+
+    def _to_compute(self, seq: _Sequence) -> int:
+        """The prompt tokens `seq`'s prefill will compute: those after its cached prefix (as _admit will
+        find it: nothing is stored between this look and that one, both on the engine thread)."""
+        if self.prefixes is None or seq.request.prompt_logprobs is not None:
+            return len(seq.prompt)
+        return len(seq.prompt) - self.prefixes.peek(seq.prompt, seq.request.adapter, limit=len(seq.prompt) - 1)
 
     def _end_overdue(self) -> None:
         """Draining, past the grace period: end everything still waiting or running."""
@@ -623,9 +636,8 @@ class Engine:
         for seq in [s for s in seqs if s.ticket.cancelled]:  # cancelled between the queue and here
             self._release(seq, cancelled=True)
         seqs = [s for s in seqs if not s.ticket.cancelled]
-        now = time.perf_counter()
         for seq in seqs:
-            seq.slot, seq.started, seq.prefilling = self._free.pop(), now, True
+            seq.slot, seq.prefilling = self._free.pop(), True
             self._running.append(seq)
         blocks = {}
         if self.prefixes is not None:
@@ -645,12 +657,14 @@ class Engine:
 
     def _prefill_groups(self, seqs: list[_Sequence]) -> list[list[_Sequence]]:
         """`seqs` in groups of similar length still to compute (the prompt less its cached prefix):
-        real tokens >= 2/3 of each group's padded size, and every row's padding inside its slot."""
+        real tokens >= 2/3 of each group's padded size, at most max_prefill_tokens of them (or one
+        row), and every row's padding inside its slot."""
         groups: list[list[_Sequence]] = []
         for seq in sorted(seqs, key=lambda s: len(s.prompt) - s.cached):
             n = len(seq.prompt) - seq.cached  # the longest of the group so far: its padded length
             group = groups[-1] if groups else None
-            if (group and 3 * (sum(len(s.prompt) - s.cached for s in group) + n) >= 2 * (len(group) + 1) * n
+            real = sum(len(s.prompt) - s.cached for s in group) + n if group else n
+            if (group and 3 * real >= 2 * (len(group) + 1) * n and real <= self.max_prefill_tokens
                     and max(s.cached for s in group) + n <= self.context_len):  # fmt: skip
                 group.append(seq)
             else:
@@ -685,6 +699,10 @@ class Engine:
 
     def _prefill_chunk(self, job: "_Prefill", positions: int) -> None:
         """Run the next `positions` of `job`; once its prompts are all in, their first tokens."""
+        if job.steps.begin == 0:  # its queue time ends here
+            now = time.perf_counter()
+            for seq in job.seqs:
+                seq.started = now
         try:
             with self._adapters(job.seqs):
                 job.steps.step(positions)

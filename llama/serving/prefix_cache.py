@@ -95,18 +95,28 @@ class PrefixCache:
         """The index key of block i of `prompt` (a Block hashes by identity: no nested tuple to hash)."""
         return (("root", adapter) if parent is None else parent, tuple(prompt[i * self.block : (i + 1) * self.block]))
 
-    def lookup(self, prompt: Sequence[int], adapter: str | None, limit: int) -> list[Block]:
-        """The stored blocks `prompt` begins with, under `adapter`, covering at most `limit` tokens;
-        marked as used."""
-        self.tick += 1
-        self.stats.lookups += 1
+    def _walk(self, prompt: Sequence[int], adapter: str | None, limit: int) -> list[Block]:
+        """The stored blocks `prompt` begins with, under `adapter`, covering at most `limit` tokens."""
         found: list[Block] = []
         for i in range(min(limit, len(prompt)) // self.block):
             block = self.index.get(self._key(found[-1] if found else None, adapter, prompt, i))
             if block is None:
                 break
-            block.used = self.tick
             found.append(block)
+        return found
+
+    def peek(self, prompt: Sequence[int], adapter: str | None, limit: int) -> int:
+        """How many tokens lookup() would find now; touches nothing (no use mark, no stats)."""
+        return len(self._walk(prompt, adapter, limit)) * self.block
+
+    def lookup(self, prompt: Sequence[int], adapter: str | None, limit: int) -> list[Block]:
+        """The stored blocks `prompt` begins with, under `adapter`, covering at most `limit` tokens;
+        marked as used."""
+        self.tick += 1
+        self.stats.lookups += 1
+        found = self._walk(prompt, adapter, limit)
+        for block in found:
+            block.used = self.tick
         if found:
             self.stats.hits += 1
             self.stats.hit_tokens += len(found) * self.block
