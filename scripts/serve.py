@@ -60,9 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "first, so a stream of short prompts cannot postpone a long one forever; 0: arrival order "
                         "(default 16)")
     p.add_argument("--prefix-cache-tokens", type=int, default=None,
-                   help="keep the keys and values of this many prompt tokens (blocks of 16) for later requests that "
-                        "begin with the same tokens and adapter, e.g. a shared system prompt; least recently used "
-                        "blocks are evicted; 0: off (default 2048; 0 under --tp, which does not support it)")
+                   help="keep the keys and values of this many tokens of earlier prompts and answers (blocks of 16) for "
+                        "later requests that begin with the same tokens and adapter, e.g. a shared system prompt or "
+                        "a chat's earlier turns; least recently used blocks are evicted; 0: off (default 2048; 0 "
+                        "under --tp, which does not support it)")
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step with torch.compile (dynamic batch size and cache length: two graphs, "
                         "compiled at startup, tens of seconds to minutes); not with --lora or --tp")

@@ -358,7 +358,9 @@ def test_prompt_logprobs_requests_are_computed_whole(started):
     assert stats.cached_tokens == 0
 
 
-def test_cached_prefixes_stay_with_their_adapter(started):
+def two_adapters():
+    """A model holding random LoRA adapters "a" and "b" (large enough to change its tokens), and for each
+    adapter (and None) a copy of it with only that one active, to compute what a request expects."""
     model = random_model(CONFIG)
     for name, seed in (("a", 1), ("b", 2)):
         lora.apply_lora(model, ["q_proj", "k_proj", "v_proj"], rank=4, name=name)
@@ -372,7 +374,11 @@ def test_cached_prefixes_stay_with_their_adapter(started):
     for adapter in ("a", "b", None):
         alone_with[adapter] = copy.deepcopy(model)
         lora.set_adapter(alone_with[adapter], adapter)
+    return model, alone_with
 
+
+def test_cached_prefixes_stay_with_their_adapter(started):
+    model, alone_with = two_adapters()
     engine = started(model, max_batch_size=3, prefix_cache_tokens=1024)
     p1, p2 = SYSTEM + ids(5, 1), SYSTEM + ids(6, 2)
     for adapter in ("a", "b", None):  # the same system prompt under each adapter: a miss each time
@@ -385,6 +391,60 @@ def test_cached_prefixes_stay_with_their_adapter(started):
         assert_alone(alone_with[adapter], p2, 8, out, lp)
     assert [s.cached_tokens for s in stats] == [192] * 3  # each found its own adapter's blocks
     assert len({tuple(o) for o in outs}) == 3  # the adapters make a difference
+
+
+@pytest.mark.parametrize("finish, budget, cached", [("length", 512, 48), ("stop", 512, 64), ("length", 32, 32)])
+def test_a_finished_answer_is_cached_for_the_next_turn(started, ref, finish, budget, cached):
+    """The next turn repeats the first prompt and its answer. The slot holds keys and values for every
+    token fed to the model: the 40 prompt tokens and each sampled token but the last. length: 24
+    sampled, 23 fed, 63 positions: 3 whole blocks (a 4th would hold a position never written). stop:
+    the stop token is the 25th sampled, the 24 before it were fed: 64 positions, 4 blocks. A budget of
+    2 blocks keeps the prompt's 2 (the answer's would evict its own parent)."""
+    first = [1] + ids(39, 100)
+    greedy = alone(ref, first, 25)
+    if finish == "stop":
+        assert greedy[24] not in greedy[:24]  # it ends the answer there, not earlier
+        request = Request(first, 40, stop_tokens=frozenset({greedy[24]}))
+    else:
+        request = Request(first, 24, stop_tokens=NO_STOP)
+    engine = started(max_batch_size=2, prefix_cache_tokens=budget)
+    (answer,), (stats,), _ = run(engine, [request])
+    assert answer == greedy[:24] and stats.cached_tokens == 0
+    turn = first + answer + ([greedy[24]] if finish == "stop" else []) + ids(10, 101)
+    (out,), (stats,), (lp,) = ask(engine, [turn], 8)
+    assert stats.cached_tokens == cached
+    assert_alone(ref, turn, 8, out, lp)
+    assert engine.prefixes.tokens <= budget
+
+
+def test_a_finished_answer_is_cached_under_its_adapter(started):
+    model, alone_with = two_adapters()
+    engine = started(model, max_batch_size=2, prefix_cache_tokens=512)
+    first = [1] + ids(39, 100)
+    (answer,), _, _ = ask(engine, [first], 24, adapter="a")
+    turn = first + answer + ids(10, 101)
+    for adapter, cached in (("b", 0), ("a", 48)):  # b: nothing stored under it; a: the prompt and the answer
+        (out,), (stats,), (lp,) = ask(engine, [turn], 8, adapter=adapter)
+        assert_alone(alone_with[adapter], turn, 8, out, lp)
+        assert stats.cached_tokens == cached, adapter
+
+
+def test_a_cancelled_sequence_stores_only_its_prompt(started):
+    """Only a sequence that finished stores its answer: a cancelled one's slot is given back as is."""
+    engine = started(max_batch_size=1, prefix_cache_tokens=512)
+    first, ticket, sent = [1] + ids(39, 100), {}, threading.Event()
+    tokens = []
+
+    def sink(i, delta):
+        tokens.extend(delta.tokens)
+        if len(tokens) >= 30 and not sent.is_set():
+            ticket[0].cancel()
+            sent.set()
+
+    ticket[0] = engine.submit([Request(first, 100, stop_tokens=NO_STOP)], sink)
+    assert sent.wait(60)
+    (out,), (stats,), _ = ask(engine, [first + tokens + [5]], 2)
+    assert stats.cached_tokens == 32  # the prompt's 2 blocks only
 
 
 def test_the_prefix_cache_refuses_a_budget_below_one_block(ref):

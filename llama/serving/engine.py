@@ -85,7 +85,12 @@ one forward may start at different positions). The last prompt token is always c
 the first new token); a request asking for prompt_logprobs is computed whole (those need every
 position's logits). A stored block holds the bytes the first request computed, so a hit computes
 what a miss computes up to the rounding of a different chunking. Stats.cached_tokens reports the
-tokens taken from the store.
+tokens taken from the store. When a sequence finishes (a stop or its length; not an error or a
+cancel), the whole blocks of its prompt and generated tokens whose keys and values are in its slot
+are stored too: the prompt and every token sampled but the last, which was never fed to the model
+(when a stop token ended it, that token is the last one). The next turn of a chat repeats the
+answer after the earlier prompt, and so finds the answer's blocks as well; decode steps computed
+their keys and values one position at a time, which again differs from a miss only by rounding.
 
 Compiled decode step (compile=True). The decode forward runs through torch.compile
 (llama.core.generation.compiled_decode_step with dynamic=True): the batch size and the cache length
@@ -895,9 +900,21 @@ class Engine:
             more, hit = seq.stops.push(seq.decoder.flush(), final=True)
             text += more
             reason = "stop" if hit else reason
+        if self.prefixes is not None and seq.position > len(seq.prompt):
+            self._store_generated(seq)
         self._release(seq)
         self.counters["finished"] += 1
         self._emit(seq, self._delta(seq, text, finish_reason=reason, stats=self._stats(seq)))
+
+    def _store_generated(self, seq: _Sequence) -> None:
+        """Keep the whole blocks of `seq`'s prompt and generated tokens for a later request that repeats
+        them (the next turn of a chat). Its slot holds keys and values for positions 0 .. position - 1:
+        the prompt and every generated token fed back, i.e. all but the last sampled (never fed)."""
+        assert len(seq.prompt) < seq.position <= len(seq.prompt) + len(seq.tokens), "keys and values it never wrote"
+        try:
+            self.prefixes.store(seq.prompt + seq.tokens, seq.request.adapter, seq.slot, length=seq.position)
+        except Exception:  # the request itself succeeded: only later ones lose this reuse
+            logger.exception("storing a finished sequence's blocks in the prefix cache failed")
 
     def _fail(self, seq: _Sequence, message: str, kind: str = "internal") -> None:
         """End one request with an "error" Delta: the one place where a request fails. An internal

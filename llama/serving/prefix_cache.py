@@ -6,8 +6,10 @@ earlier turns of a chat) reuse the keys and values of that beginning instead of 
     prefixes.load(blocks, pool_row)                # their keys and values into the engine's pool row
     ... prefill prompt[len(blocks) * 16:] at positions len(blocks) * 16 ...
     prefixes.store(prompt, adapter, pool_row)      # keep the prompt's whole blocks for later requests
+    ... decode; once finished, with KV for `fed` positions (all tokens but the last sampled):
+    prefixes.store(prompt + generated, adapter, pool_row, length=fed)   # the answer too, for the next turn
 
-Blocks. A prompt is cut into blocks of `block` tokens; only whole blocks are kept. A block's keys and
+Blocks. A prompt (or a finished sequence: prompt and answer) is cut into blocks of `block` tokens; only whole blocks are kept. A block's keys and
 values depend on its tokens and on every token before it, so a block is found by its tokens and its
 parent (the block before it): the blocks form a trie, one root per LoRA adapter (None: the base
 model). A block computed under one adapter is never found by a request for another, since the
@@ -134,8 +136,8 @@ class PrefixCache:
                 buffer[row, :, :n] = stored[rows].transpose(0, 1).reshape(buffer.shape[1], n, buffer.shape[3])
 
     def store(self, prompt: Sequence[int], adapter: str | None, row: int, length: int | None = None) -> int:
-        """Keep the whole blocks of prompt[:length] (default: all of it), whose keys and values are in
-        positions 0.. of the pool's row `row`, evicting least recently used leaves as needed; returns
+        """Keep the whole blocks of prompt[:length] (default: all of it; a finished sequence passes its
+        prompt and generated tokens), whose keys and values are in positions 0.. of the pool's row `row`, evicting least recently used leaves as needed; returns
         the number of blocks copied in (those already stored are only marked as used)."""
         self.tick += 1
         length = len(prompt) if length is None else length
