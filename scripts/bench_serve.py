@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -45,6 +46,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 
@@ -256,7 +258,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args, max_batch: int, prefill_chunk: int | None = None) -> tuple[subprocess.Popen, str]:
+@contextlib.contextmanager
+def serving(args, max_batch: int, prefill_chunk: int | None = None) -> Iterator[str]:
+    """The base URL of a server answering /health and warmed up by one short request: --url's, or
+    scripts/serve.py started here with these settings (and stopped on leaving, whatever happened).
+    A server that exits or stays silent for --startup-timeout seconds raises RuntimeError."""
+    if args.url:
+        url = args.url.rstrip("/")
+        warm_up(url, args.api_key)
+        yield url
+        return
     port = free_port()
     argv = [sys.executable, str(SERVE), "--port", str(port), "--max-batch-size", str(max_batch),
             "--dtype", args.dtype, "--device", args.device, "--max-seq-len", str(args.max_seq_len),
@@ -277,20 +288,38 @@ def start_server(args, max_batch: int, prefill_chunk: int | None = None) -> tupl
     if not args.api_key:
         env.pop("LLAMA_API_KEY")
     server = subprocess.Popen(argv, env=env)
-    url = f"http://127.0.0.1:{port}"
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    deadline = time.monotonic() + args.startup_timeout
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(server, url, args.api_key, args.startup_timeout)
+        warm_up(url, args.api_key)
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:  # it ignored SIGTERM
+            server.kill()
+            server.wait()
+
+
+def wait_ready(server: subprocess.Popen, url: str, api_key: str | None, timeout: float) -> None:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.poll() is not None:
             raise RuntimeError(f"the server exited with status {server.returncode}")
         try:
             if httpx.get(f"{url}/health", headers=headers, timeout=2).status_code == 200:
-                return server, url
+                return
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    server.terminate()
-    raise RuntimeError(f"the server did not answer /health within {args.startup_timeout} s")
+    raise RuntimeError(f"the server did not answer /health within {timeout} s")
+
+
+def warm_up(url: str, api_key: str | None) -> None:
+    """One short request, so that the first measured one pays no first-call costs."""
+    asyncio.run(run_level(url, api_key, 1, 1, [{**request_mix(2)[0], "max_tokens": 2}]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -314,8 +343,8 @@ def main(argv: list[str] | None = None) -> int:
                         "cache hit; interleave: a stream's inter-token latency while a long prompt is prefilled "
                         "(default mix)")
     p.add_argument("--prefill-chunk", type=int, nargs="+", default=None,
-                   help="server --prefill-chunk when this script starts it; interleave: one server per value, "
-                        "one after the other (default: the server's)")
+                   help="server --prefill-chunk when this script starts it; several values only for interleave: "
+                        "one server per value, one after the other (default: the server's)")
     p.add_argument("--prefix-cache-tokens", type=int, default=None,
                    help="server --prefix-cache-tokens when this script starts it (default: the server's)")
     p.add_argument("--compile", action="store_true", help="server --compile when this script starts it")
@@ -324,18 +353,43 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if min(args.concurrency) < 1 or args.rounds < 1 or args.max_tokens < 1:
         p.error("--concurrency, --rounds and --max-tokens must be positive")
-    if args.scenario != "mix":
-        return schedule_main(p, args)
-
-    server = None
+    if args.system_tokens < 18 or args.long_tokens < 2:
+        p.error("--system-tokens must be at least 18 and --long-tokens at least 2")
+    chunks = args.prefill_chunk or [None]
+    if len(chunks) > 1 and (args.scenario != "interleave" or args.url):
+        p.error("several --prefill-chunk values are for --scenario interleave, with servers this script starts "
+                "(not --url)")  # fmt: skip
+    if args.scenario == "interleave":
+        args.max_seq_len = max(args.max_seq_len, args.long_tokens + 256)
     try:
-        if args.url:
-            url = args.url.rstrip("/")
+        if args.scenario == "mix":
+            results = mix_levels(args, chunks[0])
         else:
-            server, url = start_server(args, max(args.concurrency))
-        mix = request_mix(args.max_tokens)
-        asyncio.run(run_level(url, args.api_key, 1, 1, [{**mix[0], "max_tokens": 2}]))  # warm-up
-        summaries = []
+            results = [schedule_scenario(args, chunk) for chunk in chunks]
+    except (RuntimeError, httpx.HTTPError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.scenario == "mix":
+        print(table(results))
+        low, high = results[0], results[-1]
+        if len(results) > 1:
+            gain = high["output_tokens_per_s"] / low["output_tokens_per_s"]
+            print(f"\noutput throughput, concurrency {high['concurrency']} over {low['concurrency']}: {gain:.1f}x")
+    else:
+        keys = list(results[0])
+        print("| " + " | ".join(keys) + " |")
+        print("|" + "---:|" * len(keys))
+        for r in results:
+            print("| " + " | ".join(f"{v:.1f}" if isinstance(v, float) else str(v) for v in r.values()) + " |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def mix_levels(args, prefill_chunk: int | None) -> list[dict]:
+    """Every --concurrency level against one server: their summaries."""
+    mix, summaries = request_mix(args.max_tokens), []
+    with serving(args, max(args.concurrency), prefill_chunk) as url:
         for c in args.concurrency:
             n_requests = -(-c * args.rounds // len(mix)) * len(mix)  # whole passes over the mix
             level = asyncio.run(run_level(url, args.api_key, c, n_requests, mix))
@@ -343,63 +397,16 @@ def main(argv: list[str] | None = None) -> int:
                 raise RuntimeError(f"every request failed at concurrency {c}")
             summaries.append(level.summary())
             print(f"concurrency {c}: {summaries[-1]['output_tokens_per_s']:.1f} output tokens/s", file=sys.stderr)
-    except (RuntimeError, httpx.HTTPError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if server is not None:
-            server.terminate()
-            server.wait(30)
-    print(table(summaries))
-    low, high = summaries[0], summaries[-1]
-    if len(summaries) > 1:
-        gain = high["output_tokens_per_s"] / low["output_tokens_per_s"]
-        print(f"\noutput throughput, concurrency {high['concurrency']} over {low['concurrency']}: {gain:.1f}x")
-    if args.json:
-        Path(args.json).write_text(json.dumps(summaries, indent=2))
-    return 0
+    return summaries
 
 
-def schedule_main(p: argparse.ArgumentParser, args) -> int:
-    """The prefix and interleave scenarios: print a table (and write --json)."""
-    if args.system_tokens < 18 or args.long_tokens < 2:
-        p.error("--system-tokens must be at least 18 and --long-tokens at least 2")
-    if args.scenario == "interleave":
-        args.max_seq_len = max(args.max_seq_len, args.long_tokens + 256)
-    chunks = args.prefill_chunk or [None]
-    if args.url and len(chunks) > 1:
-        p.error("several --prefill-chunk values need servers this script starts (not --url)")
-    results = []
-    for chunk in chunks if args.scenario == "interleave" else chunks[:1]:
-        server = None
-        try:
-            if args.url:
-                url = args.url.rstrip("/")
-            else:
-                server, url = start_server(args, 2, chunk)
-            asyncio.run(run_level(url, args.api_key, 1, 1, [{**request_mix(2)[0], "max_tokens": 2}]))  # warm-up
-            if args.scenario == "prefix":
-                result = asyncio.run(prefix_scenario(url, args.api_key, args.rounds, args.system_tokens))
-            else:
-                result = {"prefill_chunk": chunk if chunk is not None else "default",
-                          **asyncio.run(interleave_scenario(url, args.api_key, args.rounds, args.long_tokens, 
-                                                            args.max_seq_len))}  # fmt: skip
-        except (RuntimeError, httpx.HTTPError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        finally:
-            if server is not None:
-                server.terminate()
-                server.wait(30)
-        results.append(result)
-    keys = list(results[0])
-    print("| " + " | ".join(keys) + " |")
-    print("|" + "---:|" * len(keys))
-    for r in results:
-        print("| " + " | ".join(f"{v:.1f}" if isinstance(v, float) else str(v) for v in r.values()) + " |")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
-    return 0
+def schedule_scenario(args, prefill_chunk: int | None) -> dict:
+    """The prefix or the interleave scenario against one server (with this --prefill-chunk)."""
+    with serving(args, 2, prefill_chunk) as url:
+        if args.scenario == "prefix":
+            return asyncio.run(prefix_scenario(url, args.api_key, args.rounds, args.system_tokens))
+        measured = asyncio.run(interleave_scenario(url, args.api_key, args.rounds, args.long_tokens, args.max_seq_len))
+        return {"prefill_chunk": prefill_chunk if prefill_chunk is not None else "default", **measured}
 
 
 if __name__ == "__main__":

@@ -48,16 +48,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=64,
                    help="sequences that may wait for a free row; beyond that requests get 429 (default 64)")
     p.add_argument("--max-prefill-tokens", type=int, default=512,
-                   help="prompt tokens admitted per step, prefilled in groups of similar length; a longer "
-                        "prompt is admitted alone (default 512)")
+                   help="prompt tokens to compute (a cached prefix not counted) per prefill group of similar "
+                        "lengths, and with --prefill-chunk 0 per step's admissions; a longer prompt goes alone, this "
+                        "many positions per forward (default 512)")
     p.add_argument("--prefill-chunk", type=int, default=256,
                    help="while sequences decode, prefill at most this many prompt tokens (rows x positions) per step, "
                         "then run the decode step, so running streams keep their pace while a long prompt is read; "
                         "0: prefill every admitted prompt whole before the next decode step (default 256)")
+    p.add_argument("--prefill-patience", type=int, default=16,
+                   help="prompts are prefilled shortest first, but one passed over this many chunks of others goes "
+                        "first, so a stream of short prompts cannot postpone a long one forever; 0: arrival order "
+                        "(default 16)")
     p.add_argument("--prefix-cache-tokens", type=int, default=None,
-                   help="keep the keys and values of this many prompt tokens (blocks of 16) for later requests that "
-                        "begin with the same tokens and adapter, e.g. a shared system prompt; least recently used "
-                        "blocks are evicted; 0: off (default 2048; 0 under --tp, which does not support it)")
+                   help="keep the keys and values of this many tokens of earlier prompts and answers (blocks of 16) for "
+                        "later requests that begin with the same tokens and adapter, e.g. a shared system prompt or "
+                        "a chat's earlier turns; least recently used blocks are evicted; 0: off (default 2048; 0 "
+                        "under --tp, which does not support it)")
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step with torch.compile (dynamic batch size and cache length: two graphs, "
                         "compiled at startup, tens of seconds to minutes); not with --lora or --tp")
@@ -143,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                              ("--max-body-size", args.max_body_size, 1),
                              ("--max-prefill-tokens", args.max_prefill_tokens, 1),
                              ("--prefill-chunk", args.prefill_chunk, 0),
+                             ("--prefill-patience", args.prefill_patience, 0),
                              ("--prefix-cache-tokens", args.prefix_cache_tokens or 0, 0),
                              ("--threads", args.threads if args.threads is not None else 1, 1)):  # fmt: skip
         if value < low:
@@ -242,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
             prefix_cache_tokens = 0 if tp > 1 else 2048 if args.prefix_cache_tokens is None else args.prefix_cache_tokens
             engine = Engine(driver, tokenizer, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
                             max_queue=args.max_queue, max_prefill_tokens=args.max_prefill_tokens,
-                            prefill_chunk=args.prefill_chunk or None, prefix_cache_tokens=prefix_cache_tokens,
+                            prefill_chunk=args.prefill_chunk or None, prefill_patience=args.prefill_patience,
+                            prefix_cache_tokens=prefix_cache_tokens,
                             compile=args.compile)  # fmt: skip
         except (*user_errors, ValueError) as e:  # ValueError: a combination the engine does not support, named
             print(f"error: {e}", file=sys.stderr)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.resources
+import json
 import os
 import shutil
 import signal
@@ -617,3 +618,29 @@ def test_bench_serve_reports_the_table(server):
     assert [row.split("|")[1].strip() for row in rows] == ["1", "3"]
     assert [row.split("|")[2].strip() for row in rows] == ["6", "6"]  # one pass over the mix of 6
     assert "concurrency 3 over 1:" in result.stdout
+
+
+def test_bench_serve_starts_its_own_server_and_stops_it(tmp_path):
+    """The bundled model served by scripts/serve.py, started and stopped by the benchmark: the prefix
+    scenario's hit finds the 2 whole blocks of its 40-token system prompt."""
+    out = tmp_path / "result.json"
+    result = subprocess.run([sys.executable, str(SCRIPTS / "bench_serve.py"), "--scenario", "prefix", "--rounds", "1",
+                             "--system-tokens", "40", "--threads", "1", "--json", str(out)],
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    (measured,) = json.loads(out.read_text())
+    assert (measured["cached_tokens_per_miss"], measured["cached_tokens_per_hit"]) == (0, 32)
+
+
+def test_bench_serve_reports_a_server_that_does_not_start():
+    result = subprocess.run([sys.executable, str(SCRIPTS / "bench_serve.py"), "--checkpoint", "/nonexistent",
+                             "--concurrency", "1"], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 2 and "error: the server exited with status 2" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("flags", [["--prefill-chunk", "64", "0"], ["--scenario", "prefix", "--prefill-chunk", "64", "0"],
+                                   ["--scenario", "interleave", "--url", "http://127.0.0.1:9", "--prefill-chunk", "64", "0"]])
+def test_bench_serve_takes_several_prefill_chunks_only_for_interleave(flags):
+    result = subprocess.run([sys.executable, str(SCRIPTS / "bench_serve.py"), *flags],
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 2 and "several --prefill-chunk values are for --scenario interleave" in result.stderr

@@ -208,6 +208,89 @@ def test_a_prompt_cancelled_mid_prefill_keeps_its_slot_until_its_group_stops_wri
     assert engine.stats()["cancelled"] == 1 and engine.stats()["errors"] == 0
 
 
+@pytest.mark.parametrize("patience", [0, 4])
+def test_a_long_prompt_is_not_starved_by_a_stream_of_short_ones(started, ref, patience):
+    """Each prefill forward brings one more short prompt, which has fewer positions left than the long
+    one. Shortest-first alone would run every one of them first; after `patience` of them the long
+    prompt goes first, to its end."""
+    long = [1] + ids(99, 7)  # 100 positions: 7 chunks of 16
+    shorts = [[1] + ids(4, 100 + i) for i in range(40)]
+    engine = started(max_batch_size=4, prefill_chunk=16, max_prefill_tokens=16, prefill_patience=patience)
+    # All of these are touched on the engine thread only (the hook and the sinks run there).
+    chunks, submitted, outs, finished, long_at = [], [], {}, [], []
+    everything_done = threading.Event()
+
+    def sink(name):
+        def receive(i, delta):
+            assert delta.error is None, delta.error
+            if name == "long" and not outs.get(name):
+                long_at.append(engine.stats()["prefill_chunks"])  # chunks run when its first token came
+            outs.setdefault(name, []).extend(delta.tokens)
+            if delta.finish_reason is not None:
+                finished.append(name)
+                if "long" in finished and len(finished) == 1 + len(submitted):
+                    everything_done.set()
+        return receive
+
+    def hook(module, args, out):
+        if args[0].shape[1] > 1:  # a prefill chunk, not a decode step
+            chunks.append(tuple(args[0].shape))
+            if "long" not in finished and len(submitted) < len(shorts):  # one more short prompt arrives
+                n = len(submitted)
+                submitted.append(engine.submit([Request(shorts[n], 1, stop_tokens=NO_STOP)], sink(n)))
+
+    engine.model.register_forward_hook(hook)
+    engine.submit([Request(long, 3, stop_tokens=NO_STOP)], sink("long"))
+    assert everything_done.wait(120)
+    assert outs["long"] == alone(ref, long, 3)
+    assert len(submitted) < len(shorts)  # the stream of short prompts was still going when it finished
+    # Its first chunk, `patience` short prompts (each alone: they arrive one a step), then its other 6.
+    assert long_at == [1 + patience + 6]
+    assert chunks[: 7 + patience] == [(1, 16)] + [(1, 5)] * patience + [(1, 16)] * 5 + [(1, 4)]
+    assert [outs[n] for n in range(len(submitted))] == [alone(ref, shorts[n], 1) for n in range(len(submitted))]
+
+
+# ---- admission -----------------------------------------------------------------------------------------
+
+
+def test_a_long_prompt_at_the_head_leaves_the_free_slots_to_the_prompts_behind_it(started, ref):
+    """Chunked, admitting computes nothing: the short prompts queued behind a long one are admitted
+    in the same step (not one step later, as when whole prompts were counted against
+    max_prefill_tokens) and, having fewer positions left, prefilled first."""
+    long, shorts = [1] + ids(299, 1), [[1] + ids(4, 10 + i) for i in range(3)]
+    engine = started(max_batch_size=4, prefill_chunk=64, max_prefill_tokens=64)
+    forwards = []
+    engine.model.register_forward_hook(lambda module, args, out: forwards.append(tuple(args[0].shape)))
+    prompts = [long] + shorts
+    got, _, _ = run(engine, [Request(p, 4, stop_tokens=NO_STOP) for p in prompts])  # one submit: queued together
+    assert got == [alone(ref, p, 4) for p in prompts]
+    assert forwards[0] == (3, 5)  # the three short prompts in one forward, before any of the long one
+    assert forwards[1:3] == [(3, 1), (1, 64)]  # their first decode step, then the long prompt's first chunk
+
+
+def test_plain_admission_counts_the_tokens_to_compute(started, ref):
+    """Plain schedule: a step admits prompts up to max_prefill_tokens tokens to compute (at least one),
+    where a cached prefix costs nothing; whole prompts after their first stay bounded."""
+    engine = started(max_batch_size=4, prefill_chunk=None, max_prefill_tokens=64, prefix_cache_tokens=512)
+    ask(engine, [SYSTEM + [7]], 1)  # stores SYSTEM's 12 whole blocks
+    forwards = []
+    engine.model.register_forward_hook(lambda module, args, out: forwards.append(tuple(args[0].shape)))
+    # 211 and 213 tokens, of which 19 and 21 to compute: both in one step, in one forward
+    cached = [SYSTEM + ids(10, 1), SYSTEM + ids(12, 2)]
+    outs, stats, lps = ask(engine, cached, 3)
+    for prompt, out, lp in zip(cached, outs, lps):
+        assert_alone(ref, prompt, 3, out, lp)
+    assert [s.cached_tokens for s in stats] == [192, 192] and forwards[0] == (2, 21)
+    # 100 tokens to compute (no cached prefix) then two of 5: the long one alone (64 + 36 positions
+    # before its first decode step), the short ones at the next step.
+    forwards.clear()
+    prompts = [[1] + ids(99, 3), [1] + ids(4, 4), [1] + ids(4, 5)]
+    outs, stats, lps = ask(engine, prompts, 4)
+    for prompt, out, lp in zip(prompts, outs, lps):
+        assert_alone(ref, prompt, 4, out, lp)
+    assert forwards[:5] == [(1, 64), (1, 36), (1, 1), (2, 5), (3, 1)]
+
+
 # ---- the prefix cache ---------------------------------------------------------------------------------
 
 
@@ -275,7 +358,9 @@ def test_prompt_logprobs_requests_are_computed_whole(started):
     assert stats.cached_tokens == 0
 
 
-def test_cached_prefixes_stay_with_their_adapter(started):
+def two_adapters():
+    """A model holding random LoRA adapters "a" and "b" (large enough to change its tokens), and for each
+    adapter (and None) a copy of it with only that one active, to compute what a request expects."""
     model = random_model(CONFIG)
     for name, seed in (("a", 1), ("b", 2)):
         lora.apply_lora(model, ["q_proj", "k_proj", "v_proj"], rank=4, name=name)
@@ -289,7 +374,11 @@ def test_cached_prefixes_stay_with_their_adapter(started):
     for adapter in ("a", "b", None):
         alone_with[adapter] = copy.deepcopy(model)
         lora.set_adapter(alone_with[adapter], adapter)
+    return model, alone_with
 
+
+def test_cached_prefixes_stay_with_their_adapter(started):
+    model, alone_with = two_adapters()
     engine = started(model, max_batch_size=3, prefix_cache_tokens=1024)
     p1, p2 = SYSTEM + ids(5, 1), SYSTEM + ids(6, 2)
     for adapter in ("a", "b", None):  # the same system prompt under each adapter: a miss each time
@@ -302,6 +391,60 @@ def test_cached_prefixes_stay_with_their_adapter(started):
         assert_alone(alone_with[adapter], p2, 8, out, lp)
     assert [s.cached_tokens for s in stats] == [192] * 3  # each found its own adapter's blocks
     assert len({tuple(o) for o in outs}) == 3  # the adapters make a difference
+
+
+@pytest.mark.parametrize("finish, budget, cached", [("length", 512, 48), ("stop", 512, 64), ("length", 32, 32)])
+def test_a_finished_answer_is_cached_for_the_next_turn(started, ref, finish, budget, cached):
+    """The next turn repeats the first prompt and its answer. The slot holds keys and values for every
+    token fed to the model: the 40 prompt tokens and each sampled token but the last. length: 24
+    sampled, 23 fed, 63 positions: 3 whole blocks (a 4th would hold a position never written). stop:
+    the stop token is the 25th sampled, the 24 before it were fed: 64 positions, 4 blocks. A budget of
+    2 blocks keeps the prompt's 2 (the answer's would evict its own parent)."""
+    first = [1] + ids(39, 100)
+    greedy = alone(ref, first, 25)
+    if finish == "stop":
+        assert greedy[24] not in greedy[:24]  # it ends the answer there, not earlier
+        request = Request(first, 40, stop_tokens=frozenset({greedy[24]}))
+    else:
+        request = Request(first, 24, stop_tokens=NO_STOP)
+    engine = started(max_batch_size=2, prefix_cache_tokens=budget)
+    (answer,), (stats,), _ = run(engine, [request])
+    assert answer == greedy[:24] and stats.cached_tokens == 0
+    turn = first + answer + ([greedy[24]] if finish == "stop" else []) + ids(10, 101)
+    (out,), (stats,), (lp,) = ask(engine, [turn], 8)
+    assert stats.cached_tokens == cached
+    assert_alone(ref, turn, 8, out, lp)
+    assert engine.prefixes.tokens <= budget
+
+
+def test_a_finished_answer_is_cached_under_its_adapter(started):
+    model, alone_with = two_adapters()
+    engine = started(model, max_batch_size=2, prefix_cache_tokens=512)
+    first = [1] + ids(39, 100)
+    (answer,), _, _ = ask(engine, [first], 24, adapter="a")
+    turn = first + answer + ids(10, 101)
+    for adapter, cached in (("b", 0), ("a", 48)):  # b: nothing stored under it; a: the prompt and the answer
+        (out,), (stats,), (lp,) = ask(engine, [turn], 8, adapter=adapter)
+        assert_alone(alone_with[adapter], turn, 8, out, lp)
+        assert stats.cached_tokens == cached, adapter
+
+
+def test_a_cancelled_sequence_stores_only_its_prompt(started):
+    """Only a sequence that finished stores its answer: a cancelled one's slot is given back as is."""
+    engine = started(max_batch_size=1, prefix_cache_tokens=512)
+    first, ticket, sent = [1] + ids(39, 100), {}, threading.Event()
+    tokens = []
+
+    def sink(i, delta):
+        tokens.extend(delta.tokens)
+        if len(tokens) >= 30 and not sent.is_set():
+            ticket[0].cancel()
+            sent.set()
+
+    ticket[0] = engine.submit([Request(first, 100, stop_tokens=NO_STOP)], sink)
+    assert sent.wait(60)
+    (out,), (stats,), _ = ask(engine, [first + tokens + [5]], 2)
+    assert stats.cached_tokens == 32  # the prompt's 2 blocks only
 
 
 def test_the_prefix_cache_refuses_a_budget_below_one_block(ref):
@@ -396,6 +539,7 @@ def test_usage_reports_the_cached_prompt_tokens():
     (["--compile", "--lora", "x=dir"], "--compile does not support --lora"),
     (["--prefix-cache-tokens", "8"], "--prefix-cache-tokens must be 0 or at least one block of 16 tokens, got 8"),
     (["--prefill-chunk", "-1"], "--prefill-chunk must be at least 0, got -1"),
+    (["--prefill-patience", "-1"], "--prefill-patience must be at least 0, got -1"),
 ])  # fmt: skip
 def test_serve_script_refuses_schedule_flags_it_cannot_honour(flags, message):
     import subprocess

@@ -49,12 +49,11 @@ Prefill policy. Prefilling together pays where a forward is bound by reading the
 prompt of 10 tokens costs about one decode step, so 16 short prompts alone cost 16 steps and
 together about one). Where it is bound by compute (long prompts, CPUs), padding tokens cost as much
 as real ones, so prompts are grouped by length: a group's real tokens are at least 2/3 of its padded
-size. Each step admits waiting sequences in arrival order up to max_prefill_tokens prompt tokens
-(at least one sequence). A group is prefilled in chunks through the cache
-(llama.core.generation.ChunkedPrefill), so a prompt as long as the pool's rows takes memory bounded
-by the chunk and the pool, not by its length. While sequences decode, a step runs one chunk of at
-most prefill_chunk tokens (rows x positions) of the group with the fewest positions left, then the
-decode step: a long prompt costs each running stream about one chunk's time per token instead of
+size, and it has at most max_prefill_tokens tokens to compute (or a single row). A group is
+prefilled in chunks through the cache (llama.core.generation.ChunkedPrefill), so a prompt as long as
+the pool's rows takes memory bounded by the chunk and the pool, not by its length. While sequences
+decode, a step runs one chunk of at most prefill_chunk tokens (rows x positions) of one group, then
+the decode step: a long prompt costs each running stream about one chunk's time per token instead of
 stalling it for the whole prompt, and the prompt's own first token comes later by the decode steps
 between its chunks. With nothing decoding there is nothing to interleave: a chunk is then up to
 max(max_prefill_tokens, prefill_chunk) tokens. prefill_chunk=None restores the plain schedule:
@@ -64,6 +63,20 @@ writes it). Where the chunks fall changes only rounding (each chunk attends to t
 everything before it), so chunked and one-shot prefill give the same greedy tokens up to ties.
 (Chunked prefills interleaved with decodes: Agrawal et al., 2023, "SARATHI".)
 
+Which group's chunk runs: the one with the fewest positions left (the first of those), so a short
+prompt arriving behind a long one gets its first token without waiting for the long one, unless a
+group has been passed over prefill_patience times (chunks of other groups run since it was
+queued): such an overdue group goes first, the oldest overdue first, until it is done.
+Shortest-first alone would let a steady stream of short prompts postpone a long one forever; with
+the bound, a group's prefill ends at most prefill_patience chunks of others, plus those of the
+groups that became overdue before it, after its own chunks (prefill_patience=0: arrival order).
+
+Admission counts the tokens to compute, not whole prompts. Chunked, admitting computes nothing (the
+chunks do, at their bounded pace), so each step admits waiting sequences in arrival order into every
+free slot. Plain, what a step admits is prefilled before its decode step, so admission stops at
+max_prefill_tokens tokens to compute (at least one sequence), a prompt's cached prefix (looked up
+at admission) not counted. Stats.queue_time ends when a sequence's first prefill chunk runs.
+
 Prefix caching (prefix_cache_tokens > 0; llama/serving/prefix_cache.py). When a prompt is in, its
 whole blocks of prefix_block tokens are copied from its slot into a store of their own, keyed by
 their tokens, everything before them and the request's adapter. An admitted prompt that begins with
@@ -72,7 +85,12 @@ one forward may start at different positions). The last prompt token is always c
 the first new token); a request asking for prompt_logprobs is computed whole (those need every
 position's logits). A stored block holds the bytes the first request computed, so a hit computes
 what a miss computes up to the rounding of a different chunking. Stats.cached_tokens reports the
-tokens taken from the store.
+tokens taken from the store. When a sequence finishes (a stop or its length; not an error or a
+cancel), the whole blocks of its prompt and generated tokens whose keys and values are in its slot
+are stored too: the prompt and every token sampled but the last, which was never fed to the model
+(when a stop token ended it, that token is the last one). The next turn of a chat repeats the
+answer after the earlier prompt, and so finds the answer's blocks as well; decode steps computed
+their keys and values one position at a time, which again differs from a miss only by rounding.
 
 Compiled decode step (compile=True). The decode forward runs through torch.compile
 (llama.core.generation.compiled_decode_step with dynamic=True): the batch size and the cache length
@@ -306,6 +324,7 @@ class _Prefill:
 
     def __init__(self, engine: "Engine", seqs: list[_Sequence]):
         self.seqs = seqs
+        self.passed_over = 0  # chunks of other prefills run since it was queued (the prefill_patience bound)
         device = engine.device
         lengths = torch.tensor([len(s.prompt) - s.cached for s in seqs], device=device)  # (B,)
         ids = torch.zeros(len(seqs), int(lengths.max()), dtype=torch.long, device=device)  # (B, T)
@@ -338,15 +357,17 @@ class Engine:
     model's choice, see llama/core/cache.py). A prompt is prefilled max_prefill_tokens positions per
     forward, so its memory is bounded by that and the pool, not by its length. prefill_chunk: the
     most prompt tokens prefilled per step while sequences decode (None: whole prompts before the
-    next decode step); prefix_cache_tokens: positions of the prefix cache, in blocks of prefix_block
+    next decode step); prefill_patience: how many chunks of other prefills a queued prefill lets go
+    first before it goes first itself (see the module docstring's prefill policy; 0: arrival order);
+    prefix_cache_tokens: positions of the prefix cache, in blocks of prefix_block
     (0: none); compile: the decode step through torch.compile (see the module docstring; call
     warm_up() before start() to compile it up front).
     """
 
     def __init__(self, model, tokenizer, *, max_batch_size: int = 8, max_seq_len: int | None = None,
                  max_queue: int = 64, max_prefill_tokens: int = 512, stop_tokens: Sequence[int] | None = None,
-                 kv_cache_dtype: str | None = None, prefill_chunk: int | None = 256, prefix_cache_tokens: int = 0,
-                 prefix_block: int = 16, compile: bool = False):  # fmt: skip
+                 kv_cache_dtype: str | None = None, prefill_chunk: int | None = 256, prefill_patience: int = 16,
+                 prefix_cache_tokens: int = 0, prefix_block: int = 16, compile: bool = False):  # fmt: skip
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
@@ -357,6 +378,8 @@ class Engine:
             raise ValueError(f"max_prefill_tokens must be a positive integer, got {max_prefill_tokens!r}")
         if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1):
             raise ValueError(f"prefill_chunk must be a positive integer or None, got {prefill_chunk!r}")
+        if isinstance(prefill_patience, bool) or not isinstance(prefill_patience, int) or prefill_patience < 0:
+            raise ValueError(f"prefill_patience must be a non-negative integer, got {prefill_patience!r}")
         if isinstance(prefix_cache_tokens, bool) or not isinstance(prefix_cache_tokens, int) or prefix_cache_tokens < 0:
             raise ValueError(f"prefix_cache_tokens must be a non-negative integer, got {prefix_cache_tokens!r}")
         in_process = isinstance(model, torch.nn.Module)  # not a proxy driving other processes (tensor parallelism)
@@ -366,7 +389,7 @@ class Engine:
         check_vocabulary(tokenizer, model.config.vocab_size)
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.max_queue, self.max_prefill_tokens = max_batch_size, max_queue, max_prefill_tokens
-        self.prefill_chunk = prefill_chunk
+        self.prefill_chunk, self.prefill_patience = prefill_chunk, prefill_patience
         self.context_len = min(model.config.max_seq_len, max_seq_len or model.config.max_seq_len)
         self.vocab_size = model.config.vocab_size
         if stop_tokens is None:
@@ -578,8 +601,9 @@ class Engine:
                 self._fail(seq, f"the engine stopped: {self.error or 'the server is shutting down'}", kind)
 
     def _next_admissions(self) -> list[_Sequence] | None:
-        """Sleep until there is work; the waiting sequences to prefill now, in arrival order, as many
-        as there are free slots and max_prefill_tokens allows (at least one). None: stop."""
+        """Sleep until there is work; the waiting sequences to admit now, in arrival order, as many as
+        there are free slots and, in the plain schedule, as max_prefill_tokens tokens to compute allow
+        (at least one). None: stop."""
         with self._wake:
             while not self._stopping and not self._running and not self._waiting:
                 self._wake.wait()
@@ -587,11 +611,19 @@ class Engine:
                 return None
             admitted, tokens = [], 0
             while self._waiting and len(admitted) < len(self._free):
-                tokens += len(self._waiting[0].prompt)
-                if admitted and tokens > self.max_prefill_tokens:
-                    break
+                if self.prefill_chunk is None:  # prefilled whole before the next decode step: bounded
+                    tokens += self._to_compute(self._waiting[0])
+                    if admitted and tokens > self.max_prefill_tokens:
+                        break
                 admitted.append(self._waiting.popleft())
             return admitted
+
+    def _to_compute(self, seq: _Sequence) -> int:
+        """The prompt tokens `seq`'s prefill will compute: those after its cached prefix (as _admit will
+        find it: nothing is stored between this look and that one, both on the engine thread)."""
+        if self.prefixes is None or seq.request.prompt_logprobs is not None:
+            return len(seq.prompt)
+        return len(seq.prompt) - self.prefixes.peek(seq.prompt, seq.request.adapter, limit=len(seq.prompt) - 1)
 
     def _end_overdue(self) -> None:
         """Draining, past the grace period: end everything still waiting or running."""
@@ -609,9 +641,8 @@ class Engine:
         for seq in [s for s in seqs if s.ticket.cancelled]:  # cancelled between the queue and here
             self._release(seq, cancelled=True)
         seqs = [s for s in seqs if not s.ticket.cancelled]
-        now = time.perf_counter()
         for seq in seqs:
-            seq.slot, seq.started, seq.prefilling = self._free.pop(), now, True
+            seq.slot, seq.prefilling = self._free.pop(), True
             self._running.append(seq)
         blocks = {}
         if self.prefixes is not None:
@@ -631,12 +662,14 @@ class Engine:
 
     def _prefill_groups(self, seqs: list[_Sequence]) -> list[list[_Sequence]]:
         """`seqs` in groups of similar length still to compute (the prompt less its cached prefix):
-        real tokens >= 2/3 of each group's padded size, and every row's padding inside its slot."""
+        real tokens >= 2/3 of each group's padded size, at most max_prefill_tokens of them (or one
+        row), and every row's padding inside its slot."""
         groups: list[list[_Sequence]] = []
         for seq in sorted(seqs, key=lambda s: len(s.prompt) - s.cached):
             n = len(seq.prompt) - seq.cached  # the longest of the group so far: its padded length
             group = groups[-1] if groups else None
-            if (group and 3 * (sum(len(s.prompt) - s.cached for s in group) + n) >= 2 * (len(group) + 1) * n
+            real = sum(len(s.prompt) - s.cached for s in group) + n if group else n
+            if (group and 3 * real >= 2 * (len(group) + 1) * n and real <= self.max_prefill_tokens
                     and max(s.cached for s in group) + n <= self.context_len):  # fmt: skip
                 group.append(seq)
             else:
@@ -646,8 +679,9 @@ class Engine:
     def _prefill_step(self) -> None:
         """Prefill work of one step. Interleaved (prefill_chunk set): one forward of at most
         prefill_chunk tokens (rows x positions) while sequences decode, else of max_prefill_tokens,
-        for the prefill with the fewest positions left; the decode step follows. Not interleaved: every
-        admitted prompt whole (max_prefill_tokens positions per forward) before the next decode step."""
+        for the oldest prefill passed over prefill_patience times, else the one with the fewest
+        positions left; the decode step follows. Not interleaved: every admitted prompt whole
+        (max_prefill_tokens positions per forward) before the next decode step."""
         for job in [j for j in self._prefills if all(s.done for s in j.seqs)]:  # all cancelled or failed
             self._prefills.remove(job)
             self._end_prefill(job.seqs)
@@ -659,13 +693,21 @@ class Engine:
                 while job in self._prefills:
                     self._prefill_chunk(job, self.max_prefill_tokens)
             return
-        job = min(self._prefills, key=lambda j: j.steps.length - j.steps.begin)  # the first of the shortest
+        overdue = [j for j in self._prefills if j.passed_over >= self.prefill_patience]  # in arrival order
+        job = overdue[0] if overdue else min(self._prefills, key=lambda j: j.steps.length - j.steps.begin)
+        for other in self._prefills:
+            if other is not job:
+                other.passed_over += 1
         decoding = any(not s.prefilling for s in self._running)
         budget = self.prefill_chunk if decoding else max(self.max_prefill_tokens, self.prefill_chunk)
         self._prefill_chunk(job, max(1, budget // len(job.seqs)))
 
     def _prefill_chunk(self, job: "_Prefill", positions: int) -> None:
         """Run the next `positions` of `job`; once its prompts are all in, their first tokens."""
+        if job.steps.begin == 0:  # its queue time ends here
+            now = time.perf_counter()
+            for seq in job.seqs:
+                seq.started = now
         try:
             with self._adapters(job.seqs):
                 job.steps.step(positions)
@@ -858,9 +900,21 @@ class Engine:
             more, hit = seq.stops.push(seq.decoder.flush(), final=True)
             text += more
             reason = "stop" if hit else reason
+        if self.prefixes is not None and seq.position > len(seq.prompt):
+            self._store_generated(seq)
         self._release(seq)
         self.counters["finished"] += 1
         self._emit(seq, self._delta(seq, text, finish_reason=reason, stats=self._stats(seq)))
+
+    def _store_generated(self, seq: _Sequence) -> None:
+        """Keep the whole blocks of `seq`'s prompt and generated tokens for a later request that repeats
+        them (the next turn of a chat). Its slot holds keys and values for positions 0 .. position - 1:
+        the prompt and every generated token fed back, i.e. all but the last sampled (never fed)."""
+        assert len(seq.prompt) < seq.position <= len(seq.prompt) + len(seq.tokens), "keys and values it never wrote"
+        try:
+            self.prefixes.store(seq.prompt + seq.tokens, seq.request.adapter, seq.slot, length=seq.position)
+        except Exception:  # the request itself succeeded: only later ones lose this reuse
+            logger.exception("storing a finished sequence's blocks in the prefix cache failed")
 
     def _fail(self, seq: _Sequence, message: str, kind: str = "internal") -> None:
         """End one request with an "error" Delta: the one place where a request fails. An internal

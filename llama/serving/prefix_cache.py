@@ -6,8 +6,10 @@ earlier turns of a chat) reuse the keys and values of that beginning instead of 
     prefixes.load(blocks, pool_row)                # their keys and values into the engine's pool row
     ... prefill prompt[len(blocks) * 16:] at positions len(blocks) * 16 ...
     prefixes.store(prompt, adapter, pool_row)      # keep the prompt's whole blocks for later requests
+    ... decode; once finished, with KV for `fed` positions (all tokens but the last sampled):
+    prefixes.store(prompt + generated, adapter, pool_row, length=fed)   # the answer too, for the next turn
 
-Blocks. A prompt is cut into blocks of `block` tokens; only whole blocks are kept. A block's keys and
+Blocks. A prompt (or a finished sequence: prompt and answer) is cut into blocks of `block` tokens; only whole blocks are kept. A block's keys and
 values depend on its tokens and on every token before it, so a block is found by its tokens and its
 parent (the block before it): the blocks form a trie, one root per LoRA adapter (None: the base
 model). A block computed under one adapter is never found by a request for another, since the
@@ -95,18 +97,28 @@ class PrefixCache:
         """The index key of block i of `prompt` (a Block hashes by identity: no nested tuple to hash)."""
         return (("root", adapter) if parent is None else parent, tuple(prompt[i * self.block : (i + 1) * self.block]))
 
-    def lookup(self, prompt: Sequence[int], adapter: str | None, limit: int) -> list[Block]:
-        """The stored blocks `prompt` begins with, under `adapter`, covering at most `limit` tokens;
-        marked as used."""
-        self.tick += 1
-        self.stats.lookups += 1
+    def _walk(self, prompt: Sequence[int], adapter: str | None, limit: int) -> list[Block]:
+        """The stored blocks `prompt` begins with, under `adapter`, covering at most `limit` tokens."""
         found: list[Block] = []
         for i in range(min(limit, len(prompt)) // self.block):
             block = self.index.get(self._key(found[-1] if found else None, adapter, prompt, i))
             if block is None:
                 break
-            block.used = self.tick
             found.append(block)
+        return found
+
+    def peek(self, prompt: Sequence[int], adapter: str | None, limit: int) -> int:
+        """How many tokens lookup() would find now; touches nothing (no use mark, no stats)."""
+        return len(self._walk(prompt, adapter, limit)) * self.block
+
+    def lookup(self, prompt: Sequence[int], adapter: str | None, limit: int) -> list[Block]:
+        """The stored blocks `prompt` begins with, under `adapter`, covering at most `limit` tokens;
+        marked as used."""
+        self.tick += 1
+        self.stats.lookups += 1
+        found = self._walk(prompt, adapter, limit)
+        for block in found:
+            block.used = self.tick
         if found:
             self.stats.hits += 1
             self.stats.hit_tokens += len(found) * self.block
@@ -124,8 +136,8 @@ class PrefixCache:
                 buffer[row, :, :n] = stored[rows].transpose(0, 1).reshape(buffer.shape[1], n, buffer.shape[3])
 
     def store(self, prompt: Sequence[int], adapter: str | None, row: int, length: int | None = None) -> int:
-        """Keep the whole blocks of prompt[:length] (default: all of it), whose keys and values are in
-        positions 0.. of the pool's row `row`, evicting least recently used leaves as needed; returns
+        """Keep the whole blocks of prompt[:length] (default: all of it; a finished sequence passes its
+        prompt and generated tokens), whose keys and values are in positions 0.. of the pool's row `row`, evicting least recently used leaves as needed; returns
         the number of blocks copied in (those already stored are only marked as used)."""
         self.tick += 1
         length = len(prompt) if length is None else length
