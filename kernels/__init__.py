@@ -75,6 +75,7 @@ def optimize(
     sdpa: bool = True,
     inplace_rope: bool = True,
     native: bool = True,
+    int8_activations: bool | None = None,
 ) -> Transformer:
     """Swap the chosen fused modules into `model` in place and return it.
 
@@ -85,6 +86,9 @@ def optimize(
     native:             C++ kernels for bf16 / int8 / int4 linears at decode sizes, and for
                         attention of one decoding query over the cache (with sdpa, bf16), where
                         they build (kernels.native.swap_native_linears, swap_native_attention)
+    int8_activations:   with native, int8 / Q8_0 / int4 weights multiply activations quantized to
+                        int8 per block of 32 with integer dot products (None: where the CPU has
+                        AVX512-VNNI; False: the exact-activation kernels; kernels/native.py)
 
     Refuses (UnsupportedModelError, before changing anything) a model holding a module type or a
     config variant it was not written for (kernels/support.py). Only plain modules are replaced, so
@@ -108,6 +112,6 @@ def optimize(
         # them (too small for the next layer's stacked weights) and memory grows layer by layer.
         release_freed_memory()
     if native:
-        native_kernels.swap_native_linears(model)
+        native_kernels.swap_native_linears(model, int8_activations=int8_activations)
         native_kernels.swap_native_attention(model)
     return model

@@ -23,11 +23,24 @@ G = int4 group size. All three compute y = x @ W.T in float32 and round y once t
                                        Int8BlockLinear holds it (no AMX version: vdpbf16ps for any M)
 
 x is bfloat16 (M, K) on the CPU, any M; K need not be a multiple of anything (int4: of G, as
-Int4Linear requires). The activations are never quantized: int8 and int4 values are widened to
-the bfloat16 numbers they are (exactly) and multiplied with x as it is. The C++ files say which
+Int4Linear requires). These three never quantize the activations: int8 and int4 values are widened
+to the bfloat16 numbers they are (exactly) and multiplied with x as it is. The C++ files say which
 PyTorch expression each kernel mirrors and how the registers are used. Three builds, chosen by
 the CPU: AVX-512 with bfloat16 dot products (vdpbf16ps) for one row of x, AMX tiles for two rows
 and more (where the CPU and Linux allow them), and plain loops for any other CPU.
+
+Quantized activations (gemv_int8_q8a, gemv_q8_0_q8a, gemv_int4_q8a; same arguments as the three
+above). The fastest CPU engines multiply int8 or int4 weights by int8 activations with integer dot
+products (AVX512-VNNI vpdpbusd: 64 byte products per instruction, where vdpbf16ps does 32 and the
+weights must first be widened). These kernels quantize each row of x per block of 32 values, as
+llama.cpp does (scale = the block's largest magnitude / 127, values rounded half to even:
+quantize_activations_reference is the PyTorch they match bit for bit), then sum integer products
+exactly and apply the scales in float32 (kernels/csrc/gemv_q8a.cpp). The cost is a rounding of x:
+at most half a step (1/254 of the block's largest value) per value. Where the CPU has VNNI
+(has_vnni()), swap_native_linears uses them by default for int8, Q8_0 and int4 weights
+(int8_activations=None); int8_activations=False keeps the exact-activation kernels, True asks for
+them on any CPU (elsewhere they are plain loops: correct, slow). README "Quantization" gives the
+perplexity and greedy agreement of both on the bundled model.
 
 Build: the first call of anything here compiles kernels/csrc/ with torch.utils.cpp_extension.load
 (needs a C++ compiler and ninja: `pip install ninja`, or the `fast` extra) for the machine it runs
@@ -94,6 +107,7 @@ __all__ = [
     "gemv_int4",
     "gemv_int8",
     "gemv_q8_0",
+    "has_vnni",
     "isa",
     "pack_int4",
     "swap_native_attention",
@@ -107,7 +121,7 @@ __all__ = [
 # 2.7x faster than Int4Linear at 256 rows (its dequantization alone takes ~10 ms), 1.3x at 512.
 # q8_0: 4x faster than Int8BlockLinear's dequantize + matmul at 128 rows (8192 x 2048, 2 threads).
 MAX_ROWS = {"bf16": 16, "int8": 64, "int4": 256, "q8_0": 256}
-SOURCES = ("ops.cpp", "gemv_bf16.cpp", "gemv_int8.cpp", "gemv_int4.cpp", "decode_attention.cpp")
+SOURCES = ("ops.cpp", "gemv_bf16.cpp", "gemv_int8.cpp", "gemv_int4.cpp", "gemv_q8a.cpp", "decode_attention.cpp")
 CSRC = Path(__file__).parent / "csrc"
 
 _build: dict = {}  # "ok": bool, "error": str | None, once the build has been tried in this process
@@ -200,6 +214,22 @@ def isa() -> str:
     return torch.ops.llama_kernels.isa()
 
 
+def has_vnni() -> bool:
+    """Whether the loaded build multiplies int8 activations with AVX512-VNNI (the q8a kernels' fast path)."""
+    _require()
+    return bool(torch.ops.llama_kernels.has_vnni())
+
+
+def quantize_activations_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the q8a kernels do to x (M, K) before multiplying, in PyTorch: (xq (M, B, 32) int8 values
+    as float32, d (M, B, 1) float32) with B = ceil(K / 32) blocks (zeros past K), x ~ (xq * d)[:, :K]."""
+    M, K = x.shape
+    blocks = F.pad(x.float(), (0, (-K) % 32)).view(M, -1, 32)
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    inverse = torch.where(d != 0, 1 / d, torch.zeros_like(d))
+    return torch.round(blocks * inverse).clamp(-127, 127), d
+
+
 def _register_fakes() -> None:
     """Shape-only versions of the operators, for torch.compile's tracing (FakeTensors, no data)."""
 
@@ -207,21 +237,21 @@ def _register_fakes() -> None:
     def _(x, weight):
         return x.new_empty(x.shape[0], weight.shape[0])
 
-    @torch.library.register_fake("llama_kernels::gemv_int8")
-    def _(x, weight, scales):
+    def int8(x, weight, scales):
         return x.new_empty(x.shape[0], weight.shape[0])
 
-    @torch.library.register_fake("llama_kernels::gemv_q8_0")
-    def _(x, weight, scales):
-        return x.new_empty(x.shape[0], weight.shape[0])
+    for name in ("gemv_int8", "gemv_q8_0", "gemv_int8_q8a", "gemv_q8_0_q8a"):
+        torch.library.register_fake(f"llama_kernels::{name}")(int8)
 
     @torch.library.register_fake("llama_kernels::decode_attention")
     def _(q, k, v, mask, scale):
         return q.new_empty(q.shape)
 
-    @torch.library.register_fake("llama_kernels::gemv_int4")
-    def _(x, packed, out_features, in_features, group_size):
+    def int4(x, packed, out_features, in_features, group_size):
         return x.new_empty(x.shape[0], out_features)
+
+    for name in ("gemv_int4", "gemv_int4_q8a"):
+        torch.library.register_fake(f"llama_kernels::{name}")(int4)
 
     @torch.library.register_fake("llama_kernels::pack_int4")
     def _(weight, scales_and_zeros, group_size):
@@ -246,6 +276,25 @@ def gemv_int8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> to
     """x (M, K) bf16, weight (N, K) int8, scales (N,) float32/bf16 -> x @ (weight * scales[:, None]).T, bf16."""
     _require()
     return torch.ops.llama_kernels.gemv_int8(x, weight, scales)
+
+
+def gemv_int8_q8a(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """gemv_int8 with x quantized per block of 32 first (see "Quantized activations" above)."""
+    _require()
+    return torch.ops.llama_kernels.gemv_int8_q8a(x, weight, scales)
+
+
+def gemv_q8_0_q8a(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """gemv_q8_0 with x quantized per block of 32 first."""
+    _require()
+    return torch.ops.llama_kernels.gemv_q8_0_q8a(x, weight, scales)
+
+
+def gemv_int4_q8a(x: torch.Tensor, packed: torch.Tensor, out_features: int, in_features: int,
+                  group_size: int) -> torch.Tensor:  # fmt: skip
+    """gemv_int4 with x quantized per block of 32 first (the group sums of x stay exact)."""
+    _require()
+    return torch.ops.llama_kernels.gemv_int4_q8a(x, packed, out_features, in_features, group_size)
 
 
 def gemv_q8_0(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -305,42 +354,49 @@ class NativeLinear(nn.Linear):
         return f"{super().extra_repr()}, native max_rows={self.max_rows}"
 
 
-class NativeInt8Linear(Int8Linear):
-    """Int8Linear whose decode-sized calls go to gemv_int8; shares the original's weight and scales."""
+def _activations(int8_activations: bool) -> str:
+    return f", activations {'int8' if int8_activations else 'bf16'}"
 
-    def __init__(self, module: Int8Linear, max_rows: int = MAX_ROWS["int8"]):
+
+class NativeInt8Linear(Int8Linear):
+    """Int8Linear whose decode-sized calls go to gemv_int8 (gemv_int8_q8a with int8_activations);
+    shares the original's weight and scales."""
+
+    def __init__(self, module: Int8Linear, max_rows: int = MAX_ROWS["int8"], int8_activations: bool = False):
         super().__init__(module.in_features, module.out_features, module.scales.dtype, device="meta")
         self.weight, self.scales = module.weight, module.scales  # the same tensors
         self.use_kernel = module.use_kernel  # for the fallback: Int8Linear.forward
-        self.max_rows = max_rows
+        self.max_rows, self.int8_activations = max_rows, int8_activations
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight.device.type == "cpu" and _takes_kernel(x, self.in_features, self.max_rows, self.scales):
-            y = torch.ops.llama_kernels.gemv_int8(x.reshape(-1, self.in_features), self.weight, self.scales)
+            op = torch.ops.llama_kernels.gemv_int8_q8a if self.int8_activations else torch.ops.llama_kernels.gemv_int8
+            y = op(x.reshape(-1, self.in_features), self.weight, self.scales)
             return y.view(*x.shape[:-1], self.out_features)  # (..., N)
         return super().forward(x)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, native max_rows={self.max_rows}"
+        return f"{super().extra_repr()}, native max_rows={self.max_rows}{_activations(self.int8_activations)}"
 
 
 class NativeInt8BlockLinear(Int8BlockLinear):
-    """Int8BlockLinear (GGUF's Q8_0) whose decode-sized calls go to gemv_q8_0; shares the original's
-    weight and scales."""
+    """Int8BlockLinear (GGUF's Q8_0) whose decode-sized calls go to gemv_q8_0 (gemv_q8_0_q8a with
+    int8_activations); shares the original's weight and scales."""
 
-    def __init__(self, module: Int8BlockLinear, max_rows: int = MAX_ROWS["q8_0"]):
+    def __init__(self, module: Int8BlockLinear, max_rows: int = MAX_ROWS["q8_0"], int8_activations: bool = False):
         super().__init__(module.in_features, module.out_features, device="meta")
         self.weight, self.scales = module.weight, module.scales  # the same tensors
-        self.max_rows = max_rows
+        self.max_rows, self.int8_activations = max_rows, int8_activations
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight.device.type == "cpu" and _takes_kernel(x, self.in_features, self.max_rows, self.weight):
-            y = torch.ops.llama_kernels.gemv_q8_0(x.reshape(-1, self.in_features), self.weight, self.scales)
+            op = torch.ops.llama_kernels.gemv_q8_0_q8a if self.int8_activations else torch.ops.llama_kernels.gemv_q8_0
+            y = op(x.reshape(-1, self.in_features), self.weight, self.scales)
             return y.view(*x.shape[:-1], self.out_features)  # (..., N)
         return super().forward(x)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, native max_rows={self.max_rows}"
+        return f"{super().extra_repr()}, native max_rows={self.max_rows}{_activations(self.int8_activations)}"
 
 
 class NativeInt4Linear(Int4Linear):
@@ -353,12 +409,12 @@ class NativeInt4Linear(Int4Linear):
     dequantizes from the packing too, never through torch's own int4 kernel, whose packing would
     be a second copy."""
 
-    def __init__(self, module: Int4Linear, max_rows: int = MAX_ROWS["int4"]):
+    def __init__(self, module: Int4Linear, max_rows: int = MAX_ROWS["int4"], int8_activations: bool = False):
         nn.Module.__init__(self)  # not Int4Linear's: its buffers would be the second copy
         self.in_features, self.out_features, self.group_size = module.in_features, module.out_features, module.group_size
         self.use_kernel = False  # the fallback dequantizes (Int4Linear.forward); see the class docstring
         self._packed = None
-        self.max_rows = max_rows
+        self.max_rows, self.int8_activations = max_rows, int8_activations
         self.register_buffer("packed", pack_int4(module.weight, module.scales_and_zeros, self.group_size),
                              persistent=False)  # fmt: skip
 
@@ -427,12 +483,13 @@ class NativeInt4Linear(Int4Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         N, K = self.out_features, self.in_features
         if self.packed.device.type == "cpu" and _takes_kernel(x, K, self.max_rows, self.packed):
-            y = torch.ops.llama_kernels.gemv_int4(x.reshape(-1, K), self.packed, N, K, self.group_size)  # (M, N)
+            op = torch.ops.llama_kernels.gemv_int4_q8a if self.int8_activations else torch.ops.llama_kernels.gemv_int4
+            y = op(x.reshape(-1, K), self.packed, N, K, self.group_size)  # (M, N)
             return y.view(*x.shape[:-1], self.out_features)  # (..., N)
         return super().forward(x)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, native max_rows={self.max_rows}"
+        return f"{super().extra_repr()}, native max_rows={self.max_rows}{_activations(self.int8_activations)}"
 
 
 class NativeAttention(FastAttention):
@@ -476,7 +533,7 @@ def swap_native_attention(model: nn.Module) -> list[str]:
     return [names[id(c)] for _, _, c in found]
 
 
-def _native_version(module: nn.Module, max_rows: int | None = None) -> nn.Module | None:
+def _native_version(module: nn.Module, max_rows: int | None = None, int8_activations: bool = False) -> nn.Module | None:
     """The swapped module for `module` (max_rows None: MAX_ROWS of its kind), or None when the
     kernels cannot serve it."""
     if type(module) is nn.Linear:
@@ -485,15 +542,15 @@ def _native_version(module: nn.Module, max_rows: int | None = None) -> nn.Module
             return NativeLinear(module, MAX_ROWS["bf16"] if max_rows is None else max_rows)
     elif type(module) is Int8Linear:
         if module.weight.device.type == "cpu" and module.scales.dtype == torch.bfloat16:
-            if module.weight.numel() and module.weight.min() == -128:
-                return None  # the kernel's widening covers -127..127 (all that quantize_int8 makes)
-            return NativeInt8Linear(module, MAX_ROWS["int8"] if max_rows is None else max_rows)
+            if not int8_activations and module.weight.numel() and module.weight.min() == -128:
+                return None  # the widening kernel covers -127..127 (all that quantize_int8 makes)
+            return NativeInt8Linear(module, MAX_ROWS["int8"] if max_rows is None else max_rows, int8_activations)
     elif type(module) is Int4Linear:
         if module.weight.device.type == "cpu" and module.scales_and_zeros.dtype == torch.bfloat16:
-            return NativeInt4Linear(module, MAX_ROWS["int4"] if max_rows is None else max_rows)
+            return NativeInt4Linear(module, MAX_ROWS["int4"] if max_rows is None else max_rows, int8_activations)
     elif type(module) is Int8BlockLinear:
         if module.weight.device.type == "cpu":
-            return NativeInt8BlockLinear(module, MAX_ROWS["q8_0"] if max_rows is None else max_rows)
+            return NativeInt8BlockLinear(module, MAX_ROWS["q8_0"] if max_rows is None else max_rows, int8_activations)
     return None
 
 
@@ -513,10 +570,14 @@ def _candidates(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
     return [(p, n, c) for p, n, c in found if c.weight.device.type == "cpu"]
 
 
-def swap_native_linears(model: nn.Module, max_rows: int | None = None) -> list[str]:
+def swap_native_linears(model: nn.Module, max_rows: int | None = None,
+                        int8_activations: bool | None = None) -> list[str]:  # fmt: skip
     """Replace, in place, every linear of `model` the kernels can serve; returns the names replaced.
 
     max_rows: the most rows of x a swapped module sends to its kernel (None: MAX_ROWS of its kind).
+    int8_activations: int8, Q8_0 and int4 weights multiply x quantized to int8 per block of 32 (the
+    q8a kernels, see the module docstring); None: where the CPU has AVX512-VNNI. bf16 weights never
+    quantize x.
 
     Served: bias-free bfloat16 nn.Linear (wq.., the fused wqkv / w13 of kernels.optimize, output),
     Int8Linear and Int4Linear with bfloat16 scales (a bfloat16 model quantized by llama/quantization/),
@@ -531,6 +592,8 @@ def swap_native_linears(model: nn.Module, max_rows: int | None = None) -> list[s
     candidates = _candidates(model)
     if not candidates or not _load():  # build only when there is something to swap
         return []
+    if int8_activations is None:
+        int8_activations = has_vnni()
     names = {id(m): n for n, m in model.named_modules()}
     places: dict[int, list] = {}  # one swap per module, under every name it has (a tied table and output)
     for parent, name, child in candidates:
@@ -539,7 +602,7 @@ def swap_native_linears(model: nn.Module, max_rows: int | None = None) -> list[s
     swapped = []
     while places:  # popped one by one, so that a replaced module (NativeInt4Linear's int4 buffers) goes at once
         child, *where = places.popitem()[1]
-        new = _native_version(child, max_rows)
+        new = _native_version(child, max_rows, int8_activations)
         if new is not None:
             for parent, name in where:
                 setattr(parent, name, new)

@@ -276,7 +276,7 @@ def test_int8_with_minus_128_stays_on_pytorch():
 def test_int4_packing_follows_loaded_weights():
     """load_state_dict and load_weight replace the int4 values: the kernel's packing is remade."""
     a, b = (quantize_model(random_model(seed=s), "int4", group_size=32) for s in (0, 1))
-    native.swap_native_linears(a)
+    native.swap_native_linears(a, int8_activations=False)
     a.load_state_dict(b.state_dict())
     with torch.no_grad():
         assert_close(decode_logits(a, TOKENS, 5), decode_logits(b, TOKENS, 5), MODEL_REL)
@@ -300,7 +300,8 @@ def model_pair(kind: str, tied: bool = False) -> tuple[Transformer, Transformer]
         mode, group_size = QUANTIZED[kind]
         quantize_model(plain, mode, group_size, include_output=not tied)
     plain = kernels.optimize(plain, fuse_qkv=fuse, fuse_gate_up=fuse, native=False)
-    fast = kernels.optimize(copy.deepcopy(plain), fuse_qkv=fuse, fuse_gate_up=fuse)
+    # The exact-activation kernels (tests/test_native_q8a.py tests the int8-activation ones).
+    fast = kernels.optimize(copy.deepcopy(plain), fuse_qkv=fuse, fuse_gate_up=fuse, int8_activations=False)
     return plain, fast
 
 
@@ -336,7 +337,7 @@ def test_greedy_generation_is_unchanged(kind):
     test_swapped_model_matches_the_plain_one bounds its logits.)"""
     plain, _ = model_pair(kind)
     fast = copy.deepcopy(plain)
-    assert native.swap_native_linears(fast)
+    assert native.swap_native_linears(fast, int8_activations=False)
     prompts = [[1, 2, 3, 4, 5], [7, 8], [30, 31, 32, 33]]
     expected = llama.generate(plain, prompts, 12, temperature=0, stop_tokens=[])
     assert llama.generate(fast, prompts, 12, temperature=0, stop_tokens=[]) == expected

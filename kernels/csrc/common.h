@@ -186,6 +186,14 @@ void pack_int4(const uint8_t* weight, const bf16* scales_and_zeros, int64_t N, i
                uint8_t* packed);
 void gemv_int4(const bf16* x, int64_t M, int64_t K, const uint8_t* packed, int64_t N, int64_t group_size, bf16* y);
 
+// The same products with the activations quantized to int8 per block of 32 (gemv_q8a.cpp).
+bool has_vnni();
+void gemv_int8_q8a(const bf16* x, int64_t M, int64_t K, const int8_t* w, int64_t ldw, int64_t N, const void* scales,
+                   bool scales_bf16, bf16* y);
+void gemv_q8_0_q8a(const bf16* x, int64_t M, int64_t K, const int8_t* w, int64_t ldw, int64_t N, const uint16_t* d,
+                   bf16* y);
+void gemv_int4_q8a(const bf16* x, int64_t M, int64_t K, const uint8_t* packed, int64_t N, int64_t group_size, bf16* y);
+
 inline const char* isa() {
 #if defined(LLAMA_KERNELS_AMX)
   return amx_usable() ? "avx512_bf16+amx" : "avx512_bf16";

@@ -37,6 +37,8 @@ at::Tensor gemv_bf16_op(const at::Tensor& x_, const at::Tensor& w_) {
   return y;
 }
 
+// Q8A: the kernel that quantizes the activations (gemv_q8a.cpp), else the one that widens the weights.
+template <bool Q8A>
 at::Tensor gemv_int8_op(const at::Tensor& x_, const at::Tensor& w_, const at::Tensor& scales_) {
   const at::Tensor w = check_w(w_, at::kChar, "gemv_int8");
   const at::Tensor x = check_x(x_, w.size(1), "gemv_int8");
@@ -48,11 +50,13 @@ at::Tensor gemv_int8_op(const at::Tensor& x_, const at::Tensor& w_, const at::Te
   const at::Tensor scales = scales_.contiguous();
   at::Tensor y = at::empty({M, N}, x.options());
   if (M > 0 && N > 0)
-    gemv_int8(bf16_ptr(x), M, K, w.data_ptr<int8_t>(), w.stride(0), N, scales.data_ptr(),
-              scales.scalar_type() == at::kBFloat16, reinterpret_cast<bf16*>(y.data_ptr<at::BFloat16>()));
+    (Q8A ? gemv_int8_q8a : gemv_int8)(bf16_ptr(x), M, K, w.data_ptr<int8_t>(), w.stride(0), N, scales.data_ptr(),
+                                      scales.scalar_type() == at::kBFloat16,
+                                      reinterpret_cast<bf16*>(y.data_ptr<at::BFloat16>()));
   return y;
 }
 
+template <bool Q8A>
 at::Tensor gemv_q8_0_op(const at::Tensor& x_, const at::Tensor& w_, const at::Tensor& d_) {
   const at::Tensor w = check_w(w_, at::kChar, "gemv_q8_0");
   const at::Tensor x = check_x(x_, w.size(1), "gemv_q8_0");
@@ -65,9 +69,9 @@ at::Tensor gemv_q8_0_op(const at::Tensor& x_, const at::Tensor& w_, const at::Te
   const at::Tensor d = d_.contiguous();
   at::Tensor y = at::empty({M, N}, x.options());
   if (M > 0 && N > 0)
-    gemv_q8_0(bf16_ptr(x), M, K, w.data_ptr<int8_t>(), w.stride(0), N,
-              reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>()),
-              reinterpret_cast<bf16*>(y.data_ptr<at::BFloat16>()));
+    (Q8A ? gemv_q8_0_q8a : gemv_q8_0)(bf16_ptr(x), M, K, w.data_ptr<int8_t>(), w.stride(0), N,
+                                      reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>()),
+                                      reinterpret_cast<bf16*>(y.data_ptr<at::BFloat16>()));
   return y;
 }
 
@@ -93,6 +97,7 @@ at::Tensor pack_int4_op(const at::Tensor& weight_, const at::Tensor& sz_, int64_
   return packed;
 }
 
+template <bool Q8A>
 at::Tensor gemv_int4_op(const at::Tensor& x_, const at::Tensor& packed, int64_t N, int64_t K, int64_t G) {
   check_int4_shape(N, K, G, "gemv_int4");
   TORCH_CHECK_VALUE(packed.dim() == 1 && packed.scalar_type() == at::kByte && packed.device().is_cpu() &&
@@ -103,7 +108,8 @@ at::Tensor gemv_int4_op(const at::Tensor& x_, const at::Tensor& packed, int64_t 
   const int64_t M = x.size(0);
   at::Tensor y = at::empty({M, N}, x.options());
   if (M > 0)
-    gemv_int4(bf16_ptr(x), M, K, packed.data_ptr<uint8_t>(), N, G, reinterpret_cast<bf16*>(y.data_ptr<at::BFloat16>()));
+    (Q8A ? gemv_int4_q8a : gemv_int4)(bf16_ptr(x), M, K, packed.data_ptr<uint8_t>(), N, G,
+                                      reinterpret_cast<bf16*>(y.data_ptr<at::BFloat16>()));
   return y;
 }
 
@@ -138,6 +144,7 @@ at::Tensor decode_attention_op(const at::Tensor& q_, const at::Tensor& k_, const
 }
 
 std::string isa_op() { return isa(); }
+bool has_vnni_op() { return has_vnni(); }
 
 }  // namespace
 
@@ -152,16 +159,23 @@ LK_LIBRARY(LLAMA_KERNELS_NS, m) {
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
   m.def("pack_int4(Tensor weight, Tensor scales_and_zeros, int group_size) -> Tensor");
   m.def("gemv_int4(Tensor x, Tensor packed, int out_features, int in_features, int group_size) -> Tensor");
+  m.def("gemv_int8_q8a(Tensor x, Tensor weight, Tensor scales) -> Tensor");
+  m.def("gemv_q8_0_q8a(Tensor x, Tensor weight, Tensor scales) -> Tensor");
+  m.def("gemv_int4_q8a(Tensor x, Tensor packed, int out_features, int in_features, int group_size) -> Tensor");
   m.def("isa() -> str", &isa_op);
+  m.def("has_vnni() -> bool", &has_vnni_op);
 }
 
 LK_LIBRARY_IMPL(LLAMA_KERNELS_NS, CPU, m) {
   m.impl("gemv_bf16", &gemv_bf16_op);
-  m.impl("gemv_int8", &gemv_int8_op);
-  m.impl("gemv_q8_0", &gemv_q8_0_op);
+  m.impl("gemv_int8", &gemv_int8_op<false>);
+  m.impl("gemv_q8_0", &gemv_q8_0_op<false>);
+  m.impl("gemv_int8_q8a", &gemv_int8_op<true>);
+  m.impl("gemv_q8_0_q8a", &gemv_q8_0_op<true>);
   m.impl("decode_attention", &decode_attention_op);
   m.impl("pack_int4", &pack_int4_op);
-  m.impl("gemv_int4", &gemv_int4_op);
+  m.impl("gemv_int4", &gemv_int4_op<false>);
+  m.impl("gemv_int4_q8a", &gemv_int4_op<true>);
 }
 
 }  // namespace llama_kernels
