@@ -95,7 +95,10 @@ void tile(const bf16* xp, int64_t Kp, int64_t K, const int8_t* q, int64_t ldw, c
     for (int r = 0; r < NR_; r++) acc[m][r] = _mm512_setzero_ps();
   for (int64_t k = 0; k < Kp; k += 64) {
     __m512i wa[NR_], wb[NR_];
-    for (int r = 0; r < NR_; r++) widen(q + r * ldw + k, K - k, &wa[r], &wb[r]);  // the last chunk: masked
+    for (int r = 0; r < NR_; r++) {
+      _mm_prefetch(reinterpret_cast<const char*>(q + (r + NR_) * ldw + k), _MM_HINT_T0);  // see gemv_q8a.cpp
+      widen(q + r * ldw + k, K - k, &wa[r], &wb[r]);  // the last chunk: masked
+    }
     for (int m = 0; m < MR; m++) {
       const __m512bh xa = (__m512bh)_mm512_loadu_si512(xp + m * Kp + k);  // x in the same order
       const __m512bh xb = (__m512bh)_mm512_loadu_si512(xp + m * Kp + k + 32);
@@ -140,6 +143,7 @@ void q8_0_tile(const bf16* xp, int64_t Kp, int64_t K, const int8_t* q, int64_t l
     __m512 scale[NR_];
     const int64_t b = k / 32;  // the chunk's first block; a last chunk of 32 values has no second
     for (int r = 0; r < NR_; r++) {
+      _mm_prefetch(reinterpret_cast<const char*>(q + (r + NR_) * ldw + k), _MM_HINT_T0);  // the next tile's rows
       widen(q + r * ldw + k, K - k, &wa[r], &wb[r]);
       // d[b], d[b + 1] as floats (F16C), broadcast to lanes 0-7 and 8-15.
       uint32_t pair = d[r * ldd + b];

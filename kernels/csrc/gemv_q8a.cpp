@@ -156,6 +156,10 @@ void int8_tile(const Chunk* xc, int64_t C, int64_t K, const int8_t* q, int64_t l
     __m512i wu[NR_];
     __m512 es[NR_];
     for (int r = 0; r < NR_; r++) {
+      // The next tile's rows, one tile ahead (prefetches never fault, past the end of q too): rows of
+      // one tile lie next to each other, so each row alone is too short a stream (K bytes) for the
+      // hardware prefetcher to ramp up (measured: 12 GB/s without this, one thread, K = 2048).
+      _mm_prefetch(reinterpret_cast<const char*>(q + (r + NR_) * ldw + k), _MM_HINT_T0);
       wu[r] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, q + r * ldw + k), flip);  // q + 128 as u8
       if constexpr (BLOCKED) {  // e[2c], e[2c+1] (F16C) in lanes 0-7 and 8-15; a last half chunk has no second
         uint32_t pair = e[r * ldd + 2 * c];
