@@ -109,6 +109,21 @@ def test_bf16_kernel(M, N, K, seed):
 
 
 @needs_kernels
+@pytest.mark.skipif(native.available() and native.isa() != "avx512_bf16",
+                    reason="the AMX and generic builds sum in another order for several rows")  # fmt: skip
+@pytest.mark.parametrize("K", [31, 64, 100])
+def test_bf16_kernel_rows_of_a_batch_equal_single_rows(K):
+    """Each output is one row of x against one row of w, summed chunk by chunk in the same order
+    whatever tile (rows of x x rows of w) computes it: a batch's rows equal the same rows decoded
+    alone, bit for bit. Every row count from 1 to 17 (the tiles of 1..8 rows, two passes above 8),
+    N = 11 (tiles of 4 and 3 weight rows and their remainders)."""
+    x, w = randn(17, K, seed=K).bfloat16(), randn(11, K, seed=K + 1).bfloat16()
+    alone = torch.cat([native.gemv_bf16(x[m : m + 1], w) for m in range(17)])  # (17, N)
+    for M in range(1, 18):
+        assert torch.equal(native.gemv_bf16(x[:M], w), alone[:M]), f"{M} rows"
+
+
+@needs_kernels
 @FAST
 @given(M=rows, N=st.integers(1, 100), K=in_features, scales_bf16=st.booleans(), seed=seeds)
 def test_int8_kernel(M, N, K, scales_bf16, seed):
