@@ -516,8 +516,8 @@ def attention_inputs(B, Hkv, n_rep, hd, S, spare, window, seed):
 
 
 @needs_kernels
-@given(B=st.integers(1, 3), Hkv=st.integers(1, 3), n_rep=st.sampled_from([1, 2, 4]),
-       hd=st.sampled_from([16, 24, 32, 64, 128]), S=st.integers(1, 300), spare=st.integers(0, 5),
+@given(B=st.integers(1, 3), Hkv=st.integers(1, 3), n_rep=st.sampled_from([1, 2, 3, 4, 6, 8]),
+       hd=st.sampled_from([16, 24, 32, 64, 96, 128]), S=st.integers(1, 300), spare=st.integers(0, 5),
        window=st.sampled_from([0, 1, 7]), seed=seeds)  # fmt: skip
 @FAST
 def test_decode_attention_matches_sdpa(B, Hkv, n_rep, hd, S, spare, window, seed):
@@ -527,6 +527,22 @@ def test_decode_attention_matches_sdpa(B, Hkv, n_rep, hd, S, spare, window, seed
     assert out.shape == ref.shape and out.dtype == torch.bfloat16
     bound = 2**-8 * ref.abs() + 1e-4 * v.float().abs().max()
     assert ((out.float() - ref).abs() <= bound).all(), (out.float() - ref).abs().max()
+
+
+@needs_kernels
+@pytest.mark.parametrize("hd", [24, 64, 96])
+def test_decode_attention_rows_of_a_batch_equal_single_rows(hd):
+    """Rows at different positions (a server's batch): each row computes over its own positions
+    only, so it equals that row attended alone over its own S, bit for bit."""
+    q, k, v, mask = attention_inputs(5, 2, 4, hd, 150, 3, 0, hd)
+    mask[3] = False
+    mask[3, ..., 40:90] = True  # a row whose unmasked positions start past 0
+    out = native.decode_attention(q, k, v, mask, hd**-0.5)
+    for b in range(5):
+        S = int(mask[b].nonzero()[:, -1].max()) + 1
+        alone = native.decode_attention(q[b : b + 1], k[b : b + 1, :, :S], v[b : b + 1, :, :S], mask[b : b + 1, ..., :S],
+                                        hd**-0.5)  # fmt: skip
+        assert torch.equal(out[b : b + 1], alone), f"row {b}"
 
 
 @needs_kernels
