@@ -344,6 +344,31 @@ def test_swapped_model_matches_the_plain_one(kind, tied):
 
 
 @needs_kernels
+@pytest.mark.skipif(native.available() and native.isa() != "avx512_bf16",
+                    reason="the AMX and generic builds sum in another order for several rows")  # fmt: skip
+@pytest.mark.parametrize("head_dim", [16, 32], ids=["plain-attention", "vector-attention"])
+def test_batched_decode_rows_equal_single_row_decode(head_dim):
+    """A server's decoding step: 5 rows at different positions in cache rows 3, 4, 1, 0, 2 of a pool of
+    6, with the bf16 kernels (linears and attention), give each row the logits it gets decoded alone,
+    bit for bit: every kernel computes a row the same way whatever else is in the batch."""
+    model = kernels.optimize(random_model(CONFIG.replace(dim=4 * head_dim, n_heads=4, n_kv_heads=2, head_dim=head_dim)))
+    assert type(model.layers[0].attention) is native.NativeAttention and model.layers[0].attention.head_dim == head_dim
+    rows, lengths = torch.tensor([3, 4, 1, 0, 2]), [5, 9, 1, 12, 7]
+    tokens = torch.randint(0, CONFIG.vocab_size, (5, 16), generator=torch.Generator().manual_seed(2))
+    model.setup_cache(6, 32)
+    with torch.no_grad():
+        for b in range(5):  # each prompt prefilled alone
+            model(tokens[b : b + 1, : lengths[b]], 0, cache_rows=rows[b : b + 1])
+        for step in range(3):  # the same tokens fed to the batch and to each row alone
+            positions = torch.tensor(lengths) + step
+            fed = tokens.gather(1, positions[:, None] % 16)  # (5, 1)
+            batched = model(fed, positions, cache_rows=rows)
+            alone = [model(fed[b : b + 1], positions[b : b + 1], cache_rows=rows[b : b + 1]) for b in range(5)]
+            assert torch.equal(batched, torch.cat(alone)), f"step {step}"
+    model.clear_cache()
+
+
+@needs_kernels
 @pytest.mark.parametrize("kind", list(QUANTIZED))
 def test_greedy_generation_is_unchanged(kind):
     """The native linears keep greedy tokens. (Only the linears: NativeAttention keeps float32
@@ -574,10 +599,10 @@ def test_decode_attention_refuses_what_it_was_not_written_for():
 def test_native_attention_swap_and_its_fallbacks():
     """kernels.optimize swaps NativeAttention in for bf16 CPU models (sdpa on); decoding steps take the
     kernel, prefill and recording FastAttention's own paths; sdpa=False and float32 are left alone."""
-    model = kernels.optimize(random_model(CONFIG.replace(dim=128, n_heads=4, n_kv_heads=2)))  # head_dim 32
+    model = kernels.optimize(random_model(CONFIG.replace(dim=128, n_heads=4, n_kv_heads=2, head_dim=32)))  # head_dim 32
     assert all(type(layer.attention) is native.NativeAttention for layer in model.layers)
     kernels.optimize(model)  # twice: harmless
-    plain = kernels.optimize(random_model(CONFIG.replace(dim=128, n_heads=4, n_kv_heads=2)), native=False)
+    plain = kernels.optimize(random_model(CONFIG.replace(dim=128, n_heads=4, n_kv_heads=2, head_dim=32)), native=False)
     with torch.no_grad():
         assert_close(decode_logits(model, TOKENS, 5).float(), decode_logits(plain, TOKENS, 5).float(), MODEL_REL)
     off = kernels.optimize(random_model(), sdpa=False)
