@@ -565,8 +565,8 @@ def test_decode_attention_rows_of_a_batch_equal_single_rows(hd):
     out = native.decode_attention(q, k, v, mask, hd**-0.5)
     for b in range(5):
         S = int(mask[b].nonzero()[:, -1].max()) + 1
-        alone = native.decode_attention(q[b : b + 1], k[b : b + 1, :, :S], v[b : b + 1, :, :S], mask[b : b + 1, ..., :S],
-                                        hd**-0.5)  # fmt: skip
+        one = slice(b, b + 1)
+        alone = native.decode_attention(q[one], k[one, :, :S], v[one, :, :S], mask[one, ..., :S], hd**-0.5)
         assert torch.equal(out[b : b + 1], alone), f"row {b}"
 
 

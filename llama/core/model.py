@@ -134,7 +134,7 @@ class Context:
     sin: torch.Tensor
     masks: dict[int | None, torch.Tensor]  # sliding window (None: plain causal) -> (B, 1, T, S) bool, True = attend
     cache: KVCache | None = None
-    rows: torch.Tensor | slice | None = None  # the cache row of each batch row: (B,), or consecutive rows (None: 0..B-1)
+    rows: torch.Tensor | slice | None = None  # each batch row's cache row: (B,), or consecutive rows (None: 0..B-1)
     recorder: Recorder | None = None  # collects attention probabilities and hidden states (recording.py)
 
     @property
