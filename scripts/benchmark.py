@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--profile", action="store_true",
                    help="instead of the table: profile the decode steps of each chosen configuration of this "
-                        "project with torch.profiler and print where the time goes")
+                        "project with torch.profiler and print where the time goes, by operator and input shapes "
+                        "(so each projection's matrix product has its own line)")
     g = p.add_argument_group("next to llama.cpp")
     g.add_argument("--llama-cpp", metavar="DIR",
                    help="a llama.cpp build directory (holding bin/llama-bench, or build/bin/llama-bench in a checkout): "
@@ -165,10 +166,12 @@ def run_ours(args, kind: str, dtype: str, quant: str | None, compile: bool, batc
 
         steps = stream(model, prompts, args.new_tokens, temperature=0, stop_tokens=[], compile=compile)
         next(steps)  # the prefill, not profiled
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             for _ in steps:
                 pass
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), file=sys.stderr)
+        # by operator and input shapes: each projection's matrix-vector product on its own line
+        table = prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=20)
+        print(table, file=sys.stderr)
     _sync(device)
     times = []
     start = time.perf_counter()

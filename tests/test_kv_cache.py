@@ -22,7 +22,7 @@ import kernels
 import llama
 import weights
 from llama import ModelConfig, Transformer
-from llama.core.cache import KV_CACHE_DTYPES, LayerCache, QuantizedLayerCache
+from llama.core.cache import KV_CACHE_DTYPES, LayerCache, QuantizedLayerCache, consecutive_rows
 from llama.core.generation import GenerationError, compiled_decode_step, generate
 from llama.core.recording import Recorder
 from llama.serving.engine import Engine, Request
@@ -46,12 +46,14 @@ def model_and_tokens(seed: int = 0):
 
 
 @torch.no_grad()
-def decoded_logits(model: Transformer, tokens: torch.Tensor, kv_cache_dtype: str, prefill: int = 20, pool: int = 0, **kwargs):
+def decoded_logits(model: Transformer, tokens: torch.Tensor, kv_cache_dtype: str, prefill: int = 20, pool: int = 0,
+                   rows: list[int] | None = None, **kwargs):  # fmt: skip
     """Prefill `prefill` tokens, then decode the rest one by one, through a cache of kv_cache_dtype
-    (pool > 0: a pool of that many rows, the batch in rows pool-1, 1, ...); all the logits (B, T, V)."""
+    (pool > 0: a pool of that many rows, the batch in `rows`, by default pool-1, 1, ...); all the
+    logits (B, T, V)."""
     model.setup_cache(pool or tokens.shape[0], tokens.shape[1], kv_cache_dtype=kv_cache_dtype)
     if pool:
-        kwargs["cache_rows"] = torch.tensor([pool - 1, 1][: tokens.shape[0]])
+        kwargs["cache_rows"] = torch.tensor(rows or [pool - 1, 1][: tokens.shape[0]])
     steps = [model(tokens[:, :prefill], 0, **kwargs)]
     steps += [model(tokens[:, p : p + 1], p, **kwargs) for p in range(prefill, tokens.shape[1])]
     model.clear_cache()
@@ -112,6 +114,32 @@ def test_cached_decoding_is_close_to_the_full_forward(kind):
     assert err <= TOLERANCE[kind]
     if kind in QUANTIZED:
         assert err > 1e-4  # the case tests something: quantization does change the logits
+
+
+@pytest.mark.parametrize("kind", ["float32", *QUANTIZED])
+def test_consecutive_pool_rows_are_read_in_place(kind):
+    """Neighbouring rows of a pool (a server's slots r0, r0+1, ..) are read as a view of the cache, not
+    gathered, and compute what rows 0..B-1 and scattered rows compute."""
+    assert consecutive_rows(torch.tensor([2, 3, 4])) == slice(2, 5)
+    assert consecutive_rows(torch.tensor([4])) == slice(4, 5)
+    for scattered in ([3, 2], [0, 2]):
+        assert torch.equal(consecutive_rows(torch.tensor(scattered)), torch.tensor(scattered))
+    model, tokens = model_and_tokens()
+    in_place = decoded_logits(model, tokens, kind, pool=5, rows=[2, 3])
+    assert torch.equal(in_place, decoded_logits(model, tokens, kind))
+    assert torch.equal(in_place, decoded_logits(model, tokens, kind, pool=5))  # rows 4, 1: gathered
+    model.setup_cache(5, 32, kv_cache_dtype=kind)
+    ctx = model.context(tokens[:, :3], 0, torch.tensor([2, 3]), None)
+    layer = model.cache.layers[0]
+    k = torch.randn(2, CONFIG.n_kv_heads, 3, CONFIG.head_dim)
+    keys, _ = layer.update(k, k, ctx)
+    if kind == "float32":  # stored as it is: the keys returned are the cache's own rows 2 and 3
+        assert keys.data_ptr() == layer.k[2].data_ptr() and torch.equal(keys, k)
+    ctx = model.context(tokens[:, :3], 0, torch.tensor([3, 2]), None)
+    gathered, _ = layer.update(k, k, ctx)  # rows in another order: a copy, in the batch's order
+    if kind == "float32":
+        assert gathered.data_ptr() != layer.k.data_ptr() and torch.equal(gathered, k)
+    model.clear_cache()
 
 
 @pytest.mark.parametrize("kind", QUANTIZED)

@@ -109,6 +109,21 @@ def test_bf16_kernel(M, N, K, seed):
 
 
 @needs_kernels
+@pytest.mark.skipif(native.available() and native.isa() != "avx512_bf16",
+                    reason="the AMX and generic builds sum in another order for several rows")  # fmt: skip
+@pytest.mark.parametrize("K", [31, 64, 100])
+def test_bf16_kernel_rows_of_a_batch_equal_single_rows(K):
+    """Each output is one row of x against one row of w, summed chunk by chunk in the same order
+    whatever tile (rows of x x rows of w) computes it: a batch's rows equal the same rows decoded
+    alone, bit for bit. Every row count from 1 to 17 (the tiles of 1..8 rows, two passes above 8),
+    N = 11 (tiles of 4 and 3 weight rows and their remainders)."""
+    x, w = randn(17, K, seed=K).bfloat16(), randn(11, K, seed=K + 1).bfloat16()
+    alone = torch.cat([native.gemv_bf16(x[m : m + 1], w) for m in range(17)])  # (17, N)
+    for M in range(1, 18):
+        assert torch.equal(native.gemv_bf16(x[:M], w), alone[:M]), f"{M} rows"
+
+
+@needs_kernels
 @FAST
 @given(M=rows, N=st.integers(1, 100), K=in_features, scales_bf16=st.booleans(), seed=seeds)
 def test_int8_kernel(M, N, K, scales_bf16, seed):
@@ -330,6 +345,31 @@ def test_swapped_model_matches_the_plain_one(kind, tied):
 
 
 @needs_kernels
+@pytest.mark.skipif(native.available() and native.isa() != "avx512_bf16",
+                    reason="the AMX and generic builds sum in another order for several rows")  # fmt: skip
+@pytest.mark.parametrize("head_dim", [16, 32], ids=["plain-attention", "vector-attention"])
+def test_batched_decode_rows_equal_single_row_decode(head_dim):
+    """A server's decoding step: 5 rows at different positions in cache rows 3, 4, 1, 0, 2 of a pool of
+    6, with the bf16 kernels (linears and attention), give each row the logits it gets decoded alone,
+    bit for bit: every kernel computes a row the same way whatever else is in the batch."""
+    model = kernels.optimize(random_model(CONFIG.replace(dim=4 * head_dim, n_heads=4, n_kv_heads=2, head_dim=head_dim)))
+    assert type(model.layers[0].attention) is native.NativeAttention and model.layers[0].attention.head_dim == head_dim
+    rows, lengths = torch.tensor([3, 4, 1, 0, 2]), [5, 9, 1, 12, 7]
+    tokens = torch.randint(0, CONFIG.vocab_size, (5, 16), generator=torch.Generator().manual_seed(2))
+    model.setup_cache(6, 32)
+    with torch.no_grad():
+        for b in range(5):  # each prompt prefilled alone
+            model(tokens[b : b + 1, : lengths[b]], 0, cache_rows=rows[b : b + 1])
+        for step in range(3):  # the same tokens fed to the batch and to each row alone
+            positions = torch.tensor(lengths) + step
+            fed = tokens.gather(1, positions[:, None] % 16)  # (5, 1)
+            batched = model(fed, positions, cache_rows=rows)
+            alone = [model(fed[b : b + 1], positions[b : b + 1], cache_rows=rows[b : b + 1]) for b in range(5)]
+            assert torch.equal(batched, torch.cat(alone)), f"step {step}"
+    model.clear_cache()
+
+
+@needs_kernels
 @pytest.mark.parametrize("kind", list(QUANTIZED))
 def test_greedy_generation_is_unchanged(kind):
     """The native linears keep greedy tokens. (Only the linears: NativeAttention keeps float32
@@ -502,8 +542,8 @@ def attention_inputs(B, Hkv, n_rep, hd, S, spare, window, seed):
 
 
 @needs_kernels
-@given(B=st.integers(1, 3), Hkv=st.integers(1, 3), n_rep=st.sampled_from([1, 2, 4]),
-       hd=st.sampled_from([16, 24, 32, 64, 128]), S=st.integers(1, 300), spare=st.integers(0, 5),
+@given(B=st.integers(1, 3), Hkv=st.integers(1, 3), n_rep=st.sampled_from([1, 2, 3, 4, 6, 8]),
+       hd=st.sampled_from([16, 24, 32, 64, 96, 128]), S=st.integers(1, 300), spare=st.integers(0, 5),
        window=st.sampled_from([0, 1, 7]), seed=seeds)  # fmt: skip
 @FAST
 def test_decode_attention_matches_sdpa(B, Hkv, n_rep, hd, S, spare, window, seed):
@@ -513,6 +553,22 @@ def test_decode_attention_matches_sdpa(B, Hkv, n_rep, hd, S, spare, window, seed
     assert out.shape == ref.shape and out.dtype == torch.bfloat16
     bound = 2**-8 * ref.abs() + 1e-4 * v.float().abs().max()
     assert ((out.float() - ref).abs() <= bound).all(), (out.float() - ref).abs().max()
+
+
+@needs_kernels
+@pytest.mark.parametrize("hd", [24, 64, 96])
+def test_decode_attention_rows_of_a_batch_equal_single_rows(hd):
+    """Rows at different positions (a server's batch): each row computes over its own positions
+    only, so it equals that row attended alone over its own S, bit for bit."""
+    q, k, v, mask = attention_inputs(5, 2, 4, hd, 150, 3, 0, hd)
+    mask[3] = False
+    mask[3, ..., 40:90] = True  # a row whose unmasked positions start past 0
+    out = native.decode_attention(q, k, v, mask, hd**-0.5)
+    for b in range(5):
+        S = int(mask[b].nonzero()[:, -1].max()) + 1
+        one = slice(b, b + 1)
+        alone = native.decode_attention(q[one], k[one, :, :S], v[one, :, :S], mask[one, ..., :S], hd**-0.5)
+        assert torch.equal(out[b : b + 1], alone), f"row {b}"
 
 
 @needs_kernels
@@ -544,10 +600,10 @@ def test_decode_attention_refuses_what_it_was_not_written_for():
 def test_native_attention_swap_and_its_fallbacks():
     """kernels.optimize swaps NativeAttention in for bf16 CPU models (sdpa on); decoding steps take the
     kernel, prefill and recording FastAttention's own paths; sdpa=False and float32 are left alone."""
-    model = kernels.optimize(random_model(CONFIG.replace(dim=128, n_heads=4, n_kv_heads=2)))  # head_dim 32
+    model = kernels.optimize(random_model(CONFIG.replace(dim=128, n_heads=4, n_kv_heads=2, head_dim=32)))  # head_dim 32
     assert all(type(layer.attention) is native.NativeAttention for layer in model.layers)
     kernels.optimize(model)  # twice: harmless
-    plain = kernels.optimize(random_model(CONFIG.replace(dim=128, n_heads=4, n_kv_heads=2)), native=False)
+    plain = kernels.optimize(random_model(CONFIG.replace(dim=128, n_heads=4, n_kv_heads=2, head_dim=32)), native=False)
     with torch.no_grad():
         assert_close(decode_logits(model, TOKENS, 5).float(), decode_logits(plain, TOKENS, 5).float(), MODEL_REL)
     off = kernels.optimize(random_model(), sdpa=False)

@@ -6,9 +6,13 @@
 // nn.Linear's weight, used as it is: no copy). The AVX-512 kernel walks K in chunks of 32 values
 // (one 64-byte register of each row); vdpbf16ps multiplies the 32 pairs and adds neighbours into
 // 16 float32 partial sums, which are summed across lanes once at the end of the row.
-// A tile of NR weight rows x MR activation rows is computed together: each w chunk is loaded
-// once for MR rows of x, each x chunk once for NR rows of w. For 2 rows of x and more, AMX tiles
-// do the multiplications (amx_block).
+// A tile of NR weight rows x MR activation rows is computed together, in one pass over K: each w
+// chunk is loaded once for all MR rows of x, each x chunk once for the NR rows of w, and the
+// MR x NR partial sums stay in registers. Up to 8 rows of x share one pass, so the weights stream
+// from memory at an even pace while the multiplications run. (Two passes over a tile, 4 rows of
+// x each, as this kernel once did, do not overlap the two: the first pass waits on memory, the
+// second, from the L1 cache, on the multiplier.) For 2 rows of x and more, AMX tiles do the
+// multiplications where the CPU has them (amx_block).
 #include <vector>
 
 #include "common.h"
@@ -19,46 +23,90 @@ namespace llama_kernels {
 
 namespace {
 
-constexpr int NR = 4;  // weight rows per tile: 4 sequential streams per thread for the prefetcher
-
-// The 32 bf16 values at p[0..n) (n <= 32), zeros after: the row's last, partial chunk.
-inline __m512bh load_bf16(const bf16* p, int64_t n) {
-  if (n >= 32) return (__m512bh)_mm512_loadu_si512(p);
+// 32 bf16 values: a whole chunk, or a row's last, partial one (n < 32 values, zeros after).
+inline __m512bh load32(const bf16* p) { return (__m512bh)_mm512_loadu_si512(p); }
+inline __m512bh load_part(const bf16* p, int64_t n) {
   return (__m512bh)_mm512_maskz_loadu_epi16(__mmask32((1ull << n) - 1), p);
 }
 
-// y[m, r] for m < MR, r < NR_ (rows of x and of w in the tile):  y[m, r] = sum_k x[m, k] * w[r, k]
-template <int MR, int NR_>
+// How far ahead of its reads a tile asks for each weight row, in bytes. With 8 rows of x, a chunk
+// of w carries 8x the arithmetic, so the loads the core has in flight cover too little of the
+// weight stream to keep memory busy; asking 16 cache lines ahead makes up for it.
+constexpr int64_t PREFETCH_BYTES = 1024;
+
+// y[m, r] for m < MR, r < NR (rows of x and of w in the tile):  y[m, r] = sum_k x[m, k] * w[r, k]
+template <int MR, int NR>
 void tile(const bf16* x, int64_t K, const bf16* w, int64_t ldw, bf16* y, int64_t ldy) {
-  __m512 acc[MR][NR_];
+  static_assert(MR * NR + NR + 1 <= 32, "sums, w chunks and an x chunk must fit the 32 zmm registers");
+  __m512 acc[MR][NR];
   for (int m = 0; m < MR; m++)
-    for (int r = 0; r < NR_; r++) acc[m][r] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 32) {
-    const int64_t n = K - k;
-    __m512bh wv[NR_];
-    for (int r = 0; r < NR_; r++) wv[r] = load_bf16(w + r * ldw + k, n);
+    for (int r = 0; r < NR; r++) acc[m][r] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m512bh wv[NR];
+    for (int r = 0; r < NR; r++) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + r * ldw + k) + PREFETCH_BYTES, _MM_HINT_T0);
+      wv[r] = load32(w + r * ldw + k);
+    }
     for (int m = 0; m < MR; m++) {
-      const __m512bh xv = load_bf16(x + m * K + k, n);
-      for (int r = 0; r < NR_; r++) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv, wv[r]);  // += x*w, pairwise
+      const __m512bh xv = load32(x + m * K + k);
+      for (int r = 0; r < NR; r++) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv, wv[r]);  // += x*w, pairwise
+    }
+  }
+  if (k < K) {  // the last, partial chunk
+    __m512bh wv[NR];
+    for (int r = 0; r < NR; r++) wv[r] = load_part(w + r * ldw + k, K - k);
+    for (int m = 0; m < MR; m++) {
+      const __m512bh xv = load_part(x + m * K + k, K - k);
+      for (int r = 0; r < NR; r++) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv, wv[r]);
     }
   }
   for (int m = 0; m < MR; m++)
-    for (int r = 0; r < NR_; r++) y[m * ldy + r] = float_to_bf16(_mm512_reduce_add_ps(acc[m][r]));
+    for (int r = 0; r < NR; r++) y[m * ldy + r] = float_to_bf16(_mm512_reduce_add_ps(acc[m][r]));
 }
 
-// All M rows of x against NR_ rows of w, MR <= 4 activation rows at a time.
-template <int NR_>
+// Rows of x per pass over NR weight rows: as many as the registers hold (6 x 4 + 5, 8 x 3 + 4).
+template <int NR>
+constexpr int rows_per_pass() {
+  return NR >= 4 ? 6 : 8;
+}
+
+// All M rows of x against NR rows of w, rows_per_pass<NR>() rows of x at a time.
+template <int NR>
 void rows(const bf16* x, int64_t M, int64_t K, const bf16* w, int64_t ldw, bf16* y, int64_t ldy) {
-  for (int64_t m = 0; m < M; m += 4) {
+  constexpr int G = rows_per_pass<NR>();
+  for (int64_t m = 0; m < M; m += G) {
     const bf16* xm = x + m * K;
     bf16* ym = y + m * ldy;
-    switch (M - m >= 4 ? 4 : M - m) {
-      case 1: tile<1, NR_>(xm, K, w, ldw, ym, ldy); break;
-      case 2: tile<2, NR_>(xm, K, w, ldw, ym, ldy); break;
-      case 3: tile<3, NR_>(xm, K, w, ldw, ym, ldy); break;
-      default: tile<4, NR_>(xm, K, w, ldw, ym, ldy); break;
+    switch (M - m >= G ? G : M - m) {
+      case 1: tile<1, NR>(xm, K, w, ldw, ym, ldy); break;
+      case 2: tile<2, NR>(xm, K, w, ldw, ym, ldy); break;
+      case 3: tile<3, NR>(xm, K, w, ldw, ym, ldy); break;
+      case 4: tile<4, NR>(xm, K, w, ldw, ym, ldy); break;
+      case 5: tile<5, NR>(xm, K, w, ldw, ym, ldy); break;
+      case 6: tile<6, NR>(xm, K, w, ldw, ym, ldy); break;
+      case 7: tile<(G > 7 ? 7 : G), NR>(xm, K, w, ldw, ym, ldy); break;  // (only G = 8 gets here)
+      default: tile<G, NR>(xm, K, w, ldw, ym, ldy); break;
     }
   }
+}
+
+// y = x @ w.T in tiles of NR weight rows, the tiles split across the threads in contiguous ranges.
+template <int NR>
+void all_tiles(const bf16* x, int64_t M, int64_t K, const bf16* w, int64_t ldw, int64_t N, bf16* y) {
+  const int64_t n_tiles = (N + NR - 1) / NR;
+  at::parallel_for(0, n_tiles, grain_for(NR * K * 2), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; t++) {
+      const int64_t n = t * NR;
+      const bf16* wn = w + n * ldw;
+      switch (N - n >= NR ? NR : N - n) {  // the last tile may have fewer rows
+        case 1: rows<1>(x, M, K, wn, ldw, y + n, N); break;
+        case 2: rows<(NR > 2 ? 2 : NR)>(x, M, K, wn, ldw, y + n, N); break;
+        case 3: rows<(NR > 3 ? 3 : NR)>(x, M, K, wn, ldw, y + n, N); break;
+        default: rows<NR>(x, M, K, wn, ldw, y + n, N); break;
+      }
+    }
+  });
 }
 
 #ifdef LLAMA_KERNELS_AMX
@@ -127,19 +175,12 @@ void gemv_bf16(const bf16* x, int64_t M, int64_t K, const bf16* w, int64_t ldw, 
     return;
   }
 #endif
-  const int64_t n_tiles = (N + NR - 1) / NR;
-  at::parallel_for(0, n_tiles, grain_for(NR * K * 2), [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; t++) {
-      const int64_t n = t * NR;
-      const bf16* wn = w + n * ldw;
-      switch (N - n >= NR ? NR : N - n) {  // the last tile may have fewer rows
-        case 1: rows<1>(x, M, K, wn, ldw, y + n, N); break;
-        case 2: rows<2>(x, M, K, wn, ldw, y + n, N); break;
-        case 3: rows<3>(x, M, K, wn, ldw, y + n, N); break;
-        default: rows<NR>(x, M, K, wn, ldw, y + n, N); break;
-      }
-    }
-  });
+  // From 7 rows of x: 3 weight rows per tile, so that 8 rows of x fit one pass (24 sums in
+  // registers); fewer rows: 4 weight rows, 4 memory streams per thread for the prefetcher.
+  if (M >= 7)
+    all_tiles<3>(x, M, K, w, ldw, N, y);
+  else
+    all_tiles<4>(x, M, K, w, ldw, N, y);
 }
 
 #else  // generic: plain loops

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import KVCache, LayerCache, check_kv_cache_dtype  # noqa: F401 (LayerCache re-exported)
+from .cache import KVCache, LayerCache, check_kv_cache_dtype, consecutive_rows  # noqa: F401 (LayerCache re-exported)
 from .config import ModelConfig, RopeScaling
 from .device import model_device, model_dtype
 from .recording import Recorder
@@ -134,7 +134,7 @@ class Context:
     sin: torch.Tensor
     masks: dict[int | None, torch.Tensor]  # sliding window (None: plain causal) -> (B, 1, T, S) bool, True = attend
     cache: KVCache | None = None
-    rows: torch.Tensor | None = None  # (B,) the cache row of each batch row (None: rows 0..B-1)
+    rows: torch.Tensor | slice | None = None  # each batch row's cache row: (B,), or consecutive rows (None: 0..B-1)
     recorder: Recorder | None = None  # collects attention probabilities and hidden states (recording.py)
 
     @property
@@ -400,4 +400,4 @@ class Transformer(nn.Module):
             cos, sin = cos * scaling.attention_scale, sin * scaling.attention_scale
         windows = {layer.attention.window for layer in self.layers} if self.layers else {None}
         masks = {w: attention_mask(positions, S, w) for w in windows}
-        return Context(positions, cos, sin, masks, self.cache, cache_rows, record)
+        return Context(positions, cos, sin, masks, self.cache, consecutive_rows(cache_rows), record)
