@@ -554,3 +554,22 @@ def test_compile_refuses_dynamic_ntk_scaling():
     model = random_model(CONFIG.with_rope_scaling("dynamic:2"))
     with pytest.raises(ValueError, match="compile does not support dynamic NTK RoPE scaling"):
         Engine(model, llama.load_tokenizer(KJV), compile=True)
+
+
+def test_decode_rows_go_in_slot_order(started, ref):
+    """A request admitted into a slot freed by an earlier one joins the decode batch in slot order, so
+    a full batch's cache rows are consecutive (read in place, not gathered: llama.core.cache.consecutive_rows)."""
+    prompts = [[1] + ids(5, 20 + i) for i in range(4)]
+    max_tokens = [2, 10, 10, 6]  # the first ends early; the fourth, waiting, takes its slot 0
+    engine = started(max_batch_size=3)
+    rows = []
+
+    def hook(module, args, kwargs, out):
+        if args[0].shape[1] == 1 and kwargs.get("cache_rows") is not None:  # a decode step
+            rows.append(kwargs["cache_rows"].tolist())
+
+    engine.model.register_forward_hook(hook, with_kwargs=True)
+    got, _, _ = run(engine, [Request(p, n, stop_tokens=NO_STOP) for p, n in zip(prompts, max_tokens)])
+    assert got == [alone(ref, p, n) for p, n in zip(prompts, max_tokens)]
+    assert [0, 1, 2] in rows  # the fourth request (slot 0) decoding with the second and third
+    assert all(r == sorted(r) for r in rows)

@@ -773,7 +773,10 @@ class Engine:
         return tuple(out)
 
     def _decode(self) -> None:
-        seqs = [s for s in self._running if not s.prefilling]
+        # In slot order: free slots are handed out lowest first, so a full batch holds consecutive
+        # cache rows, which the model reads in place instead of gathering them every layer
+        # (llama.core.cache.consecutive_rows).
+        seqs = sorted((s for s in self._running if not s.prefilling), key=lambda s: s.slot)
         try:
             tokens = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)  # (B, 1)
             positions = torch.tensor([s.position for s in seqs], device=self.device)  # (B,)
