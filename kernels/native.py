@@ -120,7 +120,7 @@ __all__ = [
 # rows (torch's int8 kernel to 32 rows, dequantize + matmul above), even between 128 and 256; int4
 # 2.7x faster than Int4Linear at 256 rows (its dequantization alone takes ~10 ms), 1.3x at 512.
 # q8_0: 4x faster than Int8BlockLinear's dequantize + matmul at 128 rows (8192 x 2048, 2 threads).
-# int8 again on a 2-core AMD Zen 4 VM (AVX512-VNNI, no AMX; 8192 x 2048, one thread, after the
+# int8 again on a 2-core AMD Zen 5 VM (AVX512-VNNI, no AMX; 8192 x 2048, one thread, after the
 # kernels learnt to prefetch): Int8Linear 38 / 41 / 51 ms at 64 / 128 / 256 rows, the exact kernel
 # 7.7 / 15 / 31, the q8a kernel 9.8 / 19 / 43: hence 256.
 MAX_ROWS = {"bf16": 16, "int8": 256, "int4": 256, "q8_0": 256}

@@ -41,14 +41,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     try:
-        set_threads(args.threads)
-        if not native.available():
-            raise ValueError(f"the native kernels are not built: {native.build_error()}")
-        tokenizer = llama.load_tokenizer(args.checkpoint)
-        tokens = encode_documents(tokenizer, [Path(args.text_file).read_text(encoding="utf-8")], args.documents)
-    except (OSError, ValueError, llama.CheckpointError) as e:
+        return measure(args)
+    except (OSError, ValueError, llama.CheckpointError, llama.ConfigError) as e:  # a bad path or file
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def measure(args: argparse.Namespace) -> int:
+    set_threads(args.threads)
+    if not native.available():
+        raise ValueError(f"the native kernels are not built: {native.build_error()}")
+    tokenizer = llama.load_tokenizer(args.checkpoint)
+    try:
+        text = Path(args.text_file).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{args.text_file} is not UTF-8 text: {e}") from None
+    tokens = encode_documents(tokenizer, [text], args.documents)
     prompts = [tokenizer.encode(text, bos=True, eos=False) for text in PROMPTS]
 
     def greedy(model):

@@ -14,6 +14,7 @@ A kernel that rounded one activation differently would be off by d |w| for that 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -250,3 +251,17 @@ def test_a_q8a_block_compiles_as_one_graph():
     expected = llama.generate(model, prompts, 8, temperature=0, stop_tokens=[])
     torch._dynamo.reset()
     assert llama.generate(model, prompts, 8, temperature=0, stop_tokens=[], compile=True) == expected
+
+
+def test_activation_quality_script_errors(tmp_path):
+    """scripts/activation_quality.py: a missing checkpoint or text file is `error: ...` and exit 2."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).parents[1] / "scripts" / "activation_quality.py"
+    kjv = Path(__file__).parents[1] / "weights" / "kjv"
+    for argv, message in ((["--checkpoint", str(tmp_path / "none"), "--text-file", str(tmp_path / "t")], "none"),
+                          (["--checkpoint", str(kjv), "--text-file", str(tmp_path / "missing.txt")], "missing.txt")):
+        result = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2 and result.stderr.startswith("error: ") and message in result.stderr
+        assert "Traceback" not in result.stderr
