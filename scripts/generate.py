@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True,
                    help="swap in the fused modules and native matrix-vector kernels of kernels/ "
                         "(--no-kernels runs the plain reference model of llama/core/model.py; default on)")
+    p.add_argument("--int8-activations", action=argparse.BooleanOptionalAction, default=None,
+                   help="with the native kernels, int8 / int4 (and GGUF Q8_0) weights multiply activations quantized to int8 "
+                        "per block of 32 with integer dot products, as llama.cpp does (default: where the CPU has "
+                        "AVX512-VNNI); --no-int8-activations keeps the activations exact (README: Quantized activations)")
     p.add_argument("--draft", metavar="CHECKPOINT",
                    help="speculative decoding with this smaller draft model (same tokenizer): the target checks "
                         "--draft-tokens guesses per forward pass; greedy output is unchanged in float32 (bf16 may "
@@ -355,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--interactive reads its prompts from the terminal; drop --prompt/--prompt-file")
     if args.system and not (args.chat or args.interactive):
         parser.error("--system needs --chat or --interactive")
+    if args.int8_activations is not None and not args.kernels:
+        parser.error("--int8-activations / --no-int8-activations choose how the native kernels multiply; "
+                     "they have no effect with --no-kernels")
     if args.draft and (args.compile or args.repetition_penalty != 1.0 or args.interactive):
         parser.error("--draft does not combine with --compile, --repetition-penalty or --interactive")
 
@@ -427,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{_count(draft.config.n_params)} parameters]", file=sys.stderr)  # fmt: skip
             context = min(context, draft.config.max_seq_len)  # both models hold the whole sequence
         if args.kernels:
-            kernels.optimize(model, **kernels.fusable(model))  # quantized projections fuse too, unless mixed
+            kernels.optimize(model, **kernels.fusable(model), int8_activations=args.int8_activations)
             if draft is not None:
                 kernels.optimize(draft)
         if args.chat or args.interactive:

@@ -93,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True,
                    help="swap in the faster modules of kernels/ (fused projections, SDPA, native matrix-vector "
                         "kernels); --no-kernels serves the plain model of llama/core/model.py (default on)")
+    p.add_argument("--int8-activations", action=argparse.BooleanOptionalAction, default=None,
+                   help="with the native kernels, int8 / int4 (and GGUF Q8_0) weights multiply activations quantized to int8 "
+                        "per block of 32 with integer dot products, as llama.cpp does (default: where the CPU has "
+                        "AVX512-VNNI); --no-int8-activations keeps the activations exact (README: Quantized activations)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: one per core, less the cores other processes kept busy "
                         "over the last minute, at least 1; as for generate.py)")
@@ -169,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
         adapters = lora_modules(args.lora)
     except ValueError as e:
         parser.error(str(e))
+    if args.int8_activations is not None and not args.kernels:
+        parser.error("--int8-activations / --no-int8-activations choose how the native kernels multiply; "
+                     "they have no effect with --no-kernels")
     if args.compile and args.lora:
         parser.error("--compile does not support --lora: each batch's mix of adapters would be another graph")
     if 0 < (args.prefix_cache_tokens or 0) < 16:
@@ -233,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
                 lora.load_adapter(model, directory, name)
             if args.kernels:  # quantized projections fuse too (kernels.fusable); those under adapters do not
                 fuse = {"fuse_qkv": False, "fuse_gate_up": False} if args.lora else kernels.fusable(model)
-                kernels.optimize(model, **fuse)
+                kernels.optimize(model, **fuse, int8_activations=args.int8_activations)
             tokenizer = llama.load_tokenizer(checkpoint)
     except user_errors as e:
         print(f"error: {e}", file=sys.stderr)

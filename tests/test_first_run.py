@@ -360,3 +360,35 @@ def test_ci_runs_the_readmes_install_and_test_commands():
     torch_line = next(i for i, line in enumerate(ci) if "pip install" in line and "torch==" in line)
     test_line = ci.index('python -m pip install -q -e ".[test]"')
     assert torch_line < test_line and ci[-1] == "python -m pytest -q"
+
+
+@pytest.mark.parametrize("script", ["generate.py", "serve.py"])
+def test_int8_activations_need_the_kernels(script):
+    """--int8-activations chooses the native kernels' arithmetic: with --no-kernels it would do nothing, so it
+    is refused rather than ignored."""
+    result = run("--no-kernels", "--int8-activations", script=script, timeout=60)
+    assert result.returncode == 2 and "--int8-activations" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("flag, expected", [([], None), (["--int8-activations"], True),
+                                            (["--no-int8-activations"], False)])  # fmt: skip
+def test_int8_activations_reach_kernels_optimize(monkeypatch, capsys, checkpoint, flag, expected):
+    """generate.py hands --[no-]int8-activations to kernels.optimize (None: the kernels decide by the CPU)."""
+    import importlib.util
+
+    import torch
+
+    import kernels
+
+    seen = []
+    real = kernels.optimize
+    monkeypatch.setattr(kernels, "optimize", lambda model, **kw: seen.append(kw.get("int8_activations")) or real(model, **kw))
+    spec = importlib.util.spec_from_file_location("generate_script", SCRIPTS / "generate.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    threads = torch.get_num_threads()
+    try:
+        code = script.main(["--checkpoint", str(checkpoint), *BASE, "--max-new-tokens", "1", "--prompt", "Hi", *flag])
+    finally:
+        torch.set_num_threads(threads)
+    assert code in (0, None) and seen == [expected]
