@@ -54,6 +54,11 @@ inline float bf16_to_float(bf16 h) {
   return f;
 }
 
+// scales[n] of Int8Linear's per-row scales, float32 (is_bf16 false) or bfloat16, as a float.
+inline float load_scale(const void* scales, bool is_bf16, int64_t n) {
+  return is_bf16 ? bf16_to_float(static_cast<const bf16*>(scales)[n]) : static_cast<const float*>(scales)[n];
+}
+
 // y.to(torch.bfloat16) for one value: round to nearest, ties to even (c10::BFloat16's rounding).
 // IEEE half precision (GGUF's block scales) to float, exactly.
 inline float fp16_to_float(uint16_t h) {

@@ -30,14 +30,6 @@
 
 namespace llama_kernels {
 
-namespace {
-
-inline float load_scale(const void* scales, bool is_bf16, int64_t n) {
-  return is_bf16 ? bf16_to_float(static_cast<const bf16*>(scales)[n]) : static_cast<const float*>(scales)[n];
-}
-
-}  // namespace
-
 #ifdef LLAMA_KERNELS_AVX512
 
 namespace {

@@ -128,10 +128,6 @@ Int4Rows quantize_int4_rows(const bf16* x, int64_t M, int64_t K, int64_t G) {
   return r;
 }
 
-inline float row_scale(const void* scales, bool is_bf16, int64_t n) {
-  return is_bf16 ? bf16_to_float(static_cast<const bf16*>(scales)[n]) : static_cast<const float*>(scales)[n];
-}
-
 }  // namespace
 
 #ifdef LLAMA_KERNELS_VNNI
@@ -180,7 +176,7 @@ void int8_tile(const Chunk* xc, int64_t C, int64_t K, const int8_t* q, int64_t l
   for (int m = 0; m < MR; m++)
     for (int r = 0; r < NR_; r++) {
       const float sum = _mm512_reduce_add_ps(acc[m][r]);
-      y[m * ldy + r] = float_to_bf16(BLOCKED ? sum : sum * row_scale(scales, scales_bf16, r));
+      y[m * ldy + r] = float_to_bf16(BLOCKED ? sum : sum * load_scale(scales, scales_bf16, r));
     }
 }
 
@@ -323,7 +319,7 @@ void gemv_int8_q8a(const bf16* x, int64_t M, int64_t K, const int8_t* q, int64_t
     for (int64_t n = begin; n < end; n++)
       for (int64_t m = 0; m < M; m++)
         y[m * N + n] = float_to_bf16(int8_sum(xc.data() + m * C, K, q + n * ldw, [](int64_t) { return 1.f; }) *
-                                     row_scale(scales, scales_bf16, n));
+                                     load_scale(scales, scales_bf16, n));
   });
 }
 
