@@ -125,6 +125,7 @@ __all__ = [
 # 7.7 / 15 / 31, the q8a kernel 9.8 / 19 / 43: hence 256.
 MAX_ROWS = {"bf16": 16, "int8": 256, "int4": 256, "q8_0": 256}
 SOURCES = ("ops.cpp", "gemv_bf16.cpp", "gemv_int8.cpp", "gemv_int4.cpp", "gemv_q8a.cpp", "decode_attention.cpp")
+HEADERS = ("common.h",)  # included by the sources: part of what a build depends on
 CSRC = Path(__file__).parent / "csrc"
 
 _build: dict = {}  # "ok": bool, "error": str | None, once the build has been tried in this process
@@ -150,7 +151,7 @@ def _build_directory(name: str, cflags: list[str]) -> Path:
     key = hashlib.sha1()
     for part in (name, *cflags, torch.__version__, sys.version, platform.platform()):
         key.update(part.encode() + b"\0")
-    for source in SOURCES:
+    for source in (*SOURCES, *HEADERS):
         key.update((CSRC / source).read_bytes())
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
     return root / f"{name}-{key.hexdigest()[:12]}"

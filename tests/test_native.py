@@ -495,6 +495,20 @@ def test_the_build_says_so_and_is_made_once_per_machine(monkeypatch, tmp_path, c
     assert len(builds) == 2
 
 
+def test_a_changed_header_gets_a_new_build(monkeypatch, tmp_path):
+    """The build's folder is keyed by the headers the sources include, not only the sources: a change to
+    common.h alone must not load a library built from the old one."""
+    import shutil
+
+    csrc = tmp_path / "csrc"
+    shutil.copytree(native.CSRC, csrc)
+    monkeypatch.setattr(native, "CSRC", csrc)
+    before = native._build_directory("llama_kernels_test", ["-O3"])
+    with (csrc / "common.h").open("a") as f:
+        f.write("\n// changed\n")
+    assert native._build_directory("llama_kernels_test", ["-O3"]) != before
+
+
 def test_a_float32_model_is_left_alone_without_building(monkeypatch):
     monkeypatch.setattr(native, "_build", {})
     model = random_model().float()
