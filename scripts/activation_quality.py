@@ -17,8 +17,6 @@ import copy
 import sys
 from pathlib import Path
 
-import torch
-
 import kernels
 import llama
 from kernels import native

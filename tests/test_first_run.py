@@ -376,8 +376,6 @@ def test_int8_activations_reach_kernels_optimize(monkeypatch, capsys, checkpoint
     """generate.py hands --[no-]int8-activations to kernels.optimize (None: the kernels decide by the CPU)."""
     import importlib.util
 
-    import torch
-
     import kernels
 
     seen = []

@@ -29,7 +29,7 @@ from kernels import native
 from kernels.native import NativeInt4Linear, NativeInt8BlockLinear, NativeInt8Linear
 from llama.quantization import Int4Linear, Int8BlockLinear, Int8Linear, quantize_model
 
-from test_native import CONFIG, TOKENS, assert_within, decode_logits, needs_kernels, randn, random_model
+from test_native import TOKENS, assert_within, decode_logits, needs_kernels, randn, random_model
 
 torch.set_num_threads(2)
 
@@ -181,6 +181,21 @@ def test_the_swap_chooses_the_activations():
     model = kernels.optimize(quantize_model(random_model(), "int4", 32), fuse_qkv=False, fuse_gate_up=False,
                              int8_activations=True)  # fmt: skip
     assert all(m.int8_activations for m in model.modules() if isinstance(m, NativeInt4Linear))
+
+
+@needs_kernels
+def test_a_second_swap_does_not_ignore_other_activations():
+    """Swapped modules stay as they are on a second swap, so asking for the other arithmetic is refused
+    by name; asking for the same, or leaving it to the CPU (None), is harmless."""
+    model = quantize_model(random_model(), "int8", 32)
+    native.swap_native_linears(model, int8_activations=True)
+    assert native.swap_native_linears(model, int8_activations=True) == []
+    assert native.swap_native_linears(model) == []
+    with pytest.raises(ValueError, match=r"layers\.0\..* was already swapped with int8_activations=True"):
+        native.swap_native_linears(model, int8_activations=False)
+    with pytest.raises(ValueError, match="already swapped with int8_activations=True"):
+        kernels.optimize(model, fuse_qkv=False, fuse_gate_up=False, int8_activations=False)
+    assert all(m.int8_activations for m in model.modules() if isinstance(m, NativeInt8Linear))
 
 
 @needs_kernels
