@@ -34,7 +34,7 @@ above). The fastest CPU engines multiply int8 or int4 weights by int8 activation
 products (AVX512-VNNI vpdpbusd: 64 byte products per instruction, where vdpbf16ps does 32 and the
 weights must first be widened). These kernels quantize each row of x per block of 32 values, as
 llama.cpp does (scale = the block's largest magnitude / 127, values rounded half to even:
-quantize_activations_reference is the PyTorch they match bit for bit), then sum integer products
+quantize_activations_reference is the same in PyTorch, which the tests compare against), then sum integer products
 exactly and apply the scales in float32 (kernels/csrc/gemv_q8a.cpp). The cost is a rounding of x:
 at most half a step (1/254 of the block's largest value) per value. Where the CPU has VNNI
 (has_vnni()), swap_native_linears uses them by default for int8, Q8_0 and int4 weights

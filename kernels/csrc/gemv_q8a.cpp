@@ -5,8 +5,8 @@
 // The activations. Each row of x is cut into blocks of 32 values; a block with largest magnitude
 // a gets the scale d = a / 127 and the values xq = round(x / d) (round half to even, computed as
 // x * (1 / d) in float32; d = 0 gives xq = 0). So x[k] ~ d * xq[k], with an error of at most d / 2
-// per value: the same quantization as llama.cpp's Q8_0 activations (quantize_activations below;
-// kernels/native.py's quantize_activations_reference is the PyTorch it mirrors bit for bit). A
+// per value: the same quantization as llama.cpp's Q8_0 activations (quantize_block below;
+// kernels/native.py's quantize_activations_reference is the same in PyTorch, for the tests). A
 // block holding a NaN gets d = NaN, so a NaN in x gives NaN outputs, as it would in F.linear.
 //
 // What is computed, with xq, d as above and every integer sum exact (int32):
