@@ -86,10 +86,11 @@ from torch import nn
 
 from llama.core.checkpoint import release_freed_memory
 from llama.core.device import model_device, model_dtype
+from llama.core.model import RMSNorm
 from llama.quantization import Int4Linear, Int8BlockLinear, Int8Linear
 from llama.quantization.linear import dequantize_int4, pack_nibbles, quantize_int4
 
-from .fused import FastAttention, FusedFeedForward
+from .fused import FastAttention, FusedFeedForward, rope_
 from .support import check_supported
 
 __all__ = [
@@ -99,6 +100,7 @@ __all__ = [
     "NativeInt8BlockLinear",
     "NativeInt8Linear",
     "NativeLinear",
+    "NativeRMSNorm",
     "available",
     "bench",
     "build_error",
@@ -110,8 +112,11 @@ __all__ = [
     "has_vnni",
     "isa",
     "pack_int4",
+    "rms_norm",
+    "rope",
     "swap_native_attention",
     "swap_native_linears",
+    "swap_native_norms",
 ]
 
 # Rows of x up to which a swapped module calls its kernel; above, the module it replaced does the
@@ -124,7 +129,8 @@ __all__ = [
 # kernels learnt to prefetch): Int8Linear 38 / 41 / 51 ms at 64 / 128 / 256 rows, the exact kernel
 # 7.7 / 15 / 31, the q8a kernel 9.8 / 19 / 43: hence 256.
 MAX_ROWS = {"bf16": 16, "int8": 256, "int4": 256, "q8_0": 256}
-SOURCES = ("ops.cpp", "gemv_bf16.cpp", "gemv_int8.cpp", "gemv_int4.cpp", "gemv_q8a.cpp", "decode_attention.cpp")
+SOURCES = ("ops.cpp", "gemv_bf16.cpp", "gemv_int8.cpp", "gemv_int4.cpp", "gemv_q8a.cpp", "decode_attention.cpp",
+           "elementwise.cpp")
 HEADERS = ("common.h",)  # included by the sources: part of what a build depends on
 CSRC = Path(__file__).parent / "csrc"
 
@@ -163,7 +169,9 @@ def _compile(generic: bool = False) -> None:
     (for the tests). Raises whatever the build raises."""
     name = f"llama_kernels{'_generic' if generic else ''}_{_cpu_tag()}"
     variant = ["-DLLAMA_KERNELS_GENERIC", "-DLLAMA_KERNELS_NS=llama_kernels_generic"] if generic else []
-    cflags = ["-O3", "-march=native", "-fopenmp", *variant]  # -fopenmp: at::parallel_for is inline OpenMP
+    # -fopenmp: at::parallel_for is inline OpenMP. -ffp-contract=off: a * b + c stays two roundings
+    # unless a kernel asks for a multiply-add, so elementwise.cpp gives PyTorch's bits.
+    cflags = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", *variant]
     directory = _build_directory(name, cflags)
     library, built = directory / f"{name}.so", directory / "built"
     if built.is_file() and library.is_file():  # "built" is written after the library is complete
@@ -257,6 +265,14 @@ def _register_fakes() -> None:
     for name in ("gemv_int4", "gemv_int4_q8a"):
         torch.library.register_fake(f"llama_kernels::{name}")(int4)
 
+    @torch.library.register_fake("llama_kernels::rms_norm")
+    def _(x, weight, eps):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("llama_kernels::rope_")
+    def _(x, cos, sin):
+        return None
+
     @torch.library.register_fake("llama_kernels::pack_int4")
     def _(weight, scales_and_zeros, group_size):
         raise NotImplementedError("pack_int4 runs once, eagerly, when a layer is swapped")
@@ -314,6 +330,21 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True) computes it."""
     _require()
     return torch.ops.llama_kernels.decode_attention(q, k, v, mask, scale)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x (..., D) bf16, weight (D,) bf16 -> RMSNorm (llama/core/model.py) of x, (..., D) bf16, in one pass
+    (kernels/csrc/elementwise.cpp)."""
+    _require()
+    return torch.ops.llama_kernels.rms_norm(x, weight, eps)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """kernels/fused.py's rope_ in one pass: x (B, T, n, hd) bf16 (hd contiguous) rotated in place by
+    cos, sin (B, T, hd/2) float32; returns x."""
+    _require()
+    torch.ops.llama_kernels.rope_(x, cos, sin)
+    return x
 
 
 def pack_int4(weight: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -519,8 +550,33 @@ class NativeAttention(FastAttention):
             return torch.ops.llama_kernels.decode_attention(q, k, v, ctx.mask(self.window), self.head_dim**-0.5)
         return super().attend(q, k, v, ctx)
 
+    def rotate(self, x: torch.Tensor, ctx) -> torch.Tensor:
+        """In-place RoPE (FastAttention's rope_) in one C++ pass for a bf16 CPU x, no autograd."""
+        if (self.rope is rope_ and x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.stride(-1) == 1
+                and ctx.cos.dtype == torch.float32 and not (torch.is_grad_enabled() and x.requires_grad)):  # fmt: skip
+            torch.ops.llama_kernels.rope_(x, ctx.cos, ctx.sin)
+            return x
+        return super().rotate(x, ctx)
 
-NATIVE_MODULES = (NativeLinear, NativeInt8Linear, NativeInt4Linear, NativeInt8BlockLinear, NativeAttention)
+
+class NativeRMSNorm(RMSNorm):
+    """RMSNorm in one C++ pass (rms_norm) for bf16 x and weight on the CPU, autograd off; otherwise
+    RMSNorm's own forward. Shares the original's weight."""
+
+    def __init__(self, norm: RMSNorm):
+        nn.Module.__init__(self)
+        self.eps, self.weight = norm.eps, norm.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if (x.device.type == "cpu" and x.dtype == w.dtype == torch.bfloat16 and w.device.type == "cpu"
+                and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):  # fmt: skip
+            return torch.ops.llama_kernels.rms_norm(x, w, self.eps)
+        return super().forward(x)
+
+
+NATIVE_MODULES = (NativeLinear, NativeInt8Linear, NativeInt4Linear, NativeInt8BlockLinear, NativeAttention,
+                  NativeRMSNorm)
 
 
 def swap_native_attention(model: nn.Module) -> list[str]:
@@ -534,6 +590,19 @@ def swap_native_attention(model: nn.Module) -> list[str]:
     names = {id(m): n for n, m in model.named_modules()}
     for parent, name, child in found:
         setattr(parent, name, NativeAttention(child))
+    return [names[id(c)] for _, _, c in found]
+
+
+def swap_native_norms(model: nn.Module) -> list[str]:
+    """Replace, in place, every RMSNorm by a NativeRMSNorm when the model's weights are bfloat16 on the
+    CPU and the kernels build; returns the names replaced."""
+    check_supported(model, "kernels.native", (FastAttention, FusedFeedForward, *NATIVE_MODULES))
+    found = [(p, n, c) for p in model.modules() for n, c in p.named_children() if type(c) is RMSNorm]
+    if not found or model_device(model).type != "cpu" or model_dtype(model) != torch.bfloat16 or not _load():
+        return []
+    names = {id(m): n for n, m in model.named_modules()}
+    for parent, name, child in found:
+        setattr(parent, name, NativeRMSNorm(child))
     return [names[id(c)] for _, _, c in found]
 
 

@@ -199,6 +199,13 @@ void gemv_q8_0_q8a(const bf16* x, int64_t M, int64_t K, const int8_t* w, int64_t
                    bf16* y);
 void gemv_int4_q8a(const bf16* x, int64_t M, int64_t K, const uint8_t* packed, int64_t N, int64_t group_size, bf16* y);
 
+// RMSNorm of `rows` contiguous rows of D values, and rotary embeddings in place (elementwise.cpp):
+// x (B, T, n, hd) with the given strides of its first three dims (hd contiguous), cos and sin
+// (B, T, hd/2) contiguous float32.
+void rms_norm(const bf16* x, const bf16* w, int64_t rows, int64_t D, float eps, bf16* y);
+void rope_(bf16* x, const int64_t* strides, int64_t B, int64_t T, int64_t n, int64_t hd, const float* cos,
+           const float* sin);
+
 inline const char* isa() {
 #if defined(LLAMA_KERNELS_AMX)
   return amx_usable() ? "avx512_bf16+amx" : "avx512_bf16";

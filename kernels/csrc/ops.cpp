@@ -143,6 +143,42 @@ at::Tensor decode_attention_op(const at::Tensor& q_, const at::Tensor& k_, const
   return out;
 }
 
+// x (..., D) bfloat16, weight (D,) bfloat16 -> RMSNorm(x) (..., D) bfloat16, as llama/core/model.py's
+// RMSNorm computes it for a bfloat16 x and weight.
+at::Tensor rms_norm_op(const at::Tensor& x_, const at::Tensor& w_, double eps) {
+  TORCH_CHECK_VALUE(x_.device().is_cpu() && x_.scalar_type() == at::kBFloat16 && x_.dim() >= 1,
+                    "rms_norm: x must be a bfloat16 CPU tensor, got ", x_.scalar_type(), " ", x_.sizes(), " on ",
+                    x_.device());
+  const int64_t D = x_.size(-1);
+  TORCH_CHECK_VALUE(w_.device().is_cpu() && w_.scalar_type() == at::kBFloat16 && w_.dim() == 1 && w_.size(0) == D,
+                    "rms_norm: weight must be a (", D, ",) bfloat16 CPU tensor, got ", w_.scalar_type(), " ",
+                    w_.sizes());
+  const at::Tensor x = x_.contiguous(), w = w_.contiguous();
+  at::Tensor y = at::empty_like(x);
+  if (x.numel() > 0) rms_norm(bf16_ptr(x), bf16_ptr(w), x.numel() / D, D, float(eps), reinterpret_cast<bf16*>(y.data_ptr<at::BFloat16>()));
+  return y;
+}
+
+// x (B, T, n, hd) bfloat16, hd even and contiguous (x may be a view: a slice of the fused q/k/v
+// projection), cos and sin (B, T, hd/2) float32: x rotated in place, as kernels/fused.py's rope_.
+void rope_op(const at::Tensor& x, const at::Tensor& cos_, const at::Tensor& sin_) {
+  TORCH_CHECK_VALUE(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.dim() == 4 && x.size(3) % 2 == 0 &&
+                        x.stride(3) == 1,
+                    "rope_: x must be a 4-D bfloat16 CPU tensor (B, T, n, hd) with hd even and contiguous, got ",
+                    x.scalar_type(), " ", x.sizes(), " strides ", x.strides());
+  const int64_t B = x.size(0), T = x.size(1), n = x.size(2), hd = x.size(3);
+  for (const at::Tensor* t : {&cos_, &sin_})
+    TORCH_CHECK_VALUE(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 3 && t->size(0) == B &&
+                          t->size(1) == T && t->size(2) == hd / 2,
+                      "rope_: cos and sin must be (", B, ", ", T, ", ", hd / 2, ") float32 CPU tensors, got ",
+                      t->scalar_type(), " ", t->sizes());
+  const at::Tensor cos = cos_.contiguous(), sin = sin_.contiguous();
+  const int64_t strides[3] = {x.stride(0), x.stride(1), x.stride(2)};
+  if (x.numel() > 0)
+    rope_(reinterpret_cast<bf16*>(x.data_ptr<at::BFloat16>()), strides, B, T, n, hd, cos.data_ptr<float>(),
+          sin.data_ptr<float>());
+}
+
 std::string isa_op() { return isa(); }
 bool has_vnni_op() { return has_vnni(); }
 
@@ -162,6 +198,8 @@ LK_LIBRARY(LLAMA_KERNELS_NS, m) {
   m.def("gemv_int8_q8a(Tensor x, Tensor weight, Tensor scales) -> Tensor");
   m.def("gemv_q8_0_q8a(Tensor x, Tensor weight, Tensor scales) -> Tensor");
   m.def("gemv_int4_q8a(Tensor x, Tensor packed, int out_features, int in_features, int group_size) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("rope_(Tensor(a!) x, Tensor cos, Tensor sin) -> ()");
   m.def("isa() -> str", &isa_op);
   m.def("has_vnni() -> bool", &has_vnni_op);
 }
@@ -176,6 +214,8 @@ LK_LIBRARY_IMPL(LLAMA_KERNELS_NS, CPU, m) {
   m.impl("pack_int4", &pack_int4_op);
   m.impl("gemv_int4", &gemv_int4_op<false>);
   m.impl("gemv_int4_q8a", &gemv_int4_op<true>);
+  m.impl("rms_norm", &rms_norm_op);
+  m.impl("rope_", &rope_op);
 }
 
 }  // namespace llama_kernels
