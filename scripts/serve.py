@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     import kernels
     import llama
     import weights
-    from llama.core.device import DeviceError, idle_threads, pick_device, pick_dtype, set_threads
+    from llama.core.device import DeviceError, idle_threads, in_passing_thread, pick_device, pick_dtype, set_threads
     from llama.core.tokenizer import TokenizerFormatError, TokenizerMismatchError, TokenizerNotFoundError
     from llama.serving.engine import Engine
     from llama.training import lora
@@ -228,20 +228,28 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint = args.checkpoint or weights.BUNDLED_MODEL
         started = time.perf_counter()
         quantize = None if args.quantize == "none" else args.quantize
-        with llama.distributed.together():  # a rank that fails (a busy port, a missing file) stops them all
-            if tp > 1 and rank == 0:
-                check_port(args.host, args.port)
-            if tp > 1:
-                model = llama.distributed.load(checkpoint, dtype=dtype, device=device)
-            else:
-                model = llama.load(checkpoint, dtype=dtype, device=device, quantize=quantize, group_size=args.group_size,
-                                   kv_cache_dtype=args.kv_cache_dtype, rope_scaling=args.rope_scaling)  # fmt: skip
-            for name, directory in adapters:
-                lora.load_adapter(model, directory, name)
-            if args.kernels:  # quantized projections fuse too (kernels.fusable); those under adapters do not
-                fuse = {"fuse_qkv": False, "fuse_gate_up": False} if args.lora else kernels.fusable(model)
-                kernels.optimize(model, **fuse, int8_activations=args.int8_activations)
-            tokenizer = llama.load_tokenizer(checkpoint)
+
+        def setup():
+            with llama.distributed.together():  # a rank that fails (a busy port, a missing file) stops them all
+                if tp > 1 and rank == 0:
+                    check_port(args.host, args.port)
+                if tp > 1:
+                    model = llama.distributed.load(checkpoint, dtype=dtype, device=device)
+                else:
+                    model = llama.load(checkpoint, dtype=dtype, device=device, quantize=quantize,
+                                       group_size=args.group_size, kv_cache_dtype=args.kv_cache_dtype,
+                                       rope_scaling=args.rope_scaling)  # fmt: skip
+                for name, directory in adapters:
+                    lora.load_adapter(model, directory, name)
+                if args.kernels:  # quantized projections fuse too (kernels.fusable); those under adapters do not
+                    fuse = {"fuse_qkv": False, "fuse_gate_up": False} if args.lora else kernels.fusable(model)
+                    kernels.optimize(model, **fuse, int8_activations=args.int8_activations)
+                return model, llama.load_tokenizer(checkpoint)
+
+        # The model's work runs on the engine's thread; this one only serves HTTP. Setup runs on a thread
+        # that ends, and this one keeps to one torch thread, so that the engine's CPU threads are the
+        # only ones (in_passing_thread says why that matters).
+        model, tokenizer = in_passing_thread(setup)
     except user_errors as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -254,18 +262,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             prefix_cache_tokens = 0 if tp > 1 else 2048 if args.prefix_cache_tokens is None else args.prefix_cache_tokens
-            engine = Engine(driver, tokenizer, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
-                            max_queue=args.max_queue, max_prefill_tokens=args.max_prefill_tokens,
-                            prefill_chunk=args.prefill_chunk or None, prefill_patience=args.prefill_patience,
-                            prefix_cache_tokens=prefix_cache_tokens,
-                            compile=args.compile)  # fmt: skip
+            engine = in_passing_thread(lambda: Engine(
+                driver, tokenizer, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
+                max_queue=args.max_queue, max_prefill_tokens=args.max_prefill_tokens,
+                prefill_chunk=args.prefill_chunk or None, prefill_patience=args.prefill_patience,
+                prefix_cache_tokens=prefix_cache_tokens, compile=args.compile))  # fmt: skip
         except (*user_errors, ValueError) as e:  # ValueError: a combination the engine does not support, named
             print(f"error: {e}", file=sys.stderr)
             return 2
         if args.compile:
             print("[compiling the decode step with torch.compile: tens of seconds to minutes ...]", file=sys.stderr,
                   flush=True)  # fmt: skip
-            print(f"[compiled the decode step in {engine.warm_up():.1f} s]", file=sys.stderr, flush=True)
+            print(f"[compiled the decode step in {in_passing_thread(engine.warm_up):.1f} s]", file=sys.stderr,
+                  flush=True)  # fmt: skip
+        torch.set_num_threads(1)  # (the engine thread sets its own: engine.threads)
         if tp > 1:
             # uvicorn handles SIGTERM (a graceful shutdown), then raises it again once it has shut down; the
             # default action would end this process there, before the followers are released below.
@@ -281,8 +291,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def serve(args, engine, model, checkpoint, api_key, key_source, started, dtype, device) -> int:
     """Log what is served and run the HTTP server until SIGTERM or Ctrl-C; returns the exit status."""
-    import torch
-
     from llama.serving.app import create_app, run_server
 
     name = args.served_model_name or Path(checkpoint).resolve().name
@@ -295,7 +303,7 @@ def serve(args, engine, model, checkpoint, api_key, key_source, started, dtype, 
         "loaded %s in %.1f s: %s parameters, %s, %s%s%s; %d slots x %d positions, KV cache %.1f MB %s; serving as %r "
         "on http://%s:%d",
         checkpoint, time.perf_counter() - started, f"{model.config.n_params / 1e6:.1f} M",
-        str(dtype).removeprefix("torch."), device, f", {torch.get_num_threads()} threads" if device.type == "cpu" else "",
+        str(dtype).removeprefix("torch."), device, f", {engine.threads} threads" if device.type == "cpu" else "",
         "" if model.config.rope_scaling is None else f", {model.config.rope_scaling.kind} RoPE scaling "
         f"x{model.config.rope_scaling.factor:g} (context {model.config.max_seq_len})",
         engine.max_batch_size, engine.context_len, model.cache.nbytes / 1e6, model.cache.kv_cache_dtype, name, args.host,

@@ -33,7 +33,7 @@ import llama
 import weights
 from llama import ModelConfig
 from llama.core.checkpoint import TOKENIZER_FILES, convert
-from llama.core.device import idle_threads
+from llama.core.device import idle_threads, in_passing_thread
 from llama.core.generation import default_new_tokens
 from random_models import random_model
 
@@ -390,3 +390,17 @@ def test_int8_activations_reach_kernels_optimize(monkeypatch, capsys, checkpoint
     finally:
         torch.set_num_threads(threads)
     assert code in (0, None) and seen == [expected]
+
+
+def test_in_passing_thread_returns_the_result_or_raises_the_error_of_another_thread():
+    import threading
+
+    main = threading.get_ident()
+    assert in_passing_thread(lambda: threading.get_ident()) != main
+    assert in_passing_thread(lambda: [1, 2]) == [1, 2]
+
+    def fails():
+        raise KeyError("missing")
+
+    with pytest.raises(KeyError, match="missing"):
+        in_passing_thread(fails)

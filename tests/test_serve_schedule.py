@@ -573,3 +573,31 @@ def test_decode_rows_go_in_slot_order(started, ref):
     assert got == [alone(ref, p, n) for p, n in zip(prompts, max_tokens)]
     assert [0, 1, 2] in rows  # the fourth request (slot 0) decoding with the second and third
     assert all(r == sorted(r) for r in rows)
+
+
+# ---- threads -------------------------------------------------------------------------------------------
+
+
+def test_the_engine_thread_runs_with_the_thread_count_it_was_built_with(ref):
+    """The engine sets the torch thread count of the thread that built it on its own thread, so the caller
+    may drop to one thread afterwards (scripts/serve.py does: see llama.core.device.in_passing_thread)
+    without the engine's forwards losing theirs."""
+    before = torch.get_num_threads()
+    model = copy.deepcopy(ref)
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append((threading.current_thread().name,
+                                                                      torch.get_num_threads())))  # fmt: skip
+    try:
+        torch.set_num_threads(2)
+        engine = Engine(model, llama.load_tokenizer(KJV))
+        assert engine.threads == 2
+        torch.set_num_threads(1)
+        engine.start()
+        try:
+            tokens, _, _ = run(engine, [Request(ids(10, 1), 3, stop_tokens=NO_STOP)])
+        finally:
+            engine.stop()
+        assert tokens[0] == alone(ref, ids(10, 1), 3)
+        assert seen and all(name == "llama-engine" and threads == 2 for name, threads in seen)
+    finally:
+        torch.set_num_threads(before)

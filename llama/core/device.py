@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import threading
+from typing import Callable, TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 class DeviceError(ValueError):
@@ -30,6 +34,35 @@ def set_threads(threads: int | None) -> None:
     if threads < 1:
         raise DeviceError(f"--threads must be positive, got {threads}")
     torch.set_num_threads(threads)
+
+
+def in_passing_thread(fn: Callable[[], T]) -> T:
+    """fn() run on a new thread that ends when fn returns; fn's result, or its exception raised here.
+
+    For a program whose torch work runs on one long-lived thread (a server's engine) to do its setup
+    -- loading, quantizing, compiling -- without leaving a second set of CPU worker threads behind.
+    With OpenMP (torch's CPU threads on Linux), every thread that has run parallel torch work keeps
+    its own team of worker threads until it ends. GNU OpenMP, counting more threads than cores, then
+    stops letting idle workers wait on the CPU for the next parallel region: they sleep, and each of
+    the hundreds of regions in a decoding step has to wake them. On this project's 2-core machine a
+    server's engine thread decoded 9-14% slower than the same steps on the main thread for that
+    reason, and as fast once the setup ran through here (scripts/serve.py; the main thread then
+    keeps to one torch thread, torch.set_num_threads(1), which starts no team).
+    """
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            box["result"] = fn()
+        except BaseException as e:  # noqa: BLE001 -- handed to the caller as it is
+            box["error"] = e
+
+    thread = threading.Thread(target=run, name="setup", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box.pop("error")
+    return box["result"]
 
 
 def idle_threads(cores: int | None = None, load: float | None = None) -> int:

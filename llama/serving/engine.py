@@ -396,6 +396,9 @@ class Engine:
             stop_tokens = getattr(model, "stop_tokens", None) or tokenizer.stop_tokens
         self.stop_tokens = frozenset(stop_tokens)
         self.device = model_device(model)
+        # The engine thread's torch CPU threads: the constructing thread's count, set again on the engine
+        # thread, whose OpenMP team is its own (llama.core.device.in_passing_thread says why it matters).
+        self.threads = torch.get_num_threads()
         # Several LoRA adapters on one base: each row of a forward uses its request's adapter (or none).
         self.adapters = tuple(lora.adapter_names(model))
         model.setup_cache(max_batch_size, self.context_len, kv_cache_dtype=kv_cache_dtype)
@@ -580,6 +583,7 @@ class Engine:
 
     def _run(self) -> None:
         try:
+            torch.set_num_threads(self.threads)
             with torch.inference_mode():
                 while (admitted := self._next_admissions()) is not None:
                     self._admit(admitted)
