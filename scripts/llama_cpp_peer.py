@@ -135,8 +135,8 @@ def peak_gb() -> float:
 
 def measure(model, *, prompt_len: int, new_tokens: int, depths: list[int], repetitions: int) -> dict:
     """pp and tg of a loaded model at each depth, as llama-bench measures them: random token ids,
-    the depth's tokens prefilled untimed first, greedy tokens, the mean of `repetitions` timed runs
-    after a warm-up."""
+    the depth's tokens prefilled untimed first, logits of the prompt's last token only, greedy
+    tokens, the mean of `repetitions` timed runs after a warm-up."""
     import torch
 
     generator = torch.Generator().manual_seed(0)
@@ -151,9 +151,12 @@ def measure(model, *, prompt_len: int, new_tokens: int, depths: list[int], repet
             if depth:
                 model(context.to(device), 0)  # the cached tokens, untimed
             prefill, decode = [], []
+            last = torch.tensor([P - 1], device=device)
             for repetition in range(repetitions + 1):  # the first is the warm-up
                 start = time.perf_counter()
-                logits = model(prompt.to(device), depth)
+                # Only the last token's logits, as generate.py's prefill and llama-bench's pp compute them
+                # (the output projection of all P tokens would be a fifth more work than the rest).
+                logits = model(prompt.to(device), depth, keep=last)
                 pp = P / (time.perf_counter() - start)
                 token = logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
                 start = time.perf_counter()

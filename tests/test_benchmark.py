@@ -204,3 +204,21 @@ def test_llama_cpp_trouble_is_an_error_not_a_traceback(tmp_path, trouble):
     assert len(error) == 1 and expected in error[0], out.stderr
     if trouble == "converter fails":  # nothing half-written is left to be taken for a finished file
         assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_ours_prefill_computes_the_last_tokens_logits_only():
+    """llama-bench's pp asks for the logits of each batch's last token only; ours must do no more work
+    than that (the output projection of every prompt token would be a fifth more than the rest)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from llama_cpp_peer import measure
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    model = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=64, ffn_dim=64,
+                                    max_seq_len=64)).eval()  # fmt: skip
+    outputs = []
+    model.register_forward_hook(lambda module, args, output: outputs.append((args[0].shape[1], output.shape[1])))
+    result = measure(model, prompt_len=8, new_tokens=3, depths=[0, 5], repetitions=1)
+    assert set(result) == {"0", "5"} and all(r["prefill"] > 0 and r["decode"] > 0 for r in result.values())
+    assert (8, 1) in outputs and (5, 5) in outputs  # the prompt: one position's logits; the untimed context: all
+    assert all(n_logits == 1 for tokens, n_logits in outputs if tokens != 5)
