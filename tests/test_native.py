@@ -626,3 +626,21 @@ def test_native_attention_swap_and_its_fallbacks():
     assert not any(isinstance(m, native.NativeAttention) for m in wide.modules())
     with pytest.raises(ValueError, match="sdpa=False"):
         native.NativeAttention(off.layers[0].attention)
+
+
+@needs_kernels
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_bf16_kernel_hands_chunks_to_every_thread(threads):
+    """A weight of many 512 KiB chunks (parallel_chunks in common.h), 1-3 threads, 1 and 5 rows of x: every
+    output row computed once, whoever takes its chunk (N not a multiple of the tile height)."""
+    N, K = 4099, 2048
+    w = randn(N, K, seed=3).bfloat16()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for M in (1, 5):
+            x = randn(M, K, seed=4).bfloat16()
+            y = native.gemv_bf16(x, w)
+            assert_within(y, F.linear(x.float(), w.float()), F.linear(x.float().abs(), w.float().abs()), K)
+    finally:
+        torch.set_num_threads(before)

@@ -18,6 +18,8 @@
 // bfloat16 values travel as their raw 16 bits (uint16_t): the top half of a float32.
 #pragma once
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -169,6 +171,33 @@ constexpr int64_t AMX_MIN_ROWS = 2;
 inline int64_t grain_for(int64_t bytes_per_item) {
   int64_t g = (64 * 1024) / (bytes_per_item > 0 ? bytes_per_item : 1);
   return g > 0 ? g : 1;
+}
+
+// fn(begin, end) over [0, n) in chunks of `chunk` items, handed out in order to whichever of torch's
+// threads is free (an atomic counter), rather than split into one fixed range per thread as
+// at::parallel_for does. Decoding calls a hundred matrix products per token, each ending at a barrier:
+// with fixed ranges, a thread that the machine pauses (an interrupt, another process, a virtual CPU
+// that is not running) holds the others up by the whole pause; with chunks they take over its work.
+// Each thread still reads runs of `chunk` consecutive items front to back. One chunk: no thread is woken.
+template <typename F>
+void parallel_chunks(int64_t n, int64_t chunk, const F& fn) {
+  const int64_t n_chunks = (n + chunk - 1) / chunk;
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n_chunks);
+  if (threads <= 1) {
+    if (n > 0) fn(int64_t(0), n);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t c = next.fetch_add(1); c < n_chunks; c = next.fetch_add(1))
+      fn(c * chunk, std::min(n, (c + 1) * chunk));
+  });
+}
+
+// Items per chunk for parallel_chunks: about 512 KiB of weights.
+inline int64_t chunk_for(int64_t bytes_per_item) {
+  int64_t c = (512 * 1024) / (bytes_per_item > 0 ? bytes_per_item : 1);
+  return c > 0 ? c : 1;
 }
 
 // The kernels, on raw pointers; ops.cpp checks the tensors and calls them.

@@ -91,11 +91,13 @@ void rows(const bf16* x, int64_t M, int64_t K, const bf16* w, int64_t ldw, bf16*
   }
 }
 
-// y = x @ w.T in tiles of NR weight rows, the tiles split across the threads in contiguous ranges.
+// y = x @ w.T in tiles of NR weight rows, the tiles handed to the threads in chunks (parallel_chunks:
+// in one run on a 2-core VM, decoding steps of Llama 3.2 1B took 2-5% less time than with one fixed
+// range per thread).
 template <int NR>
 void all_tiles(const bf16* x, int64_t M, int64_t K, const bf16* w, int64_t ldw, int64_t N, bf16* y) {
   const int64_t n_tiles = (N + NR - 1) / NR;
-  at::parallel_for(0, n_tiles, grain_for(NR * K * 2), [&](int64_t begin, int64_t end) {
+  parallel_chunks(n_tiles, chunk_for(NR * K * 2), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; t++) {
       const int64_t n = t * NR;
       const bf16* wn = w + n * ldw;
