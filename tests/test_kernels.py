@@ -19,6 +19,7 @@ import weakref
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -340,3 +341,34 @@ def test_optimizing_a_loaded_checkpoint(small, tokens, tmp_path):
     assert llama.generate(fast, prompts, 8, temperature=0, stop_tokens=[]) == llama.generate(
         loaded, prompts, 8, temperature=0, stop_tokens=[]
     )
+
+
+def test_a_prompt_from_position_zero_attends_with_is_causal_and_anything_else_with_the_mask(small, tokens, monkeypatch):
+    """SDPA gets is_causal (and skips the blocks above the diagonal) exactly when the mask is the plain
+    causal triangle: a prompt from position 0, with or without a cache, on layers without a sliding
+    window. A second chunk, a decoding step and a windowed layer pass the mask. Logits equal the plain model's."""
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, is_causal=False, **kwargs):
+        calls.append((q.shape[2], k.shape[2], is_causal, attn_mask is not None))
+        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    plain = copy.deepcopy(small)
+    fast = kernels.optimize(copy.deepcopy(small), native=False)
+    with torch.no_grad():
+        assert_close(fast(tokens), plain(tokens), 1e-5)  # no cache
+        assert calls == [(12, 12, True, False)] * 2
+        calls.clear()
+        fast.setup_cache(3, 32)
+        plain.setup_cache(3, 32)
+        for start, end in ((0, 5), (5, 9), (9, 10)):  # a prompt in two chunks, then a decoding step
+            assert_close(fast(tokens[:, start:end], start), plain(tokens[:, start:end], start), 1e-5)
+        assert calls == [(5, 5, True, False)] * 2 + [(4, 9, False, True)] * 2 + [(1, 10, False, True)] * 2
+    windowed = random_model(SMALL.replace(sliding_window=4, window_layers=[1]))
+    fast = kernels.optimize(copy.deepcopy(windowed), native=False)
+    calls.clear()
+    with torch.no_grad():
+        assert_close(fast(tokens), windowed(tokens), 1e-5)
+    assert calls == [(12, 12, True, False), (12, 12, False, True)]

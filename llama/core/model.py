@@ -136,6 +136,10 @@ class Context:
     cache: KVCache | None = None
     rows: torch.Tensor | slice | None = None  # each batch row's cache row: (B,), or consecutive rows (None: 0..B-1)
     recorder: Recorder | None = None  # collects attention probabilities and hidden states (recording.py)
+    # The keys are this call's T tokens at positions 0..T-1 of every row (S == T: a prompt from its
+    # start), so every mask without a window is the plain causal triangle, which a fused kernel can
+    # be told instead (and skip the blocks above it).
+    causal: bool = False
 
     @property
     def kv_len(self) -> int:
@@ -400,4 +404,4 @@ class Transformer(nn.Module):
             cos, sin = cos * scaling.attention_scale, sin * scaling.attention_scale
         windows = {layer.attention.window for layer in self.layers} if self.layers else {None}
         masks = {w: attention_mask(positions, S, w) for w in windows}
-        return Context(positions, cos, sin, masks, self.cache, consecutive_rows(cache_rows), record)
+        return Context(positions, cos, sin, masks, self.cache, consecutive_rows(cache_rows), record, causal=S == T)
