@@ -85,8 +85,9 @@ def optimize(
     fuse_gate_up:       one matmul for SwiGLU's gate and up projections (FusedFeedForward)
     native:             C++ kernels for bf16 / int8 / int4 linears at decode sizes, for attention
                         of one decoding query over the cache and in-place RoPE (with sdpa, bf16),
-                        and for RMSNorm (bf16), where they build (kernels.native.swap_native_linears,
-                        swap_native_attention, swap_native_norms)
+                        and for RMSNorm and SwiGLU's gating (bf16), where they build
+                        (kernels.native.swap_native_linears, swap_native_attention,
+                        swap_native_elementwise)
     int8_activations:   with native, int8 / Q8_0 / int4 weights multiply activations quantized to
                         int8 per block of 32 with integer dot products (None: where the CPU has
                         AVX512-VNNI; False: the exact-activation kernels; kernels/native.py)
@@ -115,5 +116,5 @@ def optimize(
     if native:
         native_kernels.swap_native_linears(model, int8_activations=int8_activations)
         native_kernels.swap_native_attention(model)
-        native_kernels.swap_native_norms(model)
+        native_kernels.swap_native_elementwise(model)
     return model

@@ -99,6 +99,7 @@ __all__ = [
     "NativeInt4Linear",
     "NativeInt8BlockLinear",
     "NativeInt8Linear",
+    "NativeFeedForward",
     "NativeLinear",
     "NativeRMSNorm",
     "available",
@@ -114,9 +115,10 @@ __all__ = [
     "pack_int4",
     "rms_norm",
     "rope",
+    "silu_mul",
     "swap_native_attention",
     "swap_native_linears",
-    "swap_native_norms",
+    "swap_native_elementwise",
 ]
 
 # Rows of x up to which a swapped module calls its kernel; above, the module it replaced does the
@@ -269,6 +271,10 @@ def _register_fakes() -> None:
     def _(x, weight, eps):
         return torch.empty_like(x)
 
+    @torch.library.register_fake("llama_kernels::silu_mul")
+    def _(gate, up):
+        return torch.empty_like(gate, memory_format=torch.contiguous_format)
+
     @torch.library.register_fake("llama_kernels::rope_")
     def _(x, cos, sin):
         return None
@@ -345,6 +351,13 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     _require()
     torch.ops.llama_kernels.rope_(x, cos, sin)
     return x
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """F.silu(gate) * up for bf16 gate, up (..., F) of one shape (views, such as the halves of the fused
+    gate/up output, are read in place), in one pass; (..., F) bf16."""
+    _require()
+    return torch.ops.llama_kernels.silu_mul(gate, up)
 
 
 def pack_int4(weight: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -575,8 +588,25 @@ class NativeRMSNorm(RMSNorm):
         return super().forward(x)
 
 
+class NativeFeedForward(FusedFeedForward):
+    """FusedFeedForward whose gating (FeedForward.activate: silu(gate) * up) runs in one C++ pass
+    (silu_mul) for bf16 CPU inputs, autograd off; otherwise the inherited step. Takes over the
+    FusedFeedForward's modules (its weights are shared, not copied)."""
+
+    def __init__(self, ffn: FusedFeedForward):
+        nn.Module.__init__(self)
+        self.hidden_dim = ffn.hidden_dim
+        self.w13, self.w2 = ffn.w13, ffn.w2
+
+    def activate(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        if (gate.device.type == "cpu" and gate.dtype == up.dtype == torch.bfloat16
+                and not (torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad))):  # fmt: skip
+            return torch.ops.llama_kernels.silu_mul(gate, up)
+        return super().activate(gate, up)
+
+
 NATIVE_MODULES = (NativeLinear, NativeInt8Linear, NativeInt4Linear, NativeInt8BlockLinear, NativeAttention,
-                  NativeRMSNorm)
+                  NativeRMSNorm, NativeFeedForward)
 
 
 def swap_native_attention(model: nn.Module) -> list[str]:
@@ -593,16 +623,18 @@ def swap_native_attention(model: nn.Module) -> list[str]:
     return [names[id(c)] for _, _, c in found]
 
 
-def swap_native_norms(model: nn.Module) -> list[str]:
-    """Replace, in place, every RMSNorm by a NativeRMSNorm when the model's weights are bfloat16 on the
-    CPU and the kernels build; returns the names replaced."""
+def swap_native_elementwise(model: nn.Module) -> list[str]:
+    """Replace, in place, every RMSNorm by a NativeRMSNorm and every FusedFeedForward (kernels.optimize's,
+    fuse_gate_up=True) by a NativeFeedForward, when the model's weights are bfloat16 on the CPU and the
+    kernels build; returns the names replaced."""
     check_supported(model, "kernels.native", (FastAttention, FusedFeedForward, *NATIVE_MODULES))
-    found = [(p, n, c) for p in model.modules() for n, c in p.named_children() if type(c) is RMSNorm]
+    swaps = {RMSNorm: NativeRMSNorm, FusedFeedForward: NativeFeedForward}
+    found = [(p, n, c) for p in model.modules() for n, c in p.named_children() if type(c) in swaps]
     if not found or model_device(model).type != "cpu" or model_dtype(model) != torch.bfloat16 or not _load():
         return []
     names = {id(m): n for n, m in model.named_modules()}
     for parent, name, child in found:
-        setattr(parent, name, NativeRMSNorm(child))
+        setattr(parent, name, swaps[type(child)](child))
     return [names[id(c)] for _, _, c in found]
 
 

@@ -1,10 +1,10 @@
-"""kernels/csrc/elementwise.cpp: RMSNorm and RoPE in one C++ pass each, against the PyTorch code of
-llama/core/model.py and kernels/fused.py that they replace.
+"""kernels/csrc/elementwise.cpp: RMSNorm, RoPE and SwiGLU's gating in one C++ pass each, against the
+PyTorch code of llama/core/model.py and kernels/fused.py that they replace.
 
 rope_ computes operation for operation what rope_ / apply_rope compute (the build does not fuse a
 multiply and an add), so the tests ask for equal bits. rms_norm sums the squares in another order
-than torch's mean, which may move an output by one bf16 step: those tests allow one step and no
-more, and check that almost every value is equal.
+than torch's mean, and silu_mul's exp is a polynomial, not torch's: either may move an output by
+one bf16 step, so those tests allow one step and no more, and check that almost every value is equal.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -124,6 +125,32 @@ def test_rope_refuses_other_inputs():
 
 
 @needs_kernels
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 6), hidden=st.one_of(st.integers(1, 100), st.sampled_from([8192])),
+       scale=st.sampled_from([1e-3, 1.0, 10.0, 100.0]), seed=st.integers(0, 2**16))  # fmt: skip
+def test_silu_mul_matches_silu_times_up(rows, hidden, scale, seed):
+    fused = (torch.randn(rows, 1, 2 * hidden, generator=generator(seed)) * scale).bfloat16()
+    gate, up = fused.split(hidden, dim=-1)  # views with rows 2 * hidden apart, as FusedFeedForward's
+    out = native.silu_mul(gate, up)
+    assert out.is_contiguous()
+    assert_within_one_step(out, F.silu(gate) * up)
+    assert_within_one_step(native.silu_mul(gate.contiguous(), up.transpose(0, 1).contiguous().transpose(0, 1)),
+                           F.silu(gate) * up)  # fmt: skip
+
+
+@needs_kernels
+def test_silu_mul_special_values_and_refusals():
+    x = torch.tensor([-1e30, -100.0, -89.0, -20.0, -0.0, 0.0, 20.0, 89.0, 1e30, float("inf"), float("-inf"),
+                      float("nan")]).bfloat16()  # fmt: skip
+    out, ref = native.silu_mul(x, x), F.silu(x) * x
+    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out[~ref.isnan()], ref[~ref.isnan()])
+    with pytest.raises(ValueError, match="bfloat16"):
+        native.silu_mul(x.float(), x.float())
+    with pytest.raises(ValueError, match="one shape"):
+        native.silu_mul(x, x[:5])
+
+
+@needs_kernels
 def test_generic_build_gives_the_same_bits():
     """The plain-loop build (other CPUs) against the AVX-512 one and the references."""
     native._compile(generic=True)
@@ -137,6 +164,8 @@ def test_generic_build_gives_the_same_bits():
     y = x.clone()
     generic.rope_(y, angles.cos(), angles.sin())
     assert torch.equal(y, apply_rope(x, angles.cos(), angles.sin()))
+    gate, up = (torch.randn(3, 2, 200, generator=generator(7)) * 4).bfloat16().split(100, dim=-1)
+    assert_within_one_step(generic.silu_mul(gate, up), F.silu(gate) * up)
 
 
 CONFIG = ModelConfig(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, ffn_dim=160, max_seq_len=64)
@@ -155,10 +184,11 @@ def decode(model, tokens, prefill):
 
 @needs_kernels
 @pytest.mark.parametrize("variant", [{}, {"qk_norm": True}])
-def test_swapped_model_equals_the_one_without_these_two_swaps(variant):
-    """kernels.optimize swaps NativeRMSNorm in for every norm and NativeAttention rotates in C++; the
-    logits of a prefill and decoding steps equal those of the same optimized model with the plain
-    RMSNorm and FastAttention's rope_ put back (per-head norms of qk_norm included)."""
+def test_swapped_model_equals_the_one_without_these_swaps(variant):
+    """kernels.optimize swaps NativeRMSNorm in for every norm, NativeAttention rotates in C++ and
+    NativeFeedForward gates in C++; the logits of a prefill and decoding steps equal those of the same
+    optimized model with the plain RMSNorm, FastAttention's rope_ and FeedForward's gating put back
+    (per-head norms of qk_norm included)."""
     model = kernels.optimize(shared_random_model(CONFIG.replace(**variant), 0, 0.3, random_norms=True,
                                                  dtype=torch.bfloat16))  # fmt: skip
     norms = [name for name, m in model.named_modules() if type(m) is native.NativeRMSNorm]
@@ -174,6 +204,8 @@ def test_swapped_model_equals_the_one_without_these_two_swaps(variant):
         setattr(module, attr, replacement)
     for layer in plain.layers:
         layer.attention.rotate = lambda x, ctx: rope_(x, ctx.cos, ctx.sin)  # FastAttention's own step
+        assert type(layer.feed_forward) is native.NativeFeedForward
+        layer.feed_forward.activate = lambda gate, up: F.silu(gate) * up  # FeedForward's own step
     tokens = torch.randint(0, CONFIG.vocab_size, (3, 12), generator=generator(1))
     fast, reference = decode(model, tokens, 5), decode(plain, tokens, 5)
     scale = reference.abs().max()
@@ -182,9 +214,14 @@ def test_swapped_model_equals_the_one_without_these_two_swaps(variant):
 
 @needs_kernels
 def test_norm_swap_leaves_what_it_does_not_serve():
-    """float32 models keep RMSNorm; under autograd NativeRMSNorm runs RMSNorm's own forward, with gradients."""
+    """float32 models keep RMSNorm and FusedFeedForward; under autograd NativeRMSNorm and NativeFeedForward
+    run the steps they replace, with gradients."""
     wide = kernels.optimize(shared_random_model(CONFIG, 0, 0.3, random_norms=True, dtype=torch.float32))
-    assert not any(isinstance(m, native.NativeRMSNorm) for m in wide.modules())
+    assert not any(isinstance(m, (native.NativeRMSNorm, native.NativeFeedForward)) for m in wide.modules())
+    ffn = kernels.optimize(shared_random_model(CONFIG, 0, 0.3, dtype=torch.bfloat16)).layers[0].feed_forward
+    x = torch.randn(2, 3, CONFIG.dim, dtype=torch.bfloat16, requires_grad=True)
+    ffn(x).float().sum().backward()  # autograd: FeedForward's own gating, with gradients
+    assert x.grad is not None and x.grad.abs().sum() > 0
     norm = RMSNorm(16, 1e-5).to(torch.bfloat16)
     swapped = native.NativeRMSNorm(norm)
     assert swapped.weight is norm.weight

@@ -166,6 +166,29 @@ inline void store_transposed(float (*c)[16][16], int n_tiles, __m512 scale, int6
 constexpr int64_t AMX_MIN_ROWS = 2;
 #endif
 
+#ifdef LLAMA_KERNELS_AVX512
+// exp(x) for 16 floats: x = (n + f) * ln 2 with n an integer and |f| <= 1/2; 2^f by its Taylor series
+// to degree 7, times 2^n by vscalefps. Relative error ~1e-7 for x of a few units, growing with |x| to
+// ~1e-5 near float32's limits (the rounding of x / ln 2). x below -100 gives 0 (exp(-100) is 4e-44,
+// below float32's normal range): softmax's masked or negligible terms; x above 89 gives inf.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-100.f));
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));  // x / ln 2
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.693147180559945309f));  // f ln 2
+  // e^(f ln 2) = sum_i (f ln 2)^i / i!, Horner
+  __m512 p = _mm512_set1_ps(1.f / 5040);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 720));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+#endif
+
 // Minimum number of work items per thread for parallel_for: about 64 KiB of weights, so that
 // tiny layers (tests) do not pay for waking a thread and big ones always split across all threads.
 inline int64_t grain_for(int64_t bytes_per_item) {
@@ -228,12 +251,14 @@ void gemv_q8_0_q8a(const bf16* x, int64_t M, int64_t K, const int8_t* w, int64_t
                    bf16* y);
 void gemv_int4_q8a(const bf16* x, int64_t M, int64_t K, const uint8_t* packed, int64_t N, int64_t group_size, bf16* y);
 
-// RMSNorm of `rows` contiguous rows of D values, and rotary embeddings in place (elementwise.cpp):
+// RMSNorm of `rows` contiguous rows of D values, rotary embeddings in place, and SwiGLU's gating (elementwise.cpp):
 // x (B, T, n, hd) with the given strides of its first three dims (hd contiguous), cos and sin
 // (B, T, hd/2) contiguous float32.
 void rms_norm(const bf16* x, const bf16* w, int64_t rows, int64_t D, float eps, bf16* y);
 void rope_(bf16* x, const int64_t* strides, int64_t B, int64_t T, int64_t n, int64_t hd, const float* cos,
            const float* sin);
+// silu(gate) * up for `rows` rows of F values, gate and up rows ld_gate and ld_up values apart, y contiguous.
+void silu_mul(const bf16* gate, int64_t ld_gate, const bf16* up, int64_t ld_up, int64_t rows, int64_t F, bf16* y);
 
 inline const char* isa() {
 #if defined(LLAMA_KERNELS_AMX)

@@ -100,25 +100,6 @@ void head_group_plain(const Problem& P, int64_t b, int64_t g) {
 }
 
 #ifdef LLAMA_KERNELS_AVX512
-// exp(x) for 16 floats: x = (n + f) * ln 2 with n an integer and |f| <= 1/2; 2^f by its Taylor series
-// to degree 7 (relative error < 1e-7, float32's rounding), times 2^n by vscalefps. x below -100 gives
-// 0 (exp(-100) is 4e-44, below float32's normal range): softmax's masked or negligible terms.
-inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-100.f));
-  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));  // x / ln 2
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.693147180559945309f));  // f ln 2
-  // e^(f ln 2) = sum_i (f ln 2)^i / i!, Horner
-  __m512 p = _mm512_set1_ps(1.f / 5040);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 720));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 120));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
 
 // The lane sums of 16 vectors in one: lane i = sum of v[i]'s 16 lanes. Halving the count at each
 // step (pairs of vectors, then of 64-bit pairs, then of 128-bit quarters), 45 instructions instead

@@ -1,5 +1,5 @@
-// RMSNorm and rotary embeddings in one pass each, for the steps of a decoding token that are not
-// matrix products.
+// RMSNorm, rotary embeddings and SwiGLU's gating in one pass each, for the steps of a decoding token
+// that are not matrix products.
 //
 // Why: the PyTorch versions are a chain of small operators (RMSNorm: x.float(), pow, mean, add,
 // rsqrt, mul, type_as, mul; RoPE: two casts, four multiplies, a subtract, an add, two copies, and
@@ -12,7 +12,9 @@
 //     (a * cos - b * sin is two products and a difference, each rounded: the build has
 //     -ffp-contract=off, so the compiler does not fuse them into one multiply-add);
 //   - rms_norm differs from RMSNorm only in the order of the float32 sum of squares, which moves the
-//     result by a few float32 rounding steps and the bf16 output by one step now and then.
+//     result by a few float32 rounding steps and the bf16 output by one step now and then;
+//   - silu_mul's exp (exp16, a polynomial) differs from PyTorch's by about one float32 rounding step,
+//     so a bf16 output differs by one step now and then.
 #include <cmath>
 
 #include "common.h"
@@ -95,7 +97,31 @@ void rope_head(bf16* x, const float* cos, const float* sin, int64_t hd) {
   }
 }
 
+// One row: y = bf16(bf16(g / (1 + exp(-g))) * u), what F.silu(gate) * up computes for bf16 tensors.
+void silu_mul_row(const bf16* g, const bf16* u, int64_t F, bf16* y) {
+  int64_t i = 0;
+#ifdef LLAMA_KERNELS_AVX512
+  const __m512 one = _mm512_set1_ps(1.f);
+  for (; i + 16 <= F; i += 16) {
+    const __m512 gv = load16(g + i);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+    const __m512 silu = _mm512_castsi512_ps(_mm512_slli_epi32(round16(_mm512_div_ps(gv, _mm512_add_ps(one, e))), 16));
+    store16(y + i, _mm512_mul_ps(silu, load16(u + i)));
+  }
+#endif
+  for (; i < F; i++) {
+    const float gf = bf16_to_float(g[i]);
+    y[i] = float_to_bf16(bf16_to_float(float_to_bf16(gf / (1.f + std::exp(-gf)))) * bf16_to_float(u[i]));
+  }
+}
+
 }  // namespace
+
+void silu_mul(const bf16* gate, int64_t ld_gate, const bf16* up, int64_t ld_up, int64_t rows, int64_t F, bf16* y) {
+  at::parallel_for(0, rows, grain_for(F * 2 * 8), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; r++) silu_mul_row(gate + r * ld_gate, up + r * ld_up, F, y + r * F);
+  });
+}
 
 void rms_norm(const bf16* x, const bf16* w, int64_t rows, int64_t D, float eps, bf16* y) {
   at::parallel_for(0, rows, grain_for(D * 2 * 8), [&](int64_t begin, int64_t end) {

@@ -179,6 +179,34 @@ void rope_op(const at::Tensor& x, const at::Tensor& cos_, const at::Tensor& sin_
           sin.data_ptr<float>());
 }
 
+// t (..., F) as `rows` rows of F values a fixed distance apart: a 2-D view when its leading dims allow
+// one (the halves of the fused gate/up projection's output do), else a contiguous copy.
+at::Tensor as_rows(const at::Tensor& t, int64_t rows, int64_t F) {
+  if (t.stride(-1) == 1) {
+    bool even = true;
+    for (int64_t d = t.dim() - 2; d > 0; d--) even = even && t.stride(d - 1) == t.stride(d) * t.size(d);
+    if (even) return t.as_strided({rows, F}, {t.dim() >= 2 ? t.stride(-2) : F, 1});
+  }
+  return t.reshape({rows, F}).contiguous();
+}
+
+// gate, up (..., F) bfloat16 of one shape, F contiguous (views: the halves of the fused gate/up
+// projection's output) -> F.silu(gate) * up (..., F) bfloat16, contiguous.
+at::Tensor silu_mul_op(const at::Tensor& gate_, const at::Tensor& up_) {
+  for (const at::Tensor* t : {&gate_, &up_})
+    TORCH_CHECK_VALUE(t->device().is_cpu() && t->scalar_type() == at::kBFloat16 && t->dim() >= 1,
+                      "silu_mul: gate and up must be bfloat16 CPU tensors, got ", t->scalar_type(), " ", t->sizes());
+  TORCH_CHECK_VALUE(gate_.sizes() == up_.sizes(), "silu_mul: gate and up must have one shape, got ", gate_.sizes(),
+                    " and ", up_.sizes());
+  const int64_t F = gate_.size(-1), rows = F > 0 ? gate_.numel() / F : 0;
+  const at::Tensor gate = as_rows(gate_, rows, F), up = as_rows(up_, rows, F);
+  at::Tensor y = at::empty(gate_.sizes(), gate_.options());
+  if (rows > 0 && F > 0)
+    silu_mul(bf16_ptr(gate), gate.stride(0), bf16_ptr(up), up.stride(0), rows, F,
+             reinterpret_cast<bf16*>(y.data_ptr<at::BFloat16>()));
+  return y;
+}
+
 std::string isa_op() { return isa(); }
 bool has_vnni_op() { return has_vnni(); }
 
@@ -200,6 +228,7 @@ LK_LIBRARY(LLAMA_KERNELS_NS, m) {
   m.def("gemv_int4_q8a(Tensor x, Tensor packed, int out_features, int in_features, int group_size) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("rope_(Tensor(a!) x, Tensor cos, Tensor sin) -> ()");
+  m.def("silu_mul(Tensor gate, Tensor up) -> Tensor");
   m.def("isa() -> str", &isa_op);
   m.def("has_vnni() -> bool", &has_vnni_op);
 }
@@ -216,6 +245,7 @@ LK_LIBRARY_IMPL(LLAMA_KERNELS_NS, CPU, m) {
   m.impl("gemv_int4_q8a", &gemv_int4_op<true>);
   m.impl("rms_norm", &rms_norm_op);
   m.impl("rope_", &rope_op);
+  m.impl("silu_mul", &silu_mul_op);
 }
 
 }  // namespace llama_kernels

@@ -254,10 +254,14 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x)  # (B, T, F) each
-        return self.w2(F.silu(gate) * up)
+        return self.w2(self.activate(gate, up))
 
     def gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.w1(x), self.w3(x)
+
+    def activate(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """The gating: silu(gate) = gate * sigmoid(gate) decides, per hidden unit, how much of up passes."""
+        return F.silu(gate) * up
 
 
 class GeluFeedForward(nn.Module):
