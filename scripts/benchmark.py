@@ -43,6 +43,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -384,6 +385,9 @@ def compare_with_llama_cpp(args) -> int:
           f"tg{args.new_tokens}, batch 1, mean of {args.repetitions} runs; int4 in groups of {args.group_size}; "
           f"load average (1, 5, 15 min) before {loads[0]}, after {loads[1]}\n")  # fmt: skip
     print(llama_cpp_table(rows, args.depth))
+    if args.rounds > 1:
+        print(f"\nOver the {args.rounds} rounds (this VM's speed moves between runs; the median and the range):\n")
+        print(llama_cpp_summary(rows, args.depth))
     if args.json:
         Path(args.json).write_text(json.dumps({"load_average": loads, "threads": args.threads, "rows": rows}, indent=2))
     return 0
@@ -405,6 +409,23 @@ def llama_cpp_table(rows: list[dict], depths: list[int]) -> str:
             lines.append(f"| {row['round']} | {name} | {depth} | {a['decode']:.2f} | {b['decode']:.2f} | "
                          f"{a['decode'] / b['decode']:.2f} | {a['prefill']:.1f} | {b['prefill']:.1f} | "
                          f"{a['prefill'] / b['prefill']:.2f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def llama_cpp_summary(rows: list[dict], depths: list[int]) -> str:
+    """One line per precision and depth: the median ours / llama.cpp decode and prefill ratio over the
+    rounds, and the lowest and highest."""
+    lines = ["| precision | depth | rounds | decode ratio, median | decode ratio, range | prefill ratio, median | "
+             "prefill ratio, range |", "|---|---:|---:|---:|---|---:|---|"]  # fmt: skip
+    for precision in dict.fromkeys(row["precision"] for row in rows):
+        done = [r for r in rows if r["precision"] == precision and "error" not in r["ours"]]
+        if not done:
+            continue
+        for depth in map(str, depths):
+            ratios = {key: sorted(r["ours"]["depths"][depth][key] / r["llama.cpp"]["depths"][depth][key] for r in done)
+                      for key in ("decode", "prefill")}  # fmt: skip
+            cells = [f"{statistics.median(v):.2f} | {v[0]:.2f}-{v[-1]:.2f}" for v in ratios.values()]
+            lines.append(f"| {precision} / {done[0]['llama_cpp_type']} | {depth} | {len(done)} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 

@@ -168,6 +168,14 @@ def test_llama_cpp_columns_convert_once_alternate_and_tabulate(tmp_path):
         line = (f"| {r['round']} | {r['precision']} / {r['llama_cpp_type']} | 0 | {ours['decode']:.2f} | {tg:.2f} | "
                 f"{ours['decode'] / tg:.2f} | {ours['prefill']:.1f} | {pp:.1f} | {ours['prefill'] / pp:.2f} |")
         assert line in out.stdout.splitlines(), (line, out.stdout)
+    # and over the rounds, per precision: the median ratio and the range
+    for precision, kind in (("bf16", "BF16"), ("int4", "Q4_0")):
+        tg, pp = FAKE_SPEED[kind]
+        decode = sorted(r["ours"]["depths"]["0"]["decode"] / tg for r in rows if r["precision"] == precision)
+        prefill = sorted(r["ours"]["depths"]["0"]["prefill"] / pp for r in rows if r["precision"] == precision)
+        line = (f"| {precision} / {kind} | 0 | 2 | {(decode[0] + decode[1]) / 2:.2f} | {decode[0]:.2f}-{decode[1]:.2f} | "
+                f"{(prefill[0] + prefill[1]) / 2:.2f} | {prefill[0]:.2f}-{prefill[1]:.2f} |")
+        assert line in out.stdout.splitlines(), (line, out.stdout)
 
     # A second run on the same checkpoint converts nothing; a changed checkpoint is converted again.
     # (llama-bench, the first to run in round 1, fails from here on: the runs stop there, exit 2.)
