@@ -28,7 +28,9 @@
 // 0-7, d[2c+1] in lanes 8-15) and one convert + fused multiply-add per register applies them.
 // int4 keeps gemv_int4.cpp's layout (16 output rows per register lane, quads of 4 values of k):
 // a quad's 32 bytes become, per row i, the dword (q[k0], q[k0+1], q[k0+2], q[k0+3]) in two
-// instructions, multiplied by x's four values broadcast.
+// instructions, multiplied by x's four values broadcast. These layouts are for decoding (a few
+// rows of x); prefill-sized calls (INT8_PANEL_MIN_ROWS, INT4_PANEL_MIN_ROWS) take the "panel"
+// kernels further down, which put 16 rows of x in the lanes instead.
 //
 // Compiled for AVX512-VNNI (with AVX-512 BW/VL/VBMI/BF16 as the other kernels); elsewhere the same
 // arithmetic in plain loops (kernels/native.py uses these kernels only where VNNI is present).
@@ -265,19 +267,285 @@ void int4_tile(const Int4Rows& xr, int64_t m0, int64_t K, const uint8_t* packed,
   }
 }
 
+// ---- Many rows of x (prefill): rows of x in the lanes ----
+//
+// With the layout above, each vpdpbusd's sum covers half a block of one (x row, weight row) pair,
+// so every vpdpbusd needs its own convert and multiply-add to apply d (three instructions of
+// overhead per product instruction). For more rows of x, the kernels below turn the lanes
+// around: x is taken 16 rows at a time (a "panel"), one register holding, per lane i, the four xq
+// of row i at one quad of k (k0 .. k0+3). A weight row's four values at k0 are broadcast to every
+// lane, so one vpdpbusd adds four products to each of 16 (x row, weight row) sums, and the 8
+// vpdpbusd of a block of 32 all add into the same int32 register: one convert and one
+// multiply-add per 8 product instructions, with d[m, b] as a vector (lane i) and the weight's
+// scale, the same for every lane, broadcast. A tile of NR weight rows meets MB panels at a time:
+// each broadcast weight register serves MB panels, each loaded x register NR rows.
+//
+// The unsigned side of vpdpbusd is now the weights: int8 q ^ 0x80 = q + 128 (the accumulator
+// starts at -128 * the block's xq summed, as above, now one value per lane); int4 q in 0..15
+// (starts at -8 * the xq summed). int8 rows are read where they are, with their stride. int4's
+// block of 16 rows is unpacked from pack_int4's records once per call into a small buffer, a
+// quad's 32 bytes becoming one register of the 16 rows' dwords (as in int4_tile), from which row
+// i's dword is broadcast. x's panels are built once per call; a tile (NR x K bytes of weights,
+// from the cache after the first panel) meets every panel in turn.
+//
+// Rows of x from which the panel kernels are used; below, the kernels above (measured on Zen 5, one
+// thread, the four Llama-3.2-1B layer shapes): int8 and Q8_0 panels win from 6 rows (a panel costs
+// about the same for 1-16 rows, the kernels above grow with every row); int4 from 32 (int4_tile
+// already applies its scales once per block of 32, and unpacks each quad once for 4 rows of x).
+constexpr int64_t INT8_PANEL_MIN_ROWS = 6, INT4_PANEL_MIN_ROWS = 32;
+
+enum class Kind { INT8, Q8_0, INT4 };
+
+// One register's worth of a panel, aligned for whole-register loads.
+struct alignas(64) Bytes64 { int8_t v[64]; };
+struct alignas(64) Ints16 { int32_t v[16]; };
+struct alignas(64) Floats16 { float v[16]; };
+
+// x quantized for the panel kernels, P = ceil(M / 16) panels (rows past M: zeros, outputs dropped).
+struct Panels {
+  std::vector<Bytes64> q;       // (P, K/4): panel p, quad j -> bytes 4i..4i+3 = xq[16p + i, 4j .. 4j+3]
+  std::vector<Ints16> start;    // (P, K/32): lane i = factor * (xq of row 16p + i in block b, summed)
+  std::vector<Floats16> d;      // (P, K/32): lane i = d[16p + i, b]
+  std::vector<Floats16> xsum;   // int4 only, (P, K/G): lane i = X[16p + i, g], the group's sum of x itself
+};
+
+// factor: -128 (int8 weights, made unsigned by + 128) or -8 (int4); G: int4's group size, else 0.
+// K is a multiple of 32.
+// quantize_block for a whole block of 32 in two registers, with the same float32 operations (|x| max,
+// d = max / 127, x * (1 / d) rounded half to even by vcvtps2dq, clamped to +-127), so the same xq and d;
+// also the xq summed and (into xsum) x itself. At prefill sizes the scalar loop took ~10% of a call.
+float quantize_block32(const bf16* x, int8_t* q, int32_t& q_sum, __m512& xsum) {
+  const __m512i raw = _mm512_loadu_si512(x);
+  const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(raw)), 16));
+  const __m512 hi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(raw, 1)), 16));
+  xsum = _mm512_add_ps(xsum, _mm512_add_ps(lo, hi));
+  const __m512 alo = _mm512_abs_ps(lo), ahi = _mm512_abs_ps(hi);
+  const __m512 big = _mm512_set1_ps(std::numeric_limits<float>::max());
+  if (_mm512_cmp_ps_mask(alo, big, _CMP_NLE_UQ) | _mm512_cmp_ps_mask(ahi, big, _CMP_NLE_UQ)) {  // inf or NaN
+    std::memset(q, 0, 32);
+    q_sum = 0;
+    return std::numeric_limits<float>::quiet_NaN();
+  }
+  const float d = _mm512_reduce_max_ps(_mm512_max_ps(alo, ahi)) / 127.f, id = d != 0.f ? 1.f / d : 0.f;
+  const __m512i lim = _mm512_set1_epi32(127);
+  auto round = [&](__m512 v) {
+    const __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(v, _mm512_set1_ps(id)));
+    return _mm512_max_epi32(_mm512_min_epi32(r, lim), _mm512_sub_epi32(_mm512_setzero_si512(), lim));
+  };
+  const __m512i qlo = round(lo), qhi = round(hi);
+  _mm_storeu_si128((__m128i*)q, _mm512_cvtepi32_epi8(qlo));
+  _mm_storeu_si128((__m128i*)(q + 16), _mm512_cvtepi32_epi8(qhi));
+  q_sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
+  return d;
+}
+
+Panels quantize_panels(const bf16* x, int64_t M, int64_t K, int32_t factor, int64_t G) {
+  const int64_t P = (M + 15) / 16, n_blocks = K / 32;
+  Panels xp{std::vector<Bytes64>(P * K / 4), std::vector<Ints16>(P * n_blocks), std::vector<Floats16>(P * n_blocks),
+            std::vector<Floats16>(G ? P * (K / G) : 0)};  // zeros
+  for (int64_t m = 0; m < M; m++) {
+    const int64_t p = m / 16, i = m % 16;
+    __m512 xsum = _mm512_setzero_ps();
+    for (int64_t b = 0; b < n_blocks; b++) {
+      int8_t q[32];
+      int32_t sum;
+      xp.d[p * n_blocks + b].v[i] = quantize_block32(x + m * K + 32 * b, q, sum, xsum);
+      xp.start[p * n_blocks + b].v[i] = factor * sum;
+      for (int j = 0; j < 8; j++) std::memcpy(xp.q[p * K / 4 + 8 * b + j].v + 4 * i, q + 4 * j, 4);
+      if (G && (32 * (b + 1)) % G == 0) {  // the end of group g = 32 b / G
+        xp.xsum[p * (K / G) + 32 * b / G].v[i] = _mm512_reduce_add_ps(xsum);
+        xsum = _mm512_setzero_ps();
+      }
+    }
+  }
+  return xp;
+}
+
+// Where a tile's NR weight rows come from.
+template <int NR>
+struct WeightTile {
+  const int8_t* row[NR];   // INT8, Q8_0: row r's K values
+  const uint16_t* e[NR];   // Q8_0: row r's K/32 fp16 block scales
+  int64_t ldw;             // INT8, Q8_0: the weight's row stride (to prefetch the next tile)
+  const uint8_t* records;  // INT4: the 16-row block's first record (pack_int4), for the scales
+  const Ints16* quads;     // INT4: the block's weights unpacked, quads[j].v[i] = row i's dword at quad j
+  int first;               // INT4: the tile's first row within the block
+  int64_t G;               // INT4: group size
+};
+
+// out[r][mb][i] = the float32 sum for x row 16 (p0 + mb) + i and the tile's row r, for K values of k
+// (int8: before the per-row scale).
+template <Kind KIND, int NR, int MB>
+void panel_tile(const Panels& xp, int64_t p0, int64_t K, const WeightTile<NR>& w, float (*out)[MB][16]) {
+  const int64_t n_blocks = K / 32, quads = K / 4;
+  const __m512i flip = _mm512_set1_epi8(char(0x80));
+  // int4: the record of group g (rec) and the block's place in it; int8: one "group" of all blocks.
+  const int64_t blocks_per_group = KIND == Kind::INT4 ? w.G / 32 : n_blocks, rec_bytes = 64 + 8 * w.G;
+  const uint8_t* rec = w.records;
+  // The float sums live in `out` (L1), updated once per block: in registers next to the NR x MB int32
+  // accumulators they leave the compiler too few and it spills inside the product loop.
+  for (int r = 0; r < NR; r++)
+    for (int mb = 0; mb < MB; mb++) _mm512_store_ps(out[r][mb], _mm512_setzero_ps());
+  for (int64_t g = 0, b = 0; b < n_blocks; g++, rec += rec_bytes)
+    for (int64_t bg = 0; bg < blocks_per_group; bg++, b++) {
+      __m512i acc[NR][MB];
+      for (int mb = 0; mb < MB; mb++) {
+        const __m512i start = _mm512_load_si512(xp.start[(p0 + mb) * n_blocks + b].v);
+        for (int r = 0; r < NR; r++) acc[r][mb] = start;
+      }
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; j++) {
+        __m512i xv[MB];
+        for (int mb = 0; mb < MB; mb++) {
+          xv[mb] = _mm512_load_si512(xp.q[(p0 + mb) * quads + 8 * b + j].v);
+          // In a register, loaded once for the NR rows: left to itself the compiler folds the load into
+          // each vpdpbusd, and the loads (not the products) then set the pace.
+          asm("" : "+v"(xv[mb]));
+        }
+        for (int r = 0; r < NR; r++) {
+          __m512i wv;
+          if constexpr (KIND == Kind::INT4) {
+            wv = _mm512_set1_epi32(w.quads[8 * b + j].v[w.first + r]);  // q in 0..15: unsigned already
+          } else {
+            int32_t quad;
+            std::memcpy(&quad, w.row[r] + 32 * b + 4 * j, 4);
+            wv = _mm512_xor_si512(_mm512_set1_epi32(quad), flip);  // q + 128 as u8
+          }
+          for (int mb = 0; mb < MB; mb++) acc[r][mb] = _mm512_dpbusd_epi32(acc[r][mb], wv, xv[mb]);
+        }
+      }
+      if constexpr (KIND != Kind::INT4) {
+        if (b % 2 == 0)  // the next tile's rows, as int8_tile does
+          for (int r = 0; r < NR; r++)
+            _mm_prefetch(reinterpret_cast<const char*>(w.row[r] + NR * w.ldw + 32 * b), _MM_HINT_T0);
+      }
+      for (int r = 0; r < NR; r++) {
+        __m512 c;  // the weight row's scale for this block, the same in every lane
+        if constexpr (KIND == Kind::Q8_0) c = _mm512_set1_ps(_cvtsh_ss(w.e[r][b]));
+        if constexpr (KIND == Kind::INT4) {
+          bf16 sc;
+          std::memcpy(&sc, rec + 4 * (w.first + r), 2);
+          c = _mm512_set1_ps(bf16_to_float(sc));
+        }
+        for (int mb = 0; mb < MB; mb++) {
+          const __m512 d = _mm512_load_ps(xp.d[(p0 + mb) * n_blocks + b].v);
+          _mm512_store_ps(out[r][mb], _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][mb]),
+                                                      KIND == Kind::INT8 ? d : _mm512_mul_ps(d, c),
+                                                      _mm512_load_ps(out[r][mb])));
+        }
+      }
+      if constexpr (KIND == Kind::INT4) {
+        if (bg == blocks_per_group - 1) {  // the group's zero points times X
+          for (int r = 0; r < NR; r++) {
+            bf16 z;
+            std::memcpy(&z, rec + 4 * (w.first + r) + 2, 2);
+            const __m512 zr = _mm512_set1_ps(bf16_to_float(z));
+            for (int mb = 0; mb < MB; mb++)
+              _mm512_store_ps(out[r][mb], _mm512_fmadd_ps(_mm512_load_ps(xp.xsum[(p0 + mb) * (K / w.G) + g].v), zr,
+                                                          _mm512_load_ps(out[r][mb])));
+          }
+        }
+      }
+    }
+}
+
+// Tile shapes, weight rows NR x panels MB (measured on Zen 5, one thread, K = 2048 and 8192): int8
+// and Q8_0 read NR rows of the weight as NR streams; 8 x 2 (16 int32 accumulators) was fastest
+// (4 x 2 and 4 x 3 slower by 10-30%, 8 x 3 spills, 16 x 1 twice as slow at K = 8192). int4 reads
+// its unpacked copy as one stream and takes the whole block of 16 rows: 16 x 1 (8 x 2 was 10-25%
+// slower).
+constexpr int INT8_NR = 8, INT8_MB = 2, INT4_NR = 16, INT4_MB = 1;
+
+// y[m, n0 + r] for every m < M and r < rows (<= NR): the tile against every panel, MB at a time.
+// scale(r): the per-row scale (int8), else 1.
+template <Kind KIND, int NR, int MB, typename Scale>
+void panel_rows(const Panels& xp, int64_t M, int64_t K, const WeightTile<NR>& w, int rows, Scale scale, bf16* y,
+                int64_t N) {
+  static_assert(MB == 1 || MB == 2);
+  const int64_t P = (M + 15) / 16;
+  for (int64_t p = 0; p < P;) {
+    const int64_t mb = P - p < MB ? P - p : MB;
+    alignas(64) float out[NR][MB][16];
+    if (mb == MB) panel_tile<KIND, NR, MB>(xp, p, K, w, out);
+    else panel_tile<KIND, NR, 1>(xp, p, K, w, reinterpret_cast<float(*)[1][16]>(out[0][0]));
+    const float(*o)[16] = reinterpret_cast<const float(*)[16]>(out[0][0]);  // o[r * mb + t]
+    for (int r = 0; r < rows; r++) {
+      const float s = scale(r);
+      for (int64_t t = 0; t < mb; t++)
+        for (int i = 0; i < 16 && 16 * (p + t) + i < M; i++)
+          y[(16 * (p + t) + i) * N + r] = float_to_bf16(o[r * mb + t][i] * s);
+    }
+    p += mb;
+  }
+}
+
+
+template <Kind KIND>
+void int8_panels(const bf16* x, int64_t M, int64_t K, const int8_t* q, int64_t ldw, int64_t N, const void* scales,
+                 bool scales_bf16, const uint16_t* e, bf16* y) {
+  const Panels xp = quantize_panels(x, M, K, -128, 0);
+  at::parallel_for(0, (N + INT8_NR - 1) / INT8_NR, grain_for(INT8_NR * K), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; t++) {
+      const int64_t n0 = t * INT8_NR;
+      const int rows = N - n0 < INT8_NR ? int(N - n0) : INT8_NR;
+      WeightTile<INT8_NR> w{};
+      w.ldw = ldw;
+      for (int r = 0; r < INT8_NR; r++) {
+        const int64_t n = n0 + (r < rows ? r : rows - 1);  // a short last tile repeats its last row
+        w.row[r] = q + n * ldw;
+        if (KIND == Kind::Q8_0) w.e[r] = e + n * (K / 32);
+      }
+      if (KIND == Kind::Q8_0)
+        panel_rows<KIND, INT8_NR, INT8_MB>(xp, M, K, w, rows, [](int) { return 1.f; }, y + n0, N);
+      else
+        panel_rows<KIND, INT8_NR, INT8_MB>(xp, M, K, w, rows, [&](int r) { return load_scale(scales, scales_bf16, n0 + r); }, y + n0, N);
+    }
+  });
+}
+
+// int4: each block of 16 rows is unpacked once per call into `quads` (16 K bytes, from the cache while
+// the panels go by), as int4_tile unpacks a quad: its 32 bytes -> row i's dword in lane i.
+void int4_panels(const bf16* x, int64_t M, int64_t K, const uint8_t* packed, int64_t N, int64_t G, bf16* y) {
+  const Panels xp = quantize_panels(x, M, K, -8, G);
+  const int64_t n_groups = K / G, rec_bytes = 64 + 8 * G;
+  const __m512i nibbles = _mm512_set1_epi32(0x0F0F0F0F);
+  at::parallel_for(0, (N + 15) / 16, grain_for(8 * K), [&](int64_t begin, int64_t end) {
+    std::vector<Ints16> quads(K / 4);
+    for (int64_t blk = begin; blk < end; blk++) {
+      const uint8_t* records = packed + blk * n_groups * rec_bytes;
+      for (int64_t g = 0; g < n_groups; g++)
+        for (int64_t j = 0; j < G / 4; j++) {
+          const __m512i h = _mm512_cvtepu16_epi32(
+              _mm256_loadu_si256((const __m256i*)(records + g * rec_bytes + 64 + 32 * j)));
+          _mm512_store_si512(quads[g * G / 4 + j].v, _mm512_ternarylogic_epi32(h, _mm512_slli_epi32(h, 12), nibbles, 0xA8));
+        }
+      for (int first = 0; first < 16 && 16 * blk + first < N; first += INT4_NR) {
+        const int64_t n0 = 16 * blk + first;
+        WeightTile<INT4_NR> w{};
+        w.records = records, w.quads = quads.data(), w.first = first, w.G = G;
+        const int rows = N - n0 < INT4_NR ? int(N - n0) : INT4_NR;  // the packing's padding rows are zeros
+        panel_rows<Kind::INT4, INT4_NR, INT4_MB>(xp, M, K, w, rows, [](int) { return 1.f; }, y + n0, N);
+      }
+    }
+  });
+}
+
 }  // namespace
 
 void gemv_int8_q8a(const bf16* x, int64_t M, int64_t K, const int8_t* q, int64_t ldw, int64_t N, const void* scales,
                    bool scales_bf16, bf16* y) {
+  if (M >= INT8_PANEL_MIN_ROWS && K % 32 == 0) return int8_panels<Kind::INT8>(x, M, K, q, ldw, N, scales, scales_bf16, nullptr, y);
   int8_q8a<false>(x, M, K, q, ldw, N, scales, scales_bf16, nullptr, y);
 }
 
 void gemv_q8_0_q8a(const bf16* x, int64_t M, int64_t K, const int8_t* q, int64_t ldw, int64_t N, const uint16_t* e,
                    bf16* y) {
+  if (M >= INT8_PANEL_MIN_ROWS) return int8_panels<Kind::Q8_0>(x, M, K, q, ldw, N, nullptr, false, e, y);
   int8_q8a<true>(x, M, K, q, ldw, N, nullptr, false, e, y);
 }
 
 void gemv_int4_q8a(const bf16* x, int64_t M, int64_t K, const uint8_t* packed, int64_t N, int64_t G, bf16* y) {
+  if (M >= INT4_PANEL_MIN_ROWS) return int4_panels(x, M, K, packed, N, G, y);
   const Int4Rows xr = quantize_int4_rows(x, M, K, G);
   at::parallel_for(0, (N + 15) / 16, grain_for(8 * K), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; b++)
