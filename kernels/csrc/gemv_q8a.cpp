@@ -365,9 +365,10 @@ Panels quantize_panels(const bf16* x, int64_t M, int64_t K, int32_t factor, int6
 template <int NR>
 struct WeightTile {
   const int8_t* row[NR];   // INT8, Q8_0: row r's K values
-  const uint16_t* e[NR];   // Q8_0: row r's K/32 fp16 block scales
+  const float* scale;      // Q8_0, INT4: scale[b * ld + r], row r's scale for block b (e; int4: s of b's group)
+  const float* zero;       // INT4: zero[g * ld + r], row r's zero point in group g
+  int64_t ld;              // Q8_0, INT4: see scale and zero
   int64_t ldw;             // INT8, Q8_0: the weight's row stride (to prefetch the next tile)
-  const uint8_t* records;  // INT4: the 16-row block's first record (pack_int4), for the scales
   const Ints16* quads;     // INT4: the block's weights unpacked, quads[j].v[i] = row i's dword at quad j
   int first;               // INT4: the tile's first row within the block
   int64_t G;               // INT4: group size
@@ -379,14 +380,13 @@ template <Kind KIND, int NR, int MB>
 void panel_tile(const Panels& xp, int64_t p0, int64_t K, const WeightTile<NR>& w, float (*out)[MB][16]) {
   const int64_t n_blocks = K / 32, quads = K / 4;
   const __m512i flip = _mm512_set1_epi8(char(0x80));
-  // int4: the record of group g (rec) and the block's place in it; int8: one "group" of all blocks.
-  const int64_t blocks_per_group = KIND == Kind::INT4 ? w.G / 32 : n_blocks, rec_bytes = 64 + 8 * w.G;
-  const uint8_t* rec = w.records;
+  // int4: group g and the block's place in it; int8: one "group" of all blocks.
+  const int64_t blocks_per_group = KIND == Kind::INT4 ? w.G / 32 : n_blocks;
   // The float sums live in `out` (L1), updated once per block: in registers next to the NR x MB int32
   // accumulators they leave the compiler too few and it spills inside the product loop.
   for (int r = 0; r < NR; r++)
     for (int mb = 0; mb < MB; mb++) _mm512_store_ps(out[r][mb], _mm512_setzero_ps());
-  for (int64_t g = 0, b = 0; b < n_blocks; g++, rec += rec_bytes)
+  for (int64_t g = 0, b = 0; b < n_blocks; g++)
     for (int64_t bg = 0; bg < blocks_per_group; bg++, b++) {
       __m512i acc[NR][MB];
       for (int mb = 0; mb < MB; mb++) {
@@ -419,33 +419,20 @@ void panel_tile(const Panels& xp, int64_t p0, int64_t K, const WeightTile<NR>& w
           for (int r = 0; r < NR; r++)
             _mm_prefetch(reinterpret_cast<const char*>(w.row[r] + NR * w.ldw + 32 * b), _MM_HINT_T0);
       }
-      for (int r = 0; r < NR; r++) {
-        __m512 c;  // the weight row's scale for this block, the same in every lane
-        if constexpr (KIND == Kind::Q8_0) c = _mm512_set1_ps(_cvtsh_ss(w.e[r][b]));
-        if constexpr (KIND == Kind::INT4) {
-          bf16 sc;
-          std::memcpy(&sc, rec + 4 * (w.first + r), 2);
-          c = _mm512_set1_ps(bf16_to_float(sc));
-        }
+      // The weight row's scale for this block (Q8_0: e, int4: s), the same in every lane; int4 adds
+      // the group's zero points times X after its last block.
+      const bool group_end = KIND == Kind::INT4 && bg == blocks_per_group - 1;
+      for (int r = 0; r < NR; r++)
         for (int mb = 0; mb < MB; mb++) {
           const __m512 d = _mm512_load_ps(xp.d[(p0 + mb) * n_blocks + b].v);
-          _mm512_store_ps(out[r][mb], _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][mb]),
-                                                      KIND == Kind::INT8 ? d : _mm512_mul_ps(d, c),
-                                                      _mm512_load_ps(out[r][mb])));
+          __m512 sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][mb]),
+                                       KIND == Kind::INT8 ? d : _mm512_mul_ps(d, _mm512_set1_ps(w.scale[b * w.ld + r])),
+                                       _mm512_load_ps(out[r][mb]));
+          if (group_end)
+            sum = _mm512_fmadd_ps(_mm512_load_ps(xp.xsum[(p0 + mb) * (K / w.G) + g].v), _mm512_set1_ps(w.zero[g * w.ld + r]),
+                                  sum);
+          _mm512_store_ps(out[r][mb], sum);
         }
-      }
-      if constexpr (KIND == Kind::INT4) {
-        if (bg == blocks_per_group - 1) {  // the group's zero points times X
-          for (int r = 0; r < NR; r++) {
-            bf16 z;
-            std::memcpy(&z, rec + 4 * (w.first + r) + 2, 2);
-            const __m512 zr = _mm512_set1_ps(bf16_to_float(z));
-            for (int mb = 0; mb < MB; mb++)
-              _mm512_store_ps(out[r][mb], _mm512_fmadd_ps(_mm512_load_ps(xp.xsum[(p0 + mb) * (K / w.G) + g].v), zr,
-                                                          _mm512_load_ps(out[r][mb])));
-          }
-        }
-      }
     }
 }
 
@@ -484,16 +471,19 @@ template <Kind KIND>
 void int8_panels(const bf16* x, int64_t M, int64_t K, const int8_t* q, int64_t ldw, int64_t N, const void* scales,
                  bool scales_bf16, const uint16_t* e, bf16* y) {
   const Panels xp = quantize_panels(x, M, K, -128, 0);
+  const int64_t n_blocks = K / 32;
   at::parallel_for(0, (N + INT8_NR - 1) / INT8_NR, grain_for(INT8_NR * K), [&](int64_t begin, int64_t end) {
+    std::vector<float> es(KIND == Kind::Q8_0 ? n_blocks * INT8_NR : 0);  // the tile's e as float32, once
     for (int64_t t = begin; t < end; t++) {
       const int64_t n0 = t * INT8_NR;
       const int rows = N - n0 < INT8_NR ? int(N - n0) : INT8_NR;
       WeightTile<INT8_NR> w{};
-      w.ldw = ldw;
+      w.ldw = ldw, w.scale = es.data(), w.ld = INT8_NR;
       for (int r = 0; r < INT8_NR; r++) {
         const int64_t n = n0 + (r < rows ? r : rows - 1);  // a short last tile repeats its last row
         w.row[r] = q + n * ldw;
-        if (KIND == Kind::Q8_0) w.e[r] = e + n * (K / 32);
+        if (KIND == Kind::Q8_0)
+          for (int64_t b = 0; b < n_blocks; b++) es[b * INT8_NR + r] = _cvtsh_ss(e[n * n_blocks + b]);
       }
       if (KIND == Kind::Q8_0)
         panel_rows<KIND, INT8_NR, INT8_MB>(xp, M, K, w, rows, [](int) { return 1.f; }, y + n0, N);
@@ -511,18 +501,27 @@ void int4_panels(const bf16* x, int64_t M, int64_t K, const uint8_t* packed, int
   const __m512i nibbles = _mm512_set1_epi32(0x0F0F0F0F);
   at::parallel_for(0, (N + 15) / 16, grain_for(8 * K), [&](int64_t begin, int64_t end) {
     std::vector<Ints16> quads(K / 4);
+    std::vector<float> scale(K / 32 * 16), zero(n_groups * 16);  // the 16 rows' s (per block) and z, as floats
     for (int64_t blk = begin; blk < end; blk++) {
       const uint8_t* records = packed + blk * n_groups * rec_bytes;
-      for (int64_t g = 0; g < n_groups; g++)
+      for (int64_t g = 0; g < n_groups; g++) {
+        bf16 sz[32];  // (s, z) of the 16 rows
+        std::memcpy(sz, records + g * rec_bytes, 64);
+        for (int i = 0; i < 16; i++) {
+          for (int64_t b = g * G / 32; b < (g + 1) * G / 32; b++) scale[b * 16 + i] = bf16_to_float(sz[2 * i]);
+          zero[g * 16 + i] = bf16_to_float(sz[2 * i + 1]);
+        }
         for (int64_t j = 0; j < G / 4; j++) {
           const __m512i h = _mm512_cvtepu16_epi32(
               _mm256_loadu_si256((const __m256i*)(records + g * rec_bytes + 64 + 32 * j)));
           _mm512_store_si512(quads[g * G / 4 + j].v, _mm512_ternarylogic_epi32(h, _mm512_slli_epi32(h, 12), nibbles, 0xA8));
         }
+      }
       for (int first = 0; first < 16 && 16 * blk + first < N; first += INT4_NR) {
         const int64_t n0 = 16 * blk + first;
         WeightTile<INT4_NR> w{};
-        w.records = records, w.quads = quads.data(), w.first = first, w.G = G;
+        w.quads = quads.data(), w.scale = scale.data() + first, w.zero = zero.data() + first, w.ld = 16;
+        w.first = first, w.G = G;
         const int rows = N - n0 < INT4_NR ? int(N - n0) : INT4_NR;  // the packing's padding rows are zeros
         panel_rows<Kind::INT4, INT4_NR, INT4_MB>(xp, M, K, w, rows, [](int) { return 1.f; }, y + n0, N);
       }
