@@ -108,10 +108,10 @@ def test_int4_q8a_kernel(M, N, groups, G, seed):
     assert_within(native.gemv_int4_q8a(x, packed, N, K, G), ref, magnitude, K)
 
 
-# Prefill-sized calls take the panel kernels (16 rows of x per register, gemv_q8a.cpp): from 6 rows for
-# int8 / Q8_0, 32 for int4. These row counts cover both sides of each switch, a last panel of 1, 15
-# and 16 rows, and several panels per tile (up to 300 rows: 19 panels); N not a multiple of the
-# tile (8 rows for int8, blocks of 16 for int4) leaves a short last tile.
+# Prefill-sized int8 / Q8_0 calls take the panel kernels (16 rows of x per register, gemv_q8a.cpp) from
+# 6 rows on. These row counts cover both sides of the switch, a last panel of 1, 15 and 16 rows, and
+# several panels per tile (up to 300 rows: 19 panels); N = 45 leaves a short last tile of weight
+# rows (8 per tile). int4 keeps its kernel at every size (x quantized with AVX-512 there too).
 PANEL_ROWS = [5, 6, 7, 16, 17, 31, 32, 33, 47, 64, 129, 300]
 
 

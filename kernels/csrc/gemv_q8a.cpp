@@ -28,9 +28,10 @@
 // 0-7, d[2c+1] in lanes 8-15) and one convert + fused multiply-add per register applies them.
 // int4 keeps gemv_int4.cpp's layout (16 output rows per register lane, quads of 4 values of k):
 // a quad's 32 bytes become, per row i, the dword (q[k0], q[k0+1], q[k0+2], q[k0+3]) in two
-// instructions, multiplied by x's four values broadcast. These layouts are for decoding (a few
-// rows of x); prefill-sized calls (INT8_PANEL_MIN_ROWS, INT4_PANEL_MIN_ROWS) take the "panel"
-// kernels further down, which put 16 rows of x in the lanes instead.
+// instructions, multiplied by x's four values broadcast (int4's sums are per block of 16 output rows
+// already, so its scales cost one convert + multiply-add per 8 vpdpbusd). The int8 layout is for
+// decoding (a few rows of x); prefill-sized int8 / Q8_0 calls (INT8_PANEL_MIN_ROWS) take the
+// "panel" kernels further down, which put 16 rows of x in the lanes instead.
 //
 // Compiled for AVX512-VNNI (with AVX-512 BW/VL/VBMI/BF16 as the other kernels); elsewhere the same
 // arithmetic in plain loops (kernels/native.py uses these kernels only where VNNI is present).
@@ -82,6 +83,37 @@ float quantize_block(const bf16* x, int64_t n, int8_t* q) {
   return d;
 }
 
+#ifdef LLAMA_KERNELS_VNNI
+// quantize_block for a whole block of 32 in two registers, with the same float32 operations (|x| max,
+// d = max / 127, x * (1 / d) rounded half to even by vcvtps2dq, clamped to +-127), so the same xq and d;
+// also the xq summed and (added into xsum) x itself. At prefill sizes the scalar loop took ~10% of a call.
+// (AVX-512 build only.)
+float quantize_block32(const bf16* x, int8_t* q, int32_t& q_sum, __m512& xsum) {
+  const __m512i raw = _mm512_loadu_si512(x);
+  const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(raw)), 16));
+  const __m512 hi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(raw, 1)), 16));
+  xsum = _mm512_add_ps(xsum, _mm512_add_ps(lo, hi));
+  const __m512 alo = _mm512_abs_ps(lo), ahi = _mm512_abs_ps(hi);
+  const __m512 big = _mm512_set1_ps(std::numeric_limits<float>::max());
+  if (_mm512_cmp_ps_mask(alo, big, _CMP_NLE_UQ) | _mm512_cmp_ps_mask(ahi, big, _CMP_NLE_UQ)) {  // inf or NaN
+    std::memset(q, 0, 32);
+    q_sum = 0;
+    return std::numeric_limits<float>::quiet_NaN();
+  }
+  const float d = _mm512_reduce_max_ps(_mm512_max_ps(alo, ahi)) / 127.f, id = d != 0.f ? 1.f / d : 0.f;
+  const __m512i lim = _mm512_set1_epi32(127);
+  auto round = [&](__m512 v) {
+    const __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(v, _mm512_set1_ps(id)));
+    return _mm512_max_epi32(_mm512_min_epi32(r, lim), _mm512_sub_epi32(_mm512_setzero_si512(), lim));
+  };
+  const __m512i qlo = round(lo), qhi = round(hi);
+  _mm_storeu_si128((__m128i*)q, _mm512_cvtepi32_epi8(qlo));
+  _mm_storeu_si128((__m128i*)(q + 16), _mm512_cvtepi32_epi8(qhi));
+  q_sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
+  return d;
+}
+#endif
+
 // x (M, K) -> M * C chunks (C = K rounded up to 64, / 64).
 std::vector<Chunk> quantize_chunks(const bf16* x, int64_t M, int64_t K) {
   const int64_t C = (K + 63) / 64;
@@ -114,6 +146,18 @@ Int4Rows quantize_int4_rows(const bf16* x, int64_t M, int64_t K, int64_t G) {
   Int4Rows r{std::vector<int8_t>(M * K), std::vector<float>(M * K / 32), std::vector<int32_t>(M * K / 32),
              std::vector<float>(M * K / G)};
   for (int64_t m = 0; m < M; m++) {
+#ifdef LLAMA_KERNELS_VNNI
+    __m512 xsum = _mm512_setzero_ps();
+    for (int64_t b = 0; b < K / 32; b++) {
+      int32_t sum;
+      r.d[m * (K / 32) + b] = quantize_block32(x + m * K + 32 * b, r.q.data() + m * K + 32 * b, sum, xsum);
+      r.bias[m * (K / 32) + b] = -8 * sum;
+      if ((32 * (b + 1)) % G == 0) {  // the end of group 32 b / G
+        r.xsum[m * (K / G) + 32 * b / G] = _mm512_reduce_add_ps(xsum);
+        xsum = _mm512_setzero_ps();
+      }
+    }
+#else
     for (int64_t b = 0; b < K / 32; b++) {
       int8_t* q = r.q.data() + m * K + 32 * b;
       r.d[m * (K / 32) + b] = quantize_block(x + m * K + 32 * b, 32, q);
@@ -126,6 +170,7 @@ Int4Rows quantize_int4_rows(const bf16* x, int64_t M, int64_t K, int64_t G) {
       for (int64_t k = g * G; k < (g + 1) * G; k++) sum += bf16_to_float(x[m * K + k]);
       r.xsum[m * (K / G) + g] = sum;
     }
+#endif
   }
   return r;
 }
@@ -280,21 +325,21 @@ void int4_tile(const Int4Rows& xr, int64_t m0, int64_t K, const uint8_t* packed,
 // scale, the same for every lane, broadcast. A tile of NR weight rows meets MB panels at a time:
 // each broadcast weight register serves MB panels, each loaded x register NR rows.
 //
-// The unsigned side of vpdpbusd is now the weights: int8 q ^ 0x80 = q + 128 (the accumulator
-// starts at -128 * the block's xq summed, as above, now one value per lane); int4 q in 0..15
-// (starts at -8 * the xq summed). int8 rows are read where they are, with their stride. int4's
-// block of 16 rows is unpacked from pack_int4's records once per call into a small buffer, a
-// quad's 32 bytes becoming one register of the 16 rows' dwords (as in int4_tile), from which row
-// i's dword is broadcast. x's panels are built once per call; a tile (NR x K bytes of weights,
-// from the cache after the first panel) meets every panel in turn.
+// The unsigned side of vpdpbusd is now the weights, q ^ 0x80 = q + 128 (the accumulator starts at
+// -128 * the block's xq summed, as above, now one value per lane). The weight rows are read where
+// they are, with their stride (no second copy); x's panels are built once per call, and a tile
+// (NR x K bytes of weights, from the cache after the first panel) meets every panel in turn.
+//
+// int4 has no panel version: one that unpacked each block of 16 rows once per call and broadcast
+// its dwords the same way measured slower than int4_tile at 32-64 rows and no faster at 128-256
+// (Llama-3.2-1B int4 prefill of 128 tokens: 161 tok/s against 176, one thread of a Zen 5).
 //
 // Rows of x from which the panel kernels are used; below, the kernels above (measured on Zen 5, one
-// thread, the four Llama-3.2-1B layer shapes): int8 and Q8_0 panels win from 6 rows (a panel costs
-// about the same for 1-16 rows, the kernels above grow with every row); int4 from 32 (int4_tile
-// already applies its scales once per block of 32, and unpacks each quad once for 4 rows of x).
-constexpr int64_t INT8_PANEL_MIN_ROWS = 6, INT4_PANEL_MIN_ROWS = 32;
+// thread, the four Llama-3.2-1B layer shapes): a panel costs about the same for 1-16 rows, the
+// kernels above grow with every row, and the panels win from 6 rows.
+constexpr int64_t INT8_PANEL_MIN_ROWS = 6;
 
-enum class Kind { INT8, Q8_0, INT4 };
+enum class Kind { INT8, Q8_0 };
 
 // One register's worth of a panel, aligned for whole-register loads.
 struct alignas(64) Bytes64 { int8_t v[64]; };
@@ -304,58 +349,23 @@ struct alignas(64) Floats16 { float v[16]; };
 // x quantized for the panel kernels, P = ceil(M / 16) panels (rows past M: zeros, outputs dropped).
 struct Panels {
   std::vector<Bytes64> q;       // (P, K/4): panel p, quad j -> bytes 4i..4i+3 = xq[16p + i, 4j .. 4j+3]
-  std::vector<Ints16> start;    // (P, K/32): lane i = factor * (xq of row 16p + i in block b, summed)
+  std::vector<Ints16> start;    // (P, K/32): lane i = -128 * (xq of row 16p + i in block b, summed)
   std::vector<Floats16> d;      // (P, K/32): lane i = d[16p + i, b]
-  std::vector<Floats16> xsum;   // int4 only, (P, K/G): lane i = X[16p + i, g], the group's sum of x itself
 };
 
-// factor: -128 (int8 weights, made unsigned by + 128) or -8 (int4); G: int4's group size, else 0.
 // K is a multiple of 32.
-// quantize_block for a whole block of 32 in two registers, with the same float32 operations (|x| max,
-// d = max / 127, x * (1 / d) rounded half to even by vcvtps2dq, clamped to +-127), so the same xq and d;
-// also the xq summed and (into xsum) x itself. At prefill sizes the scalar loop took ~10% of a call.
-float quantize_block32(const bf16* x, int8_t* q, int32_t& q_sum, __m512& xsum) {
-  const __m512i raw = _mm512_loadu_si512(x);
-  const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(raw)), 16));
-  const __m512 hi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(raw, 1)), 16));
-  xsum = _mm512_add_ps(xsum, _mm512_add_ps(lo, hi));
-  const __m512 alo = _mm512_abs_ps(lo), ahi = _mm512_abs_ps(hi);
-  const __m512 big = _mm512_set1_ps(std::numeric_limits<float>::max());
-  if (_mm512_cmp_ps_mask(alo, big, _CMP_NLE_UQ) | _mm512_cmp_ps_mask(ahi, big, _CMP_NLE_UQ)) {  // inf or NaN
-    std::memset(q, 0, 32);
-    q_sum = 0;
-    return std::numeric_limits<float>::quiet_NaN();
-  }
-  const float d = _mm512_reduce_max_ps(_mm512_max_ps(alo, ahi)) / 127.f, id = d != 0.f ? 1.f / d : 0.f;
-  const __m512i lim = _mm512_set1_epi32(127);
-  auto round = [&](__m512 v) {
-    const __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(v, _mm512_set1_ps(id)));
-    return _mm512_max_epi32(_mm512_min_epi32(r, lim), _mm512_sub_epi32(_mm512_setzero_si512(), lim));
-  };
-  const __m512i qlo = round(lo), qhi = round(hi);
-  _mm_storeu_si128((__m128i*)q, _mm512_cvtepi32_epi8(qlo));
-  _mm_storeu_si128((__m128i*)(q + 16), _mm512_cvtepi32_epi8(qhi));
-  q_sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
-  return d;
-}
-
-Panels quantize_panels(const bf16* x, int64_t M, int64_t K, int32_t factor, int64_t G) {
+Panels quantize_panels(const bf16* x, int64_t M, int64_t K) {
   const int64_t P = (M + 15) / 16, n_blocks = K / 32;
-  Panels xp{std::vector<Bytes64>(P * K / 4), std::vector<Ints16>(P * n_blocks), std::vector<Floats16>(P * n_blocks),
-            std::vector<Floats16>(G ? P * (K / G) : 0)};  // zeros
+  Panels xp{std::vector<Bytes64>(P * K / 4), std::vector<Ints16>(P * n_blocks), std::vector<Floats16>(P * n_blocks)};
   for (int64_t m = 0; m < M; m++) {
     const int64_t p = m / 16, i = m % 16;
-    __m512 xsum = _mm512_setzero_ps();
+    __m512 unused = _mm512_setzero_ps();
     for (int64_t b = 0; b < n_blocks; b++) {
       int8_t q[32];
       int32_t sum;
-      xp.d[p * n_blocks + b].v[i] = quantize_block32(x + m * K + 32 * b, q, sum, xsum);
-      xp.start[p * n_blocks + b].v[i] = factor * sum;
+      xp.d[p * n_blocks + b].v[i] = quantize_block32(x + m * K + 32 * b, q, sum, unused);
+      xp.start[p * n_blocks + b].v[i] = -128 * sum;
       for (int j = 0; j < 8; j++) std::memcpy(xp.q[p * K / 4 + 8 * b + j].v + 4 * i, q + 4 * j, 4);
-      if (G && (32 * (b + 1)) % G == 0) {  // the end of group g = 32 b / G
-        xp.xsum[p * (K / G) + 32 * b / G].v[i] = _mm512_reduce_add_ps(xsum);
-        xsum = _mm512_setzero_ps();
-      }
     }
   }
   return xp;
@@ -364,14 +374,9 @@ Panels quantize_panels(const bf16* x, int64_t M, int64_t K, int32_t factor, int6
 // Where a tile's NR weight rows come from.
 template <int NR>
 struct WeightTile {
-  const int8_t* row[NR];   // INT8, Q8_0: row r's K values
-  const float* scale;      // Q8_0, INT4: scale[b * ld + r], row r's scale for block b (e; int4: s of b's group)
-  const float* zero;       // INT4: zero[g * ld + r], row r's zero point in group g
-  int64_t ld;              // Q8_0, INT4: see scale and zero
-  int64_t ldw;             // INT8, Q8_0: the weight's row stride (to prefetch the next tile)
-  const Ints16* quads;     // INT4: the block's weights unpacked, quads[j].v[i] = row i's dword at quad j
-  int first;               // INT4: the tile's first row within the block
-  int64_t G;               // INT4: group size
+  const int8_t* row[NR];  // row r's K values
+  int64_t ldw;            // the weight's row stride (to prefetch the next tile)
+  const float* e;         // Q8_0: e[b * NR + r], row r's scale for block b, as float32
 };
 
 // out[r][mb][i] = the float32 sum for x row 16 (p0 + mb) + i and the tile's row r, for K values of k
@@ -380,14 +385,11 @@ template <Kind KIND, int NR, int MB>
 void panel_tile(const Panels& xp, int64_t p0, int64_t K, const WeightTile<NR>& w, float (*out)[MB][16]) {
   const int64_t n_blocks = K / 32, quads = K / 4;
   const __m512i flip = _mm512_set1_epi8(char(0x80));
-  // int4: group g and the block's place in it; int8: one "group" of all blocks.
-  const int64_t blocks_per_group = KIND == Kind::INT4 ? w.G / 32 : n_blocks;
   // The float sums live in `out` (L1), updated once per block: in registers next to the NR x MB int32
   // accumulators they leave the compiler too few and it spills inside the product loop.
   for (int r = 0; r < NR; r++)
     for (int mb = 0; mb < MB; mb++) _mm512_store_ps(out[r][mb], _mm512_setzero_ps());
-  for (int64_t g = 0, b = 0; b < n_blocks; g++)
-    for (int64_t bg = 0; bg < blocks_per_group; bg++, b++) {
+  for (int64_t b = 0; b < n_blocks; b++) {
       __m512i acc[NR][MB];
       for (int mb = 0; mb < MB; mb++) {
         const __m512i start = _mm512_load_si512(xp.start[(p0 + mb) * n_blocks + b].v);
@@ -403,45 +405,30 @@ void panel_tile(const Panels& xp, int64_t p0, int64_t K, const WeightTile<NR>& w
           asm("" : "+v"(xv[mb]));
         }
         for (int r = 0; r < NR; r++) {
-          __m512i wv;
-          if constexpr (KIND == Kind::INT4) {
-            wv = _mm512_set1_epi32(w.quads[8 * b + j].v[w.first + r]);  // q in 0..15: unsigned already
-          } else {
-            int32_t quad;
-            std::memcpy(&quad, w.row[r] + 32 * b + 4 * j, 4);
-            wv = _mm512_xor_si512(_mm512_set1_epi32(quad), flip);  // q + 128 as u8
-          }
+          int32_t quad;
+          std::memcpy(&quad, w.row[r] + 32 * b + 4 * j, 4);
+          const __m512i wv = _mm512_xor_si512(_mm512_set1_epi32(quad), flip);  // q + 128 as u8
           for (int mb = 0; mb < MB; mb++) acc[r][mb] = _mm512_dpbusd_epi32(acc[r][mb], wv, xv[mb]);
         }
       }
-      if constexpr (KIND != Kind::INT4) {
-        if (b % 2 == 0)  // the next tile's rows, as int8_tile does
-          for (int r = 0; r < NR; r++)
-            _mm_prefetch(reinterpret_cast<const char*>(w.row[r] + NR * w.ldw + 32 * b), _MM_HINT_T0);
-      }
-      // The weight row's scale for this block (Q8_0: e, int4: s), the same in every lane; int4 adds
-      // the group's zero points times X after its last block.
-      const bool group_end = KIND == Kind::INT4 && bg == blocks_per_group - 1;
+      if (b % 2 == 0)  // the next tile's rows, as int8_tile does
+        for (int r = 0; r < NR; r++)
+          _mm_prefetch(reinterpret_cast<const char*>(w.row[r] + NR * w.ldw + 32 * b), _MM_HINT_T0);
+      // d[m, b] per lane, times (Q8_0) the weight row's scale for the block, the same in every lane
       for (int r = 0; r < NR; r++)
         for (int mb = 0; mb < MB; mb++) {
           const __m512 d = _mm512_load_ps(xp.d[(p0 + mb) * n_blocks + b].v);
-          __m512 sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][mb]),
-                                       KIND == Kind::INT8 ? d : _mm512_mul_ps(d, _mm512_set1_ps(w.scale[b * w.ld + r])),
-                                       _mm512_load_ps(out[r][mb]));
-          if (group_end)
-            sum = _mm512_fmadd_ps(_mm512_load_ps(xp.xsum[(p0 + mb) * (K / w.G) + g].v), _mm512_set1_ps(w.zero[g * w.ld + r]),
-                                  sum);
-          _mm512_store_ps(out[r][mb], sum);
+          _mm512_store_ps(out[r][mb], _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][mb]),
+                                                      KIND == Kind::INT8 ? d : _mm512_mul_ps(d, _mm512_set1_ps(w.e[b * NR + r])),
+                                                      _mm512_load_ps(out[r][mb])));
         }
     }
 }
 
-// Tile shapes, weight rows NR x panels MB (measured on Zen 5, one thread, K = 2048 and 8192): int8
-// and Q8_0 read NR rows of the weight as NR streams; 8 x 2 (16 int32 accumulators) was fastest
-// (4 x 2 and 4 x 3 slower by 10-30%, 8 x 3 spills, 16 x 1 twice as slow at K = 8192). int4 reads
-// its unpacked copy as one stream and takes the whole block of 16 rows: 16 x 1 (8 x 2 was 10-25%
-// slower).
-constexpr int INT8_NR = 8, INT8_MB = 2, INT4_NR = 16, INT4_MB = 1;
+// Tile shape, weight rows NR x panels MB (measured on Zen 5, one thread, K = 2048 and 8192): 8 x 2
+// (16 int32 accumulators) was fastest; 4 x 2 and 4 x 3 were slower by 10-30%, 8 x 3 spills, and
+// 16 x 1 (16 weight rows read as 16 streams) was twice as slow at K = 8192.
+constexpr int INT8_NR = 8, INT8_MB = 2;
 
 // y[m, n0 + r] for every m < M and r < rows (<= NR): the tile against every panel, MB at a time.
 // scale(r): the per-row scale (int8), else 1.
@@ -470,7 +457,7 @@ void panel_rows(const Panels& xp, int64_t M, int64_t K, const WeightTile<NR>& w,
 template <Kind KIND>
 void int8_panels(const bf16* x, int64_t M, int64_t K, const int8_t* q, int64_t ldw, int64_t N, const void* scales,
                  bool scales_bf16, const uint16_t* e, bf16* y) {
-  const Panels xp = quantize_panels(x, M, K, -128, 0);
+  const Panels xp = quantize_panels(x, M, K);
   const int64_t n_blocks = K / 32;
   at::parallel_for(0, (N + INT8_NR - 1) / INT8_NR, grain_for(INT8_NR * K), [&](int64_t begin, int64_t end) {
     std::vector<float> es(KIND == Kind::Q8_0 ? n_blocks * INT8_NR : 0);  // the tile's e as float32, once
@@ -478,7 +465,7 @@ void int8_panels(const bf16* x, int64_t M, int64_t K, const int8_t* q, int64_t l
       const int64_t n0 = t * INT8_NR;
       const int rows = N - n0 < INT8_NR ? int(N - n0) : INT8_NR;
       WeightTile<INT8_NR> w{};
-      w.ldw = ldw, w.scale = es.data(), w.ld = INT8_NR;
+      w.ldw = ldw, w.e = es.data();
       for (int r = 0; r < INT8_NR; r++) {
         const int64_t n = n0 + (r < rows ? r : rows - 1);  // a short last tile repeats its last row
         w.row[r] = q + n * ldw;
@@ -489,42 +476,6 @@ void int8_panels(const bf16* x, int64_t M, int64_t K, const int8_t* q, int64_t l
         panel_rows<KIND, INT8_NR, INT8_MB>(xp, M, K, w, rows, [](int) { return 1.f; }, y + n0, N);
       else
         panel_rows<KIND, INT8_NR, INT8_MB>(xp, M, K, w, rows, [&](int r) { return load_scale(scales, scales_bf16, n0 + r); }, y + n0, N);
-    }
-  });
-}
-
-// int4: each block of 16 rows is unpacked once per call into `quads` (16 K bytes, from the cache while
-// the panels go by), as int4_tile unpacks a quad: its 32 bytes -> row i's dword in lane i.
-void int4_panels(const bf16* x, int64_t M, int64_t K, const uint8_t* packed, int64_t N, int64_t G, bf16* y) {
-  const Panels xp = quantize_panels(x, M, K, -8, G);
-  const int64_t n_groups = K / G, rec_bytes = 64 + 8 * G;
-  const __m512i nibbles = _mm512_set1_epi32(0x0F0F0F0F);
-  at::parallel_for(0, (N + 15) / 16, grain_for(8 * K), [&](int64_t begin, int64_t end) {
-    std::vector<Ints16> quads(K / 4);
-    std::vector<float> scale(K / 32 * 16), zero(n_groups * 16);  // the 16 rows' s (per block) and z, as floats
-    for (int64_t blk = begin; blk < end; blk++) {
-      const uint8_t* records = packed + blk * n_groups * rec_bytes;
-      for (int64_t g = 0; g < n_groups; g++) {
-        bf16 sz[32];  // (s, z) of the 16 rows
-        std::memcpy(sz, records + g * rec_bytes, 64);
-        for (int i = 0; i < 16; i++) {
-          for (int64_t b = g * G / 32; b < (g + 1) * G / 32; b++) scale[b * 16 + i] = bf16_to_float(sz[2 * i]);
-          zero[g * 16 + i] = bf16_to_float(sz[2 * i + 1]);
-        }
-        for (int64_t j = 0; j < G / 4; j++) {
-          const __m512i h = _mm512_cvtepu16_epi32(
-              _mm256_loadu_si256((const __m256i*)(records + g * rec_bytes + 64 + 32 * j)));
-          _mm512_store_si512(quads[g * G / 4 + j].v, _mm512_ternarylogic_epi32(h, _mm512_slli_epi32(h, 12), nibbles, 0xA8));
-        }
-      }
-      for (int first = 0; first < 16 && 16 * blk + first < N; first += INT4_NR) {
-        const int64_t n0 = 16 * blk + first;
-        WeightTile<INT4_NR> w{};
-        w.quads = quads.data(), w.scale = scale.data() + first, w.zero = zero.data() + first, w.ld = 16;
-        w.first = first, w.G = G;
-        const int rows = N - n0 < INT4_NR ? int(N - n0) : INT4_NR;  // the packing's padding rows are zeros
-        panel_rows<Kind::INT4, INT4_NR, INT4_MB>(xp, M, K, w, rows, [](int) { return 1.f; }, y + n0, N);
-      }
     }
   });
 }
@@ -544,7 +495,6 @@ void gemv_q8_0_q8a(const bf16* x, int64_t M, int64_t K, const int8_t* q, int64_t
 }
 
 void gemv_int4_q8a(const bf16* x, int64_t M, int64_t K, const uint8_t* packed, int64_t N, int64_t G, bf16* y) {
-  if (M >= INT4_PANEL_MIN_ROWS) return int4_panels(x, M, K, packed, N, G, y);
   const Int4Rows xr = quantize_int4_rows(x, M, K, G);
   at::parallel_for(0, (N + 15) / 16, grain_for(8 * K), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; b++)
