@@ -147,17 +147,20 @@ Int4Rows quantize_int4_rows(const bf16* x, int64_t M, int64_t K, int64_t G) {
              std::vector<float>(M * K / G)};
   for (int64_t m = 0; m < M; m++) {
 #ifdef LLAMA_KERNELS_VNNI
-    __m512 xsum = _mm512_setzero_ps();
-    for (int64_t b = 0; b < K / 32; b++) {
-      int32_t sum;
-      r.d[m * (K / 32) + b] = quantize_block32(x + m * K + 32 * b, r.q.data() + m * K + 32 * b, sum, xsum);
-      r.bias[m * (K / 32) + b] = -8 * sum;
-      if ((32 * (b + 1)) % G == 0) {  // the end of group 32 b / G
-        r.xsum[m * (K / G) + 32 * b / G] = _mm512_reduce_add_ps(xsum);
-        xsum = _mm512_setzero_ps();
+    if (M > 1) {  // one row (decoding): the scalar loop below measured 3-7% faster per call, cause not found
+      __m512 xsum = _mm512_setzero_ps();
+      for (int64_t b = 0; b < K / 32; b++) {
+        int32_t sum;
+        r.d[m * (K / 32) + b] = quantize_block32(x + m * K + 32 * b, r.q.data() + m * K + 32 * b, sum, xsum);
+        r.bias[m * (K / 32) + b] = -8 * sum;
+        if ((32 * (b + 1)) % G == 0) {  // the end of group 32 b / G
+          r.xsum[m * (K / G) + 32 * b / G] = _mm512_reduce_add_ps(xsum);
+          xsum = _mm512_setzero_ps();
+        }
       }
+      continue;
     }
-#else
+#endif
     for (int64_t b = 0; b < K / 32; b++) {
       int8_t* q = r.q.data() + m * K + 32 * b;
       r.d[m * (K / 32) + b] = quantize_block(x + m * K + 32 * b, 32, q);
@@ -170,7 +173,6 @@ Int4Rows quantize_int4_rows(const bf16* x, int64_t M, int64_t K, int64_t G) {
       for (int64_t k = g * G; k < (g + 1) * G; k++) sum += bf16_to_float(x[m * K + k]);
       r.xsum[m * (K / G) + g] = sum;
     }
-#endif
   }
   return r;
 }
