@@ -91,7 +91,8 @@ float quantize_block(const bf16* x, int64_t n, int8_t* q) {
 float quantize_block32(const bf16* x, int8_t* q, int32_t& q_sum, __m512& xsum) {
   const __m512i raw = _mm512_loadu_si512(x);
   const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(raw)), 16));
-  const __m512 hi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(raw, 1)), 16));
+  const __m512 hi =
+      _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(raw, 1)), 16));
   xsum = _mm512_add_ps(xsum, _mm512_add_ps(lo, hi));
   const __m512 alo = _mm512_abs_ps(lo), ahi = _mm512_abs_ps(hi);
   const __m512 big = _mm512_set1_ps(std::numeric_limits<float>::max());
@@ -392,39 +393,38 @@ void panel_tile(const Panels& xp, int64_t p0, int64_t K, const WeightTile<NR>& w
   for (int r = 0; r < NR; r++)
     for (int mb = 0; mb < MB; mb++) _mm512_store_ps(out[r][mb], _mm512_setzero_ps());
   for (int64_t b = 0; b < n_blocks; b++) {
-      __m512i acc[NR][MB];
-      for (int mb = 0; mb < MB; mb++) {
-        const __m512i start = _mm512_load_si512(xp.start[(p0 + mb) * n_blocks + b].v);
-        for (int r = 0; r < NR; r++) acc[r][mb] = start;
-      }
-#pragma GCC unroll 8
-      for (int j = 0; j < 8; j++) {
-        __m512i xv[MB];
-        for (int mb = 0; mb < MB; mb++) {
-          xv[mb] = _mm512_load_si512(xp.q[(p0 + mb) * quads + 8 * b + j].v);
-          // In a register, loaded once for the NR rows: left to itself the compiler folds the load into
-          // each vpdpbusd, and the loads (not the products) then set the pace.
-          asm("" : "+v"(xv[mb]));
-        }
-        for (int r = 0; r < NR; r++) {
-          int32_t quad;
-          std::memcpy(&quad, w.row[r] + 32 * b + 4 * j, 4);
-          const __m512i wv = _mm512_xor_si512(_mm512_set1_epi32(quad), flip);  // q + 128 as u8
-          for (int mb = 0; mb < MB; mb++) acc[r][mb] = _mm512_dpbusd_epi32(acc[r][mb], wv, xv[mb]);
-        }
-      }
-      if (b % 2 == 0)  // the next tile's rows, as int8_tile does
-        for (int r = 0; r < NR; r++)
-          _mm_prefetch(reinterpret_cast<const char*>(w.row[r] + NR * w.ldw + 32 * b), _MM_HINT_T0);
-      // d[m, b] per lane, times (Q8_0) the weight row's scale for the block, the same in every lane
-      for (int r = 0; r < NR; r++)
-        for (int mb = 0; mb < MB; mb++) {
-          const __m512 d = _mm512_load_ps(xp.d[(p0 + mb) * n_blocks + b].v);
-          _mm512_store_ps(out[r][mb], _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][mb]),
-                                                      KIND == Kind::INT8 ? d : _mm512_mul_ps(d, _mm512_set1_ps(w.e[b * NR + r])),
-                                                      _mm512_load_ps(out[r][mb])));
-        }
+    __m512i acc[NR][MB];
+    for (int mb = 0; mb < MB; mb++) {
+      const __m512i start = _mm512_load_si512(xp.start[(p0 + mb) * n_blocks + b].v);
+      for (int r = 0; r < NR; r++) acc[r][mb] = start;
     }
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; j++) {
+      __m512i xv[MB];
+      for (int mb = 0; mb < MB; mb++) {
+        xv[mb] = _mm512_load_si512(xp.q[(p0 + mb) * quads + 8 * b + j].v);
+        // In a register, loaded once for the NR rows: left to itself the compiler folds the load into
+        // each vpdpbusd, and the loads (not the products) then set the pace.
+        asm("" : "+v"(xv[mb]));
+      }
+      for (int r = 0; r < NR; r++) {
+        int32_t quad;
+        std::memcpy(&quad, w.row[r] + 32 * b + 4 * j, 4);
+        const __m512i wv = _mm512_xor_si512(_mm512_set1_epi32(quad), flip);  // q + 128 as u8
+        for (int mb = 0; mb < MB; mb++) acc[r][mb] = _mm512_dpbusd_epi32(acc[r][mb], wv, xv[mb]);
+      }
+    }
+    if (b % 2 == 0)  // the next tile's rows, as int8_tile does
+      for (int r = 0; r < NR; r++)
+        _mm_prefetch(reinterpret_cast<const char*>(w.row[r] + NR * w.ldw + 32 * b), _MM_HINT_T0);
+    // d[m, b] per lane, times (Q8_0) the weight row's scale for the block, the same in every lane
+    for (int r = 0; r < NR; r++)
+      for (int mb = 0; mb < MB; mb++) {
+        const __m512 d = _mm512_load_ps(xp.d[(p0 + mb) * n_blocks + b].v);
+        const __m512 scale = KIND == Kind::INT8 ? d : _mm512_mul_ps(d, _mm512_set1_ps(w.e[b * NR + r]));
+        _mm512_store_ps(out[r][mb], _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][mb]), scale, _mm512_load_ps(out[r][mb])));
+      }
+  }
 }
 
 // Tile shape, weight rows NR x panels MB (measured on Zen 5, one thread, K = 2048 and 8192): 8 x 2
@@ -477,7 +477,8 @@ void int8_panels(const bf16* x, int64_t M, int64_t K, const int8_t* q, int64_t l
       if (KIND == Kind::Q8_0)
         panel_rows<KIND, INT8_NR, INT8_MB>(xp, M, K, w, rows, [](int) { return 1.f; }, y + n0, N);
       else
-        panel_rows<KIND, INT8_NR, INT8_MB>(xp, M, K, w, rows, [&](int r) { return load_scale(scales, scales_bf16, n0 + r); }, y + n0, N);
+        panel_rows<KIND, INT8_NR, INT8_MB>(
+            xp, M, K, w, rows, [&](int r) { return load_scale(scales, scales_bf16, n0 + r); }, y + n0, N);
     }
   });
 }
@@ -486,7 +487,8 @@ void int8_panels(const bf16* x, int64_t M, int64_t K, const int8_t* q, int64_t l
 
 void gemv_int8_q8a(const bf16* x, int64_t M, int64_t K, const int8_t* q, int64_t ldw, int64_t N, const void* scales,
                    bool scales_bf16, bf16* y) {
-  if (M >= INT8_PANEL_MIN_ROWS && K % 32 == 0) return int8_panels<Kind::INT8>(x, M, K, q, ldw, N, scales, scales_bf16, nullptr, y);
+  if (M >= INT8_PANEL_MIN_ROWS && K % 32 == 0)  // (the panels take whole blocks of 32)
+    return int8_panels<Kind::INT8>(x, M, K, q, ldw, N, scales, scales_bf16, nullptr, y);
   int8_q8a<false>(x, M, K, q, ldw, N, scales, scales_bf16, nullptr, y);
 }
 
