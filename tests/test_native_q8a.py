@@ -108,6 +108,52 @@ def test_int4_q8a_kernel(M, N, groups, G, seed):
     assert_within(native.gemv_int4_q8a(x, packed, N, K, G), ref, magnitude, K)
 
 
+# Prefill-sized int8 / Q8_0 calls take the panel kernels (16 rows of x per register, gemv_q8a.cpp) from
+# 6 rows on. These row counts cover both sides of the switch, a last panel of 1, 15 and 16 rows, and
+# several panels per tile (up to 300 rows: 19 panels); N = 45 leaves a short last tile of weight
+# rows (8 per tile). int4 keeps its kernel at every size (x quantized with AVX-512 there too).
+PANEL_ROWS = [5, 6, 7, 16, 17, 31, 32, 33, 47, 64, 129, 300]
+
+
+@needs_kernels
+@pytest.mark.parametrize("M", PANEL_ROWS)
+def test_q8a_kernels_on_prefill_rows(M):
+    N, K = 45, 256
+    x = randn(M, K, seed=M).bfloat16()
+    xd = quantized_x(x)
+    q = torch.randint(-128, 128, (N, K), generator=torch.Generator().manual_seed(M), dtype=torch.int8)
+    for scales in (randn(N, seed=1).abs() / 100, (randn(N, seed=2).abs() / 100).bfloat16()):
+        w = q.float() * scales.float()[:, None]
+        assert_within(native.gemv_int8_q8a(x, q, scales), F.linear(xd, w), F.linear(xd.abs(), w.abs()), K)
+    q = q.clamp(min=-127)
+    e = (randn(N, K // 32, seed=3).abs() / 100).half()
+    w = q.float() * e.float().repeat_interleave(32, dim=1)
+    assert_within(native.gemv_q8_0_q8a(x, q, e), F.linear(xd, w), F.linear(xd.abs(), w.abs()), K)
+    for G in (32, 128):
+        module = int4_module(N, K, G, seed=M)
+        s, z = module.scales_and_zeros.float().transpose(0, 1).unbind(-1)  # (N, K/G) each
+        wq = (module.dequantize(torch.float32) - z.repeat_interleave(G, 1))  # (q - 8) * s
+        X = x.float().view(M, K // G, G).sum(-1)
+        magnitude = (F.linear(xd.abs(), wq.abs()) + X.abs() @ z.abs().T
+                     + x.float().abs().view(M, K // G, G).sum(-1) @ z.abs().T)  # fmt: skip
+        packed = native.pack_int4(module.weight, module.scales_and_zeros, G)
+        assert_within(native.gemv_int4_q8a(x, packed, N, K, G), F.linear(xd, wq) + X @ z.T, magnitude, K)
+
+
+@needs_kernels
+@pytest.mark.parametrize("M", [40, 300])
+def test_q8a_prefill_rows_equal_single_rows(M):
+    """Each output row depends on its own row of x only: the panel kernels' rows (lanes) and the
+    decoding kernels' single rows give the same bits, up to the order of the float32 sums."""
+    N, K = 24, 96
+    x = randn(M, K, seed=M).bfloat16()
+    q = torch.randint(-128, 128, (N, K), generator=torch.Generator().manual_seed(0), dtype=torch.int8)
+    scales = randn(N, seed=1).abs() / 100
+    many = native.gemv_int8_q8a(x, q, scales).float()
+    single = torch.cat([native.gemv_int8_q8a(x[m : m + 1], q, scales) for m in range(M)]).float()
+    assert (many - single).abs().max() <= 2**-7 * single.abs().max()
+
+
 @needs_kernels
 def test_non_finite_activations_give_non_finite_outputs():
     """A NaN or inf in x is not quantized to something finite: the outputs it touches are NaN."""
@@ -125,6 +171,14 @@ def test_non_finite_activations_give_non_finite_outputs():
     x[1, 3] = float("nan")
     y = native.gemv_int4_q8a(x, packed, 16, 64, 32)
     assert torch.isfinite(y[0]).all() and y[1].isnan().all()
+    # prefill-sized calls (the panel kernels): only the row holding the NaN or inf
+    x = torch.ones(40, 64, dtype=torch.bfloat16)
+    x[17, 40], x[33, 2] = float("nan"), float("inf")
+    bad = torch.zeros(40, dtype=torch.bool)
+    bad[[17, 33]] = True
+    for y in (native.gemv_int8_q8a(x, q, scales), native.gemv_q8_0_q8a(x, q, torch.ones(3, 2, dtype=torch.half)),
+              native.gemv_int4_q8a(x, packed, 16, 64, 32)):  # fmt: skip
+        assert torch.isfinite(y[~bad]).all() and y[bad].isnan().all()
 
 
 @needs_kernels

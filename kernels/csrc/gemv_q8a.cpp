@@ -28,7 +28,10 @@
 // 0-7, d[2c+1] in lanes 8-15) and one convert + fused multiply-add per register applies them.
 // int4 keeps gemv_int4.cpp's layout (16 output rows per register lane, quads of 4 values of k):
 // a quad's 32 bytes become, per row i, the dword (q[k0], q[k0+1], q[k0+2], q[k0+3]) in two
-// instructions, multiplied by x's four values broadcast.
+// instructions, multiplied by x's four values broadcast (int4's sums are per block of 16 output rows
+// already, so its scales cost one convert + multiply-add per 8 vpdpbusd). The int8 layout is for
+// decoding (a few rows of x); prefill-sized int8 / Q8_0 calls (INT8_PANEL_MIN_ROWS) take the
+// "panel" kernels further down, which put 16 rows of x in the lanes instead.
 //
 // Compiled for AVX512-VNNI (with AVX-512 BW/VL/VBMI/BF16 as the other kernels); elsewhere the same
 // arithmetic in plain loops (kernels/native.py uses these kernels only where VNNI is present).
@@ -80,6 +83,38 @@ float quantize_block(const bf16* x, int64_t n, int8_t* q) {
   return d;
 }
 
+#ifdef LLAMA_KERNELS_VNNI
+// quantize_block for a whole block of 32 in two registers, with the same float32 operations (|x| max,
+// d = max / 127, x * (1 / d) rounded half to even by vcvtps2dq, clamped to +-127), so the same xq and d;
+// also the xq summed and (added into xsum) x itself. At prefill sizes the scalar loop took ~10% of a call.
+// (AVX-512 build only.)
+float quantize_block32(const bf16* x, int8_t* q, int32_t& q_sum, __m512& xsum) {
+  const __m512i raw = _mm512_loadu_si512(x);
+  const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(raw)), 16));
+  const __m512 hi =
+      _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(raw, 1)), 16));
+  xsum = _mm512_add_ps(xsum, _mm512_add_ps(lo, hi));
+  const __m512 alo = _mm512_abs_ps(lo), ahi = _mm512_abs_ps(hi);
+  const __m512 big = _mm512_set1_ps(std::numeric_limits<float>::max());
+  if (_mm512_cmp_ps_mask(alo, big, _CMP_NLE_UQ) | _mm512_cmp_ps_mask(ahi, big, _CMP_NLE_UQ)) {  // inf or NaN
+    std::memset(q, 0, 32);
+    q_sum = 0;
+    return std::numeric_limits<float>::quiet_NaN();
+  }
+  const float d = _mm512_reduce_max_ps(_mm512_max_ps(alo, ahi)) / 127.f, id = d != 0.f ? 1.f / d : 0.f;
+  const __m512i lim = _mm512_set1_epi32(127);
+  auto round = [&](__m512 v) {
+    const __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(v, _mm512_set1_ps(id)));
+    return _mm512_max_epi32(_mm512_min_epi32(r, lim), _mm512_sub_epi32(_mm512_setzero_si512(), lim));
+  };
+  const __m512i qlo = round(lo), qhi = round(hi);
+  _mm_storeu_si128((__m128i*)q, _mm512_cvtepi32_epi8(qlo));
+  _mm_storeu_si128((__m128i*)(q + 16), _mm512_cvtepi32_epi8(qhi));
+  q_sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
+  return d;
+}
+#endif
+
 // x (M, K) -> M * C chunks (C = K rounded up to 64, / 64).
 std::vector<Chunk> quantize_chunks(const bf16* x, int64_t M, int64_t K) {
   const int64_t C = (K + 63) / 64;
@@ -112,6 +147,21 @@ Int4Rows quantize_int4_rows(const bf16* x, int64_t M, int64_t K, int64_t G) {
   Int4Rows r{std::vector<int8_t>(M * K), std::vector<float>(M * K / 32), std::vector<int32_t>(M * K / 32),
              std::vector<float>(M * K / G)};
   for (int64_t m = 0; m < M; m++) {
+#ifdef LLAMA_KERNELS_VNNI
+    if (M > 1) {  // one row (decoding): the scalar loop below measured 3-7% faster per call, cause not found
+      __m512 xsum = _mm512_setzero_ps();
+      for (int64_t b = 0; b < K / 32; b++) {
+        int32_t sum;
+        r.d[m * (K / 32) + b] = quantize_block32(x + m * K + 32 * b, r.q.data() + m * K + 32 * b, sum, xsum);
+        r.bias[m * (K / 32) + b] = -8 * sum;
+        if ((32 * (b + 1)) % G == 0) {  // the end of group 32 b / G
+          r.xsum[m * (K / G) + 32 * b / G] = _mm512_reduce_add_ps(xsum);
+          xsum = _mm512_setzero_ps();
+        }
+      }
+      continue;
+    }
+#endif
     for (int64_t b = 0; b < K / 32; b++) {
       int8_t* q = r.q.data() + m * K + 32 * b;
       r.d[m * (K / 32) + b] = quantize_block(x + m * K + 32 * b, 32, q);
@@ -265,15 +315,186 @@ void int4_tile(const Int4Rows& xr, int64_t m0, int64_t K, const uint8_t* packed,
   }
 }
 
+// ---- Many rows of x (prefill): rows of x in the lanes ----
+//
+// With the layout above, each vpdpbusd's sum covers half a block of one (x row, weight row) pair,
+// so every vpdpbusd needs its own convert and multiply-add to apply d (three instructions of
+// overhead per product instruction). For more rows of x, the kernels below turn the lanes
+// around: x is taken 16 rows at a time (a "panel"), one register holding, per lane i, the four xq
+// of row i at one quad of k (k0 .. k0+3). A weight row's four values at k0 are broadcast to every
+// lane, so one vpdpbusd adds four products to each of 16 (x row, weight row) sums, and the 8
+// vpdpbusd of a block of 32 all add into the same int32 register: one convert and one
+// multiply-add per 8 product instructions, with d[m, b] as a vector (lane i) and the weight's
+// scale, the same for every lane, broadcast. A tile of NR weight rows meets MB panels at a time:
+// each broadcast weight register serves MB panels, each loaded x register NR rows.
+//
+// The unsigned side of vpdpbusd is now the weights, q ^ 0x80 = q + 128 (the accumulator starts at
+// -128 * the block's xq summed, as above, now one value per lane). The weight rows are read where
+// they are, with their stride (no second copy); x's panels are built once per call, and a tile
+// (NR x K bytes of weights, from the cache after the first panel) meets every panel in turn.
+//
+// int4 has no panel version: one that unpacked each block of 16 rows once per call and broadcast
+// its dwords the same way measured slower than int4_tile at 32-64 rows and no faster at 128-256
+// (Llama-3.2-1B int4 prefill of 128 tokens: 161 tok/s against 176, one thread of a Zen 5).
+//
+// Rows of x from which the panel kernels are used; below, the kernels above (measured on Zen 5, one
+// thread, the four Llama-3.2-1B layer shapes): a panel costs about the same for 1-16 rows, the
+// kernels above grow with every row, and the panels win from 6 rows.
+constexpr int64_t INT8_PANEL_MIN_ROWS = 6;
+
+enum class Kind { INT8, Q8_0 };
+
+// One register's worth of a panel, aligned for whole-register loads.
+struct alignas(64) Bytes64 { int8_t v[64]; };
+struct alignas(64) Ints16 { int32_t v[16]; };
+struct alignas(64) Floats16 { float v[16]; };
+
+// x quantized for the panel kernels, P = ceil(M / 16) panels (rows past M: zeros, outputs dropped).
+struct Panels {
+  std::vector<Bytes64> q;       // (P, K/4): panel p, quad j -> bytes 4i..4i+3 = xq[16p + i, 4j .. 4j+3]
+  std::vector<Ints16> start;    // (P, K/32): lane i = -128 * (xq of row 16p + i in block b, summed)
+  std::vector<Floats16> d;      // (P, K/32): lane i = d[16p + i, b]
+};
+
+// K is a multiple of 32.
+Panels quantize_panels(const bf16* x, int64_t M, int64_t K) {
+  const int64_t P = (M + 15) / 16, n_blocks = K / 32;
+  Panels xp{std::vector<Bytes64>(P * K / 4), std::vector<Ints16>(P * n_blocks), std::vector<Floats16>(P * n_blocks)};
+  for (int64_t m = 0; m < M; m++) {
+    const int64_t p = m / 16, i = m % 16;
+    __m512 unused = _mm512_setzero_ps();
+    for (int64_t b = 0; b < n_blocks; b++) {
+      int8_t q[32];
+      int32_t sum;
+      xp.d[p * n_blocks + b].v[i] = quantize_block32(x + m * K + 32 * b, q, sum, unused);
+      xp.start[p * n_blocks + b].v[i] = -128 * sum;
+      for (int j = 0; j < 8; j++) std::memcpy(xp.q[p * K / 4 + 8 * b + j].v + 4 * i, q + 4 * j, 4);
+    }
+  }
+  return xp;
+}
+
+// Where a tile's NR weight rows come from.
+template <int NR>
+struct WeightTile {
+  const int8_t* row[NR];  // row r's K values
+  int64_t ldw;            // the weight's row stride (to prefetch the next tile)
+  const float* e;         // Q8_0: e[b * NR + r], row r's scale for block b, as float32
+};
+
+// out[r][mb][i] = the float32 sum for x row 16 (p0 + mb) + i and the tile's row r, for K values of k
+// (int8: before the per-row scale).
+template <Kind KIND, int NR, int MB>
+void panel_tile(const Panels& xp, int64_t p0, int64_t K, const WeightTile<NR>& w, float (*out)[MB][16]) {
+  const int64_t n_blocks = K / 32, quads = K / 4;
+  const __m512i flip = _mm512_set1_epi8(char(0x80));
+  // The float sums live in `out` (L1), updated once per block: in registers next to the NR x MB int32
+  // accumulators they leave the compiler too few and it spills inside the product loop.
+  for (int r = 0; r < NR; r++)
+    for (int mb = 0; mb < MB; mb++) _mm512_store_ps(out[r][mb], _mm512_setzero_ps());
+  for (int64_t b = 0; b < n_blocks; b++) {
+    __m512i acc[NR][MB];
+    for (int mb = 0; mb < MB; mb++) {
+      const __m512i start = _mm512_load_si512(xp.start[(p0 + mb) * n_blocks + b].v);
+      for (int r = 0; r < NR; r++) acc[r][mb] = start;
+    }
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; j++) {
+      __m512i xv[MB];
+      for (int mb = 0; mb < MB; mb++) {
+        xv[mb] = _mm512_load_si512(xp.q[(p0 + mb) * quads + 8 * b + j].v);
+        // In a register, loaded once for the NR rows: left to itself the compiler folds the load into
+        // each vpdpbusd, and the loads (not the products) then set the pace.
+        asm("" : "+v"(xv[mb]));
+      }
+      for (int r = 0; r < NR; r++) {
+        int32_t quad;
+        std::memcpy(&quad, w.row[r] + 32 * b + 4 * j, 4);
+        const __m512i wv = _mm512_xor_si512(_mm512_set1_epi32(quad), flip);  // q + 128 as u8
+        for (int mb = 0; mb < MB; mb++) acc[r][mb] = _mm512_dpbusd_epi32(acc[r][mb], wv, xv[mb]);
+      }
+    }
+    if (b % 2 == 0)  // the next tile's rows, as int8_tile does
+      for (int r = 0; r < NR; r++)
+        _mm_prefetch(reinterpret_cast<const char*>(w.row[r] + NR * w.ldw + 32 * b), _MM_HINT_T0);
+    // d[m, b] per lane, times (Q8_0) the weight row's scale for the block, the same in every lane
+    for (int r = 0; r < NR; r++)
+      for (int mb = 0; mb < MB; mb++) {
+        const __m512 d = _mm512_load_ps(xp.d[(p0 + mb) * n_blocks + b].v);
+        const __m512 scale = KIND == Kind::INT8 ? d : _mm512_mul_ps(d, _mm512_set1_ps(w.e[b * NR + r]));
+        _mm512_store_ps(out[r][mb], _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][mb]), scale, _mm512_load_ps(out[r][mb])));
+      }
+  }
+}
+
+// Tile shape, weight rows NR x panels MB (measured on Zen 5, one thread, K = 2048 and 8192): 8 x 2
+// (16 int32 accumulators) was fastest; 4 x 2 and 4 x 3 were slower by 10-30%, 8 x 3 spills, and
+// 16 x 1 (16 weight rows read as 16 streams) was twice as slow at K = 8192.
+constexpr int INT8_NR = 8, INT8_MB = 2;
+
+// y[m, n0 + r] for every m < M and r < rows (<= NR): the tile against every panel, MB at a time.
+// scale(r): the per-row scale (int8), else 1.
+template <Kind KIND, int NR, int MB, typename Scale>
+void panel_rows(const Panels& xp, int64_t M, int64_t K, const WeightTile<NR>& w, int rows, Scale scale, bf16* y,
+                int64_t N) {
+  static_assert(MB == 1 || MB == 2);
+  const int64_t P = (M + 15) / 16;
+  for (int64_t p = 0; p < P;) {
+    const int64_t mb = P - p < MB ? P - p : MB;
+    alignas(64) float out[NR][MB][16];
+    if (mb == MB) panel_tile<KIND, NR, MB>(xp, p, K, w, out);
+    else panel_tile<KIND, NR, 1>(xp, p, K, w, reinterpret_cast<float(*)[1][16]>(out[0][0]));
+    const float(*o)[16] = reinterpret_cast<const float(*)[16]>(out[0][0]);  // o[r * mb + t]
+    for (int r = 0; r < rows; r++) {
+      const float s = scale(r);
+      for (int64_t t = 0; t < mb; t++)
+        for (int i = 0; i < 16 && 16 * (p + t) + i < M; i++)
+          y[(16 * (p + t) + i) * N + r] = float_to_bf16(o[r * mb + t][i] * s);
+    }
+    p += mb;
+  }
+}
+
+
+template <Kind KIND>
+void int8_panels(const bf16* x, int64_t M, int64_t K, const int8_t* q, int64_t ldw, int64_t N, const void* scales,
+                 bool scales_bf16, const uint16_t* e, bf16* y) {
+  const Panels xp = quantize_panels(x, M, K);
+  const int64_t n_blocks = K / 32;
+  at::parallel_for(0, (N + INT8_NR - 1) / INT8_NR, grain_for(INT8_NR * K), [&](int64_t begin, int64_t end) {
+    std::vector<float> es(KIND == Kind::Q8_0 ? n_blocks * INT8_NR : 0);  // the tile's e as float32, once
+    for (int64_t t = begin; t < end; t++) {
+      const int64_t n0 = t * INT8_NR;
+      const int rows = N - n0 < INT8_NR ? int(N - n0) : INT8_NR;
+      WeightTile<INT8_NR> w{};
+      w.ldw = ldw, w.e = es.data();
+      for (int r = 0; r < INT8_NR; r++) {
+        const int64_t n = n0 + (r < rows ? r : rows - 1);  // a short last tile repeats its last row
+        w.row[r] = q + n * ldw;
+        if (KIND == Kind::Q8_0)
+          for (int64_t b = 0; b < n_blocks; b++) es[b * INT8_NR + r] = _cvtsh_ss(e[n * n_blocks + b]);
+      }
+      if (KIND == Kind::Q8_0)
+        panel_rows<KIND, INT8_NR, INT8_MB>(xp, M, K, w, rows, [](int) { return 1.f; }, y + n0, N);
+      else
+        panel_rows<KIND, INT8_NR, INT8_MB>(
+            xp, M, K, w, rows, [&](int r) { return load_scale(scales, scales_bf16, n0 + r); }, y + n0, N);
+    }
+  });
+}
+
 }  // namespace
 
 void gemv_int8_q8a(const bf16* x, int64_t M, int64_t K, const int8_t* q, int64_t ldw, int64_t N, const void* scales,
                    bool scales_bf16, bf16* y) {
+  if (M >= INT8_PANEL_MIN_ROWS && K % 32 == 0)  // (the panels take whole blocks of 32)
+    return int8_panels<Kind::INT8>(x, M, K, q, ldw, N, scales, scales_bf16, nullptr, y);
   int8_q8a<false>(x, M, K, q, ldw, N, scales, scales_bf16, nullptr, y);
 }
 
 void gemv_q8_0_q8a(const bf16* x, int64_t M, int64_t K, const int8_t* q, int64_t ldw, int64_t N, const uint16_t* e,
                    bf16* y) {
+  if (M >= INT8_PANEL_MIN_ROWS) return int8_panels<Kind::Q8_0>(x, M, K, q, ldw, N, nullptr, false, e, y);
   int8_q8a<true>(x, M, K, q, ldw, N, nullptr, false, e, y);
 }
 
