@@ -141,6 +141,33 @@ def test_q8a_kernels_on_prefill_rows(M):
 
 
 @needs_kernels
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_decoding_calls_hand_chunks_to_every_thread(threads):
+    """Weights of many 512 KiB chunks (parallel_chunks in common.h), 1-3 threads, 1 and 3 rows of x: every
+    output row computed once, whoever takes its chunk (N not a multiple of the tile heights)."""
+    N, K, G = 2051, 1024, 32
+    x = randn(3, K, seed=5).bfloat16()
+    q = torch.randint(-128, 128, (N, K), generator=torch.Generator().manual_seed(6), dtype=torch.int8)
+    scales = randn(N, seed=7).abs() / 100
+    module = int4_module(N, K, G, seed=8)
+    packed = native.pack_int4(module.weight, module.scales_and_zeros, G)
+    s, z = module.scales_and_zeros.float().transpose(0, 1).unbind(-1)  # (N, K/G) each
+    wq = module.dequantize(torch.float32) - z.repeat_interleave(G, 1)  # (q - 8) * s
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for M in (1, 3):
+            xd, X = quantized_x(x[:M]), x[:M].float().view(M, K // G, G).sum(-1)
+            w = q.float() * scales[:, None]
+            assert_within(native.gemv_int8_q8a(x[:M], q, scales), F.linear(xd, w), F.linear(xd.abs(), w.abs()), K)
+            magnitude = (F.linear(xd.abs(), wq.abs()) + X.abs() @ z.abs().T
+                         + x[:M].float().abs().view(M, K // G, G).sum(-1) @ z.abs().T)  # fmt: skip
+            assert_within(native.gemv_int4_q8a(x[:M], packed, N, K, G), F.linear(xd, wq) + X @ z.T, magnitude, K)
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_kernels
 @pytest.mark.parametrize("M", [40, 300])
 def test_q8a_prefill_rows_equal_single_rows(M):
     """Each output row depends on its own row of x only: the panel kernels' rows (lanes) and the

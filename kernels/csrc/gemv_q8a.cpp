@@ -251,7 +251,7 @@ void int8_q8a(const bf16* x, int64_t M, int64_t K, const int8_t* q, int64_t ldw,
   const int64_t C = (K + 63) / 64, ldd = K / 32;
   const std::vector<Chunk> xc = quantize_chunks(x, M, K);
   const int64_t scale_bytes = scales_bf16 ? 2 : 4;
-  at::parallel_for(0, (N + NR - 1) / NR, grain_for(NR * K), [&](int64_t begin, int64_t end) {
+  parallel_chunks((N + NR - 1) / NR, chunk_for(NR * K), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; t++) {
       const int64_t n = t * NR;
       const int8_t* qn = q + n * ldw;
@@ -500,7 +500,7 @@ void gemv_q8_0_q8a(const bf16* x, int64_t M, int64_t K, const int8_t* q, int64_t
 
 void gemv_int4_q8a(const bf16* x, int64_t M, int64_t K, const uint8_t* packed, int64_t N, int64_t G, bf16* y) {
   const Int4Rows xr = quantize_int4_rows(x, M, K, G);
-  at::parallel_for(0, (N + 15) / 16, grain_for(8 * K), [&](int64_t begin, int64_t end) {
+  parallel_chunks((N + 15) / 16, chunk_for(8 * K), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; b++)
       for (int64_t m = 0; m < M; m += 4) {  // the block's records come from the cache after the first 4 rows
         switch (M - m >= 4 ? 4 : M - m) {
