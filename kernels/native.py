@@ -690,17 +690,22 @@ def swap_native_linears(model: nn.Module, max_rows: int | None = None,
     and everything when the kernels cannot be built (a warning says why), stay as they are. Apply
     after kernels.optimize's fusions (fuse_linears takes only plain nn.Linear), which
     kernels.optimize(native=True) does. Swapping twice is harmless; asking the second time for other
-    int8_activations than the first swap chose raises ValueError.
+    int8_activations or max_rows than the first swap chose raises ValueError.
     """
     if max_rows is not None and max_rows < 0:
         raise ValueError(f"max_rows must be >= 0, got {max_rows}")
     check_supported(model, "kernels.native", (FastAttention, FusedFeedForward, *NATIVE_MODULES))
-    if int8_activations is not None:  # a second swap leaves the first's modules as they are: say so, not ignore it
-        for name, module in model.named_modules():
-            if isinstance(module, (NativeInt8Linear, NativeInt4Linear, NativeInt8BlockLinear)) and \
-                    module.int8_activations != int8_activations:  # fmt: skip
-                raise ValueError(f"{name} was already swapped with int8_activations={module.int8_activations}; "
-                                 f"swap a model that was not (e.g. a fresh load) to get {int8_activations}")
+    # A second swap leaves the first's modules as they are: a setting they do not have is refused, not ignored.
+    for name, module in model.named_modules():
+        if int8_activations is not None and isinstance(module, (NativeInt8Linear, NativeInt4Linear,
+                                                                NativeInt8BlockLinear)) and \
+                module.int8_activations != int8_activations:  # fmt: skip
+            raise ValueError(f"{name} was already swapped with int8_activations={module.int8_activations}; "
+                             f"swap a model that was not (e.g. a fresh load) to get {int8_activations}")
+        if max_rows is not None and isinstance(module, (NativeLinear, NativeInt8Linear, NativeInt4Linear,
+                                                        NativeInt8BlockLinear)) and module.max_rows != max_rows:  # fmt: skip
+            raise ValueError(f"{name} was already swapped with max_rows={module.max_rows}; set its .max_rows, or "
+                             f"swap a model that was not (e.g. a fresh load) to get {max_rows}")
     candidates = _candidates(model)
     if not candidates or not _load():  # build only when there is something to swap
         return []

@@ -26,7 +26,7 @@ from torch import nn
 import kernels
 import llama
 from kernels import native
-from kernels.native import NativeInt4Linear, NativeInt8BlockLinear, NativeInt8Linear
+from kernels.native import NativeInt4Linear, NativeInt8BlockLinear, NativeInt8Linear, NativeLinear
 from llama.quantization import Int4Linear, Int8BlockLinear, Int8Linear, quantize_model
 
 from test_native import TOKENS, assert_within, decode_logits, needs_kernels, randn, random_model
@@ -277,6 +277,17 @@ def test_a_second_swap_does_not_ignore_other_activations():
     with pytest.raises(ValueError, match="already swapped with int8_activations=True"):
         kernels.optimize(model, fuse_qkv=False, fuse_gate_up=False, int8_activations=False)
     assert all(m.int8_activations for m in model.modules() if isinstance(m, NativeInt8Linear))
+
+
+@needs_kernels
+def test_a_second_swap_does_not_ignore_other_max_rows():
+    """The same for max_rows: the swapped modules keep the first swap's, so another is refused by name."""
+    model = random_model()
+    native.swap_native_linears(model, max_rows=4)
+    assert native.swap_native_linears(model, max_rows=4) == [] and native.swap_native_linears(model) == []
+    with pytest.raises(ValueError, match=r"layers\.0\..* was already swapped with max_rows=4"):
+        native.swap_native_linears(model, max_rows=8)
+    assert all(m.max_rows == 4 for m in model.modules() if isinstance(m, NativeLinear))
 
 
 @needs_kernels
