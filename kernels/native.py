@@ -376,11 +376,18 @@ def gemv_int4(x: torch.Tensor, packed: torch.Tensor, out_features: int, in_featu
 # ---- the swapped modules -----------------------------------------------------------------------------
 
 
+def _bf16_cpu(*tensors: torch.Tensor) -> bool:
+    return all(t.is_cpu and t.dtype == torch.bfloat16 for t in tensors)
+
+
+def _no_autograd(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records none of `tensors` (the kernels have no backward)."""
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
 def _takes_kernel(x: torch.Tensor, K: int, max_rows: int, weight: torch.Tensor) -> bool:
     """The kernel's conditions (see the module docstring); weight: the tensor whose grad matters."""
-    if x.device.type != "cpu" or x.dtype != torch.bfloat16 or not 0 < x.numel() <= max_rows * K:
-        return False
-    return not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+    return _bf16_cpu(x) and 0 < x.numel() <= max_rows * K and _no_autograd(x, weight)
 
 
 class NativeLinear(nn.Linear):
@@ -393,7 +400,7 @@ class NativeLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if w.device.type == "cpu" and w.dtype == torch.bfloat16 and _takes_kernel(x, w.shape[1], self.max_rows, w):
+        if _bf16_cpu(w) and _takes_kernel(x, w.shape[1], self.max_rows, w):
             y = torch.ops.llama_kernels.gemv_bf16(x.reshape(-1, self.in_features), self.weight)  # (M, N)
             return y.view(*x.shape[:-1], self.out_features)  # (..., N)
         return F.linear(x, self.weight)
@@ -558,15 +565,14 @@ class NativeAttention(FastAttention):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx) -> torch.Tensor:
         """q: (B, H, T, hd), k, v: (B, Hkv, S, hd) -> (B, H, T, hd)."""
-        if (q.shape[2] == 1 and q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.bfloat16
-                and ctx.recorder is None and not (torch.is_grad_enabled() and q.requires_grad)):  # fmt: skip
+        if q.shape[2] == 1 and _bf16_cpu(q, k, v) and ctx.recorder is None and _no_autograd(q):
             return torch.ops.llama_kernels.decode_attention(q, k, v, ctx.mask(self.window), self.head_dim**-0.5)
         return super().attend(q, k, v, ctx)
 
     def rotate(self, x: torch.Tensor, ctx) -> torch.Tensor:
         """In-place RoPE (FastAttention's rope_) in one C++ pass for a bf16 CPU x, no autograd."""
-        if (self.rope is rope_ and x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.stride(-1) == 1
-                and ctx.cos.dtype == torch.float32 and not (torch.is_grad_enabled() and x.requires_grad)):  # fmt: skip
+        if (self.rope is rope_ and _bf16_cpu(x) and x.stride(-1) == 1 and ctx.cos.dtype == torch.float32
+                and _no_autograd(x)):  # fmt: skip
             torch.ops.llama_kernels.rope_(x, ctx.cos, ctx.sin)
             return x
         return super().rotate(x, ctx)
@@ -582,8 +588,7 @@ class NativeRMSNorm(RMSNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if (x.device.type == "cpu" and x.dtype == w.dtype == torch.bfloat16 and w.device.type == "cpu"
-                and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):  # fmt: skip
+        if _bf16_cpu(x, w) and _no_autograd(x, w):
             return torch.ops.llama_kernels.rms_norm(x, w, self.eps)
         return super().forward(x)
 
@@ -599,8 +604,7 @@ class NativeFeedForward(FusedFeedForward):
         self.w13, self.w2 = ffn.w13, ffn.w2
 
     def activate(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        if (gate.device.type == "cpu" and gate.dtype == up.dtype == torch.bfloat16
-                and not (torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad))):  # fmt: skip
+        if _bf16_cpu(gate, up) and _no_autograd(gate, up):
             return torch.ops.llama_kernels.silu_mul(gate, up)
         return super().activate(gate, up)
 
@@ -609,33 +613,31 @@ NATIVE_MODULES = (NativeLinear, NativeInt8Linear, NativeInt4Linear, NativeInt8Bl
                   NativeRMSNorm, NativeFeedForward)
 
 
-def swap_native_attention(model: nn.Module) -> list[str]:
-    """Replace, in place, every FastAttention with SDPA on (kernels.optimize's, sdpa=True) by a
-    NativeAttention, when the model's weights are bfloat16 on the CPU and the kernels build; returns
-    the names replaced. Other attention modules stay as they are."""
+def _swap_modules(model: nn.Module, swaps: dict[type, type], accept=lambda module: True) -> list[str]:
+    """Replace, in place, every child module of a type in `swaps` (that `accept` takes) by swaps[type](child),
+    when the model's weights are bfloat16 on the CPU and the kernels build; returns the names replaced."""
     check_supported(model, "kernels.native", (FastAttention, FusedFeedForward, *NATIVE_MODULES))
-    found = [(p, n, c) for p in model.modules() for n, c in p.named_children() if type(c) is FastAttention and c.sdpa]
-    if not found or model_device(model).type != "cpu" or model_dtype(model) != torch.bfloat16 or not _load():
-        return []
-    names = {id(m): n for n, m in model.named_modules()}
-    for parent, name, child in found:
-        setattr(parent, name, NativeAttention(child))
-    return [names[id(c)] for _, _, c in found]
-
-
-def swap_native_elementwise(model: nn.Module) -> list[str]:
-    """Replace, in place, every RMSNorm by a NativeRMSNorm and every FusedFeedForward (kernels.optimize's,
-    fuse_gate_up=True) by a NativeFeedForward, when the model's weights are bfloat16 on the CPU and the
-    kernels build; returns the names replaced."""
-    check_supported(model, "kernels.native", (FastAttention, FusedFeedForward, *NATIVE_MODULES))
-    swaps = {RMSNorm: NativeRMSNorm, FusedFeedForward: NativeFeedForward}
-    found = [(p, n, c) for p in model.modules() for n, c in p.named_children() if type(c) in swaps]
+    found = [(p, n, c) for p in model.modules() for n, c in p.named_children() if type(c) in swaps and accept(c)]
     if not found or model_device(model).type != "cpu" or model_dtype(model) != torch.bfloat16 or not _load():
         return []
     names = {id(m): n for n, m in model.named_modules()}
     for parent, name, child in found:
         setattr(parent, name, swaps[type(child)](child))
     return [names[id(c)] for _, _, c in found]
+
+
+def swap_native_attention(model: nn.Module) -> list[str]:
+    """Replace, in place, every FastAttention with SDPA on (kernels.optimize's, sdpa=True) by a
+    NativeAttention, when the model's weights are bfloat16 on the CPU and the kernels build; returns
+    the names replaced. Other attention modules stay as they are."""
+    return _swap_modules(model, {FastAttention: NativeAttention}, lambda attention: attention.sdpa)
+
+
+def swap_native_elementwise(model: nn.Module) -> list[str]:
+    """Replace, in place, every RMSNorm by a NativeRMSNorm and every FusedFeedForward (kernels.optimize's,
+    fuse_gate_up=True) by a NativeFeedForward, when the model's weights are bfloat16 on the CPU and the
+    kernels build; returns the names replaced."""
+    return _swap_modules(model, {RMSNorm: NativeRMSNorm, FusedFeedForward: NativeFeedForward})
 
 
 def _native_version(module: nn.Module, max_rows: int | None = None, int8_activations: bool = False) -> nn.Module | None:
