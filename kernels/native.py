@@ -22,7 +22,8 @@ G = int4 group size. All three compute y = x @ W.T in float32 and round y once t
     gemv_q8_0(x, weight, scales)       weight (N, K) int8, scales (N, K/32) float16: GGUF's Q8_0 as
                                        Int8BlockLinear holds it (no AMX version: vdpbf16ps for any M)
 
-x is bfloat16 (M, K) on the CPU, any M; K need not be a multiple of anything (int4: of G, as
+x is bfloat16 (M, K) on the CPU, any M (or (..., K): the leading dimensions are flattened in C++, and
+y comes back as (..., N)); K need not be a multiple of anything (int4: of G, as
 Int4Linear requires). These three never quantize the activations: int8 and int4 values are widened
 to the bfloat16 numbers they are (exactly) and multiplied with x as it is. The C++ files say which
 PyTorch expression each kernel mirrors and how the registers are used. Three builds, chosen by
@@ -249,10 +250,10 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("llama_kernels::gemv_bf16")
     def _(x, weight):
-        return x.new_empty(x.shape[0], weight.shape[0])
+        return x.new_empty(*x.shape[:-1], weight.shape[0])
 
     def int8(x, weight, scales):
-        return x.new_empty(x.shape[0], weight.shape[0])
+        return x.new_empty(*x.shape[:-1], weight.shape[0])
 
     for name in ("gemv_int8", "gemv_q8_0", "gemv_int8_q8a", "gemv_q8_0_q8a"):
         torch.library.register_fake(f"llama_kernels::{name}")(int8)
@@ -262,7 +263,7 @@ def _register_fakes() -> None:
         return q.new_empty(q.shape)
 
     def int4(x, packed, out_features, in_features, group_size):
-        return x.new_empty(x.shape[0], out_features)
+        return x.new_empty(*x.shape[:-1], out_features)
 
     for name in ("gemv_int4", "gemv_int4_q8a"):
         torch.library.register_fake(f"llama_kernels::{name}")(int4)
@@ -401,8 +402,7 @@ class NativeLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if _bf16_cpu(w) and _takes_kernel(x, w.shape[1], self.max_rows, w):
-            y = torch.ops.llama_kernels.gemv_bf16(x.reshape(-1, self.in_features), self.weight)  # (M, N)
-            return y.view(*x.shape[:-1], self.out_features)  # (..., N)
+            return torch.ops.llama_kernels.gemv_bf16(x, w)  # (..., K) -> (..., N)
         return F.linear(x, self.weight)
 
     def extra_repr(self) -> str:
@@ -426,8 +426,7 @@ class NativeInt8Linear(Int8Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight.device.type == "cpu" and _takes_kernel(x, self.in_features, self.max_rows, self.scales):
             op = torch.ops.llama_kernels.gemv_int8_q8a if self.int8_activations else torch.ops.llama_kernels.gemv_int8
-            y = op(x.reshape(-1, self.in_features), self.weight, self.scales)
-            return y.view(*x.shape[:-1], self.out_features)  # (..., N)
+            return op(x, self.weight, self.scales)  # (..., K) -> (..., N)
         return super().forward(x)
 
     def extra_repr(self) -> str:
@@ -446,8 +445,7 @@ class NativeInt8BlockLinear(Int8BlockLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight.device.type == "cpu" and _takes_kernel(x, self.in_features, self.max_rows, self.weight):
             op = torch.ops.llama_kernels.gemv_q8_0_q8a if self.int8_activations else torch.ops.llama_kernels.gemv_q8_0
-            y = op(x.reshape(-1, self.in_features), self.weight, self.scales)
-            return y.view(*x.shape[:-1], self.out_features)  # (..., N)
+            return op(x, self.weight, self.scales)  # (..., K) -> (..., N)
         return super().forward(x)
 
     def extra_repr(self) -> str:
@@ -539,8 +537,7 @@ class NativeInt4Linear(Int4Linear):
         N, K = self.out_features, self.in_features
         if self.packed.device.type == "cpu" and _takes_kernel(x, K, self.max_rows, self.packed):
             op = torch.ops.llama_kernels.gemv_int4_q8a if self.int8_activations else torch.ops.llama_kernels.gemv_int4
-            y = op(x.reshape(-1, K), self.packed, N, K, self.group_size)  # (M, N)
-            return y.view(*x.shape[:-1], self.out_features)  # (..., N)
+            return op(x, self.packed, N, K, self.group_size)  # (..., K) -> (..., N)
         return super().forward(x)
 
     def extra_repr(self) -> str:

@@ -165,11 +165,41 @@ def test_large_rows_and_strided_weight():
 
 
 @needs_kernels
+def test_kernels_take_any_leading_dimensions():
+    """x (..., K) -> (..., N): the leading dimensions are flattened in C++ (the swapped modules pass x as
+    it is), and each row gives what the same row gives as a 2-D x. 1-D x, 3-D x, and a non-contiguous x."""
+    N, K, G = 24, 64, 32
+    w = randn(N, K, seed=1).bfloat16()
+    q, scales = w.float().clamp(-1, 1).mul(127).to(torch.int8), (torch.rand(N) / 50).bfloat16()
+    d = (torch.rand(N, K // 32) / 50).half()
+    linear = nn.Linear(K, N, bias=False)
+    linear.weight.data = w.float()
+    int4 = Int4Linear.from_float(linear.to(torch.bfloat16), group_size=G)
+    packed = native.pack_int4(int4.weight, int4.scales_and_zeros, G)
+    ops = {
+        "bf16": lambda x: native.gemv_bf16(x, w),
+        "int8": lambda x: native.gemv_int8(x, q, scales),
+        "int8_q8a": lambda x: native.gemv_int8_q8a(x, q, scales),
+        "q8_0": lambda x: native.gemv_q8_0(x, q, d),
+        "q8_0_q8a": lambda x: native.gemv_q8_0_q8a(x, q, d),
+        "int4": lambda x: native.gemv_int4(x, packed, N, K, G),
+        "int4_q8a": lambda x: native.gemv_int4_q8a(x, packed, N, K, G),
+    }
+    x3 = randn(2, 3, K, seed=0).bfloat16()
+    strided = randn(3, 2, K, seed=2).bfloat16().transpose(0, 1)  # (2, 3, K), not contiguous
+    for name, op in ops.items():
+        rows = op(x3.reshape(6, K))
+        assert op(x3).shape == (2, 3, N) and torch.equal(op(x3), rows.view(2, 3, N)), name
+        assert op(x3[0, 1]).shape == (N,) and torch.equal(op(x3[0, 1]), rows[1]), name
+        assert torch.equal(op(strided), op(strided.contiguous())), name
+
+
+@needs_kernels
 def test_kernels_reject_what_they_cannot_take():
     x, w = torch.zeros(2, 64, dtype=torch.bfloat16), torch.zeros(8, 64, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="x has 63 columns, the weight expects 64"):
         native.gemv_bf16(x[:, :63], w)
-    with pytest.raises(ValueError, match="x must be a 2-D bfloat16 CPU tensor, got Float"):
+    with pytest.raises(ValueError, match="x must be a bfloat16 CPU tensor of at least 1 dimension, got Float"):
         native.gemv_bf16(x.float(), w)
     with pytest.raises(ValueError, match=r"scales must be a \(8,\) float32 or bfloat16"):
         native.gemv_int8(x, w.to(torch.int8), torch.ones(7))

@@ -12,12 +12,23 @@ namespace {
 
 const bf16* bf16_ptr(const at::Tensor& t) { return reinterpret_cast<const bf16*>(t.data_ptr<at::BFloat16>()); }
 
-// x: (M, K) bfloat16 on the CPU, made contiguous.
+// x: (..., K) bfloat16 on the CPU, as (M, K) rows, made contiguous. The leading dimensions are
+// flattened here rather than by the caller, whose reshape and view would each cost a dispatch from
+// Python on every call (a decoding step makes about 65).
 at::Tensor check_x(const at::Tensor& x, int64_t K, const char* op) {
-  TORCH_CHECK_VALUE(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.dim() == 2,
-              op, ": x must be a 2-D bfloat16 CPU tensor, got ", x.scalar_type(), " ", x.sizes(), " on ", x.device());
-  TORCH_CHECK_VALUE(x.size(1) == K, op, ": x has ", x.size(1), " columns, the weight expects ", K);
-  return x.contiguous();
+  TORCH_CHECK_VALUE(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.dim() >= 1,
+              op, ": x must be a bfloat16 CPU tensor of at least 1 dimension, got ", x.scalar_type(), " ", x.sizes(),
+              " on ", x.device());
+  TORCH_CHECK_VALUE(x.size(-1) == K, op, ": x has ", x.size(-1), " columns, the weight expects ", K);
+  return x.reshape({-1, K}).contiguous();
+}
+
+// y (M, N) as x's leading dimensions followed by N: (..., N).
+at::Tensor like_x(const at::Tensor& y, const at::Tensor& x) {
+  if (x.dim() == 2) return y;
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = y.size(1);
+  return y.view(shape);
 }
 
 // Rows of w must be contiguous; a row stride larger than K (a slice of a bigger matrix) is fine.
@@ -34,7 +45,7 @@ at::Tensor gemv_bf16_op(const at::Tensor& x_, const at::Tensor& w_) {
   at::Tensor y = at::empty({M, N}, x.options());
   if (M > 0 && N > 0)
     gemv_bf16(bf16_ptr(x), M, K, bf16_ptr(w), w.stride(0), N, reinterpret_cast<bf16*>(y.data_ptr<at::BFloat16>()));
-  return y;
+  return like_x(y, x_);
 }
 
 // Q8A: the kernel that quantizes the activations (gemv_q8a.cpp), else the one that widens the weights.
@@ -53,7 +64,7 @@ at::Tensor gemv_int8_op(const at::Tensor& x_, const at::Tensor& w_, const at::Te
     (Q8A ? gemv_int8_q8a : gemv_int8)(bf16_ptr(x), M, K, w.data_ptr<int8_t>(), w.stride(0), N, scales.data_ptr(),
                                       scales.scalar_type() == at::kBFloat16,
                                       reinterpret_cast<bf16*>(y.data_ptr<at::BFloat16>()));
-  return y;
+  return like_x(y, x_);
 }
 
 template <bool Q8A>
@@ -72,7 +83,7 @@ at::Tensor gemv_q8_0_op(const at::Tensor& x_, const at::Tensor& w_, const at::Te
     (Q8A ? gemv_q8_0_q8a : gemv_q8_0)(bf16_ptr(x), M, K, w.data_ptr<int8_t>(), w.stride(0), N,
                                       reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>()),
                                       reinterpret_cast<bf16*>(y.data_ptr<at::BFloat16>()));
-  return y;
+  return like_x(y, x_);
 }
 
 void check_int4_shape(int64_t N, int64_t K, int64_t G, const char* op) {
@@ -110,7 +121,7 @@ at::Tensor gemv_int4_op(const at::Tensor& x_, const at::Tensor& packed, int64_t 
   if (M > 0)
     (Q8A ? gemv_int4_q8a : gemv_int4)(bf16_ptr(x), M, K, packed.data_ptr<uint8_t>(), N, G,
                                       reinterpret_cast<bf16*>(y.data_ptr<at::BFloat16>()));
-  return y;
+  return like_x(y, x_);
 }
 
 // q (B, H, 1, hd), k and v (B, Hkv, S, hd) bfloat16 CPU tensors, hd contiguous (k and v may be

@@ -26,7 +26,7 @@ weights' dtype, rotations are computed in float32, and logits are returned in fl
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -140,6 +140,9 @@ class Context:
     # start), so every mask without a window is the plain causal triangle, which a fused kernel can
     # be told instead (and skip the blocks above it).
     causal: bool = False
+    # Values derived from the above that several layers need, computed by the first that asks (the
+    # cache's write positions: cache.write_index).
+    memo: dict = field(default_factory=dict)
 
     @property
     def kv_len(self) -> int:
