@@ -8,11 +8,15 @@
 // 16 float32 partial sums, which are summed across lanes once at the end of the row.
 // A tile of NR weight rows x MR activation rows is computed together, in one pass over K: each w
 // chunk is loaded once for all MR rows of x, each x chunk once for the NR rows of w, and the
-// MR x NR partial sums stay in registers. Up to 8 rows of x share one pass, so the weights stream
-// from memory at an even pace while the multiplications run. (Two passes over a tile, 4 rows of
-// x each, as this kernel once did, do not overlap the two: the first pass waits on memory, the
-// second, from the L1 cache, on the multiplier.) For 2 rows of x and more, AMX tiles do the
-// multiplications where the CPU has them (amx_block).
+// MR x NR partial sums stay in registers. Up to 6 rows of x (decoding one sequence, or a few) take
+// tiles of one weight row: each thread then reads its rows of w as one sequential stream, which
+// it prefetches far ahead (STREAM_PREFETCH_BYTES); tiles of 4 rows read four streams at once,
+// whose prefetches cannot run past their row, and took 1.2-1.3x as long per decoding step. From 7
+// rows the arithmetic outweighs the memory: 3 weight rows x up to 8 rows of x share one pass, so the
+// weights stream from memory at an even pace while the multiplications run. (Two passes over a
+// tile, 4 rows of x each, as this kernel once did, do not overlap the two: the first pass waits
+// on memory, the second, from the L1 cache, on the multiplier.) For 2 rows of x and more, AMX
+// tiles do the multiplications where the CPU has them (amx_block).
 #include <vector>
 
 #include "common.h"
@@ -29,10 +33,14 @@ inline __m512bh load_part(const bf16* p, int64_t n) {
   return (__m512bh)_mm512_maskz_loadu_epi16(__mmask32((1ull << n) - 1), p);
 }
 
-// How far ahead of its reads a tile asks for each weight row, in bytes. With 8 rows of x, a chunk
-// of w carries 8x the arithmetic, so the loads the core has in flight cover too little of the
-// weight stream to keep memory busy; asking 16 cache lines ahead makes up for it.
-constexpr int64_t PREFETCH_BYTES = 1024;
+// How far ahead of its reads a tile asks for each weight row, in bytes. One weight row: its rows
+// are one stream (the next row follows in memory), prefetched far ahead. More rows: within the
+// row, 16 cache lines ahead. (With 8 rows of x, a chunk of w carries 8x the arithmetic, so the
+// loads the core has in flight cover too little of the weight stream to keep memory busy.)
+template <int NR>
+constexpr int64_t prefetch_bytes() {
+  return NR == 1 ? STREAM_PREFETCH_BYTES : 1024;
+}
 
 // y[m, r] for m < MR, r < NR (rows of x and of w in the tile):  y[m, r] = sum_k x[m, k] * w[r, k]
 template <int MR, int NR>
@@ -45,7 +53,7 @@ void tile(const bf16* x, int64_t K, const bf16* w, int64_t ldw, bf16* y, int64_t
   for (; k + 32 <= K; k += 32) {
     __m512bh wv[NR];
     for (int r = 0; r < NR; r++) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + r * ldw + k) + PREFETCH_BYTES, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w + r * ldw + k) + prefetch_bytes<NR>(), _MM_HINT_T0);
       wv[r] = load32(w + r * ldw + k);
     }
     for (int m = 0; m < MR; m++) {
@@ -65,7 +73,8 @@ void tile(const bf16* x, int64_t K, const bf16* w, int64_t ldw, bf16* y, int64_t
     for (int r = 0; r < NR; r++) y[m * ldy + r] = float_to_bf16(_mm512_reduce_add_ps(acc[m][r]));
 }
 
-// Rows of x per pass over NR weight rows: as many as the registers hold (6 x 4 + 5, 8 x 3 + 4).
+// Rows of x per pass over NR weight rows: as many as the registers hold (8 x 3 + 4 for 3 weight
+// rows; one weight row is only used for up to 6 rows of x).
 template <int NR>
 constexpr int rows_per_pass() {
   return NR >= 4 ? 6 : 8;
@@ -178,11 +187,11 @@ void gemv_bf16(const bf16* x, int64_t M, int64_t K, const bf16* w, int64_t ldw, 
   }
 #endif
   // From 7 rows of x: 3 weight rows per tile, so that 8 rows of x fit one pass (24 sums in
-  // registers); fewer rows: 4 weight rows, 4 memory streams per thread for the prefetcher.
+  // registers); fewer rows: one weight row, one sequential stream per thread (see the top).
   if (M >= 7)
     all_tiles<3>(x, M, K, w, ldw, N, y);
   else
-    all_tiles<4>(x, M, K, w, ldw, N, y);
+    all_tiles<1>(x, M, K, w, ldw, N, y);
 }
 
 #else  // generic: plain loops
