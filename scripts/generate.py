@@ -471,4 +471,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    if "llama.distributed" in sys.modules:  # under torchrun: end without torch's C++ teardown (see there)
+        sys.modules["llama.distributed"].exit(status)
+    sys.exit(status)

@@ -326,4 +326,7 @@ def serve(args, engine, model, checkpoint, api_key, key_source, started, dtype, 
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    if "llama.distributed" in sys.modules:  # under torchrun: end without torch's C++ teardown (see there)
+        sys.modules["llama.distributed"].exit(status)
+    sys.exit(status)

@@ -74,7 +74,7 @@ def main() -> None:
         result = {"error": type(e).__name__, "message": str(e)}
     (out / f"rank_{dist.get_rank()}.json").write_text(json.dumps({"rank": dist.get_rank(), **result}))
     dist.barrier()  # both ranks done before either tears gloo down (a rank leaving early aborted the other, rarely)
-    dist.destroy_process_group()
+    llama.distributed.exit(0)  # leaves the group and skips torch's C++ teardown, which sometimes aborted
 
 
 

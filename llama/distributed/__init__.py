@@ -10,7 +10,7 @@
 
 from .loading import load
 from .lockstep import Leader, follow
-from .process import device, init, launched, shared_seed, start, together
+from .process import device, exit, init, launched, shared_seed, start, together
 from .training import DataParallel
 from .tensor_parallel import (PARALLEL_MODULES, Plan, RowParallelLinear, TensorParallelError, VocabParallelEmbedding, VocabParallelOutput,
                               current_plan, shard)  # fmt: skip
@@ -26,6 +26,7 @@ __all__ = [
     "VocabParallelOutput",
     "current_plan",
     "device",
+    "exit",
     "follow",
     "init",
     "launched",
