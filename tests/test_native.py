@@ -192,6 +192,7 @@ def test_kernels_take_any_leading_dimensions():
         assert op(x3).shape == (2, 3, N) and torch.equal(op(x3), rows.view(2, 3, N)), name
         assert op(x3[0, 1]).shape == (N,) and torch.equal(op(x3[0, 1]), rows[1]), name
         assert torch.equal(op(strided), op(strided.contiguous())), name
+        assert op(x3[:, :0]).shape == (2, 0, N), name  # no rows: an empty result, not an error
 
 
 @needs_kernels

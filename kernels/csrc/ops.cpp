@@ -20,7 +20,7 @@ at::Tensor check_x(const at::Tensor& x, int64_t K, const char* op) {
               op, ": x must be a bfloat16 CPU tensor of at least 1 dimension, got ", x.scalar_type(), " ", x.sizes(),
               " on ", x.device());
   TORCH_CHECK_VALUE(x.size(-1) == K, op, ": x has ", x.size(-1), " columns, the weight expects ", K);
-  return x.reshape({-1, K}).contiguous();
+  return (x.dim() == 1 ? x.unsqueeze(0) : x.flatten(0, -2)).contiguous();  // (M, K), also when M or K is 0
 }
 
 // y (M, N) as x's leading dimensions followed by N: (..., N).
